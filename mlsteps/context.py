@@ -1,0 +1,90 @@
+"""What the runner hands a stage: its paths, its resolved references, its stop signal.
+
+Stages never build paths themselves; they take them from the context so that the run-directory
+layout lives in one place.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: its metrics (go to metrics.json) and named output paths."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Paths and services for one stage run."""
+
+    run_dir: Path
+    stage: str
+    kind: str
+    seed: int
+    # Final directories of earlier stages in this run, by stage name.
+    upstream: dict[str, Path] = field(default_factory=dict)
+    # Set by the runner on SIGINT/SIGTERM; training loops check it at step boundaries,
+    # write a resumable checkpoint and raise StageInterrupted.
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    quiet: bool = False
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.stage
+
+    @property
+    def final_dir(self) -> Path:
+        """Loadable model + tokenizer (or adapter) written at the end of the stage."""
+        return self.stage_dir / "final"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Resumable training checkpoints (only complete ones are resumed from)."""
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        """One JSON object per logged step."""
+        return self.stage_dir / "metrics.jsonl"
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.stage_dir / "predictions.jsonl"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Run-level cache (tokenised datasets); safe to delete."""
+        return self.run_dir / ".cache"
+
+    def resolve_source(self, ref: str) -> str:
+        """Map a model/tokenizer reference to something `from_pretrained` accepts.
+
+        An earlier stage name becomes its final/ directory, an existing local directory its
+        absolute path; anything else is passed through as a hub id.
+        """
+        if ref in self.upstream:
+            return str(self.upstream[ref])
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return str(path.resolve())
+        return ref
+
+    def is_stage_ref(self, ref: str) -> bool:
+        return ref in self.upstream
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_event.is_set()
+
+    def log(self, message: str) -> None:
+        """Progress line for humans; goes to stderr so --json stdout stays clean."""
+        if not self.quiet:
+            print(f"[{self.stage}] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Heavy shared ML code (torch/transformers); imported only by stages."""

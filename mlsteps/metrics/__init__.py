@@ -1,0 +1,1 @@
+"""Metric implementations (design.md section 4)."""

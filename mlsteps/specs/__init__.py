@@ -1,0 +1,53 @@
+"""Typed recipe models: one per stage kind, discriminated on `kind`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from mlsteps.specs.common import (
+    ArchSpec,
+    DataSpec,
+    GenerationSpec,
+    LoraSpec,
+    Strict,
+    TrainSpec,
+)
+from mlsteps.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
+from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.specs.pretrain import PretrainSpec
+from mlsteps.specs.prompt import PromptSpec
+from mlsteps.specs.tokenizer import TokenizerSpec
+
+StageSpec = Annotated[
+    TokenizerSpec | PretrainSpec | FinetuneSpec | PromptSpec | EvalSpec | PredictSpec,
+    Field(discriminator="kind"),
+]
+
+SPEC_BY_KIND: dict[str, type[Strict]] = {
+    "tokenizer": TokenizerSpec,
+    "pretrain": PretrainSpec,
+    "finetune": FinetuneSpec,
+    "prompt": PromptSpec,
+    "eval": EvalSpec,
+    "predict": PredictSpec,
+}
+
+__all__ = [
+    "ArchSpec",
+    "DataSpec",
+    "EvalSpec",
+    "FinetuneSpec",
+    "GenerationSpec",
+    "LoraSpec",
+    "PerplexitySpec",
+    "PredictSpec",
+    "PretrainSpec",
+    "PromptSpec",
+    "SPEC_BY_KIND",
+    "StageSpec",
+    "Strict",
+    "TokenizerSpec",
+    "TrainSpec",
+]

@@ -1,0 +1,170 @@
+"""Recipe building blocks shared by several stage kinds.
+
+Every model is strict (``extra="forbid"``) and every field carries a description: the
+descriptions feed ``mlsteps schema`` and the recipe reference in the README.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+# Stage and run names become directory names: keep them to one safe path component.
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Strict(BaseModel):
+    """Base for all recipe models: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class DataSpec(Strict):
+    """Where a stage's rows come from: local files, a hub dataset, or the project's builtin data.
+
+    Exactly one of ``files``, ``hub`` or ``builtin`` is set. A plain string is accepted as a
+    shorthand: ``builtin:NAME`` for builtin data, otherwise a file path or glob.
+    """
+
+    files: list[str] | None = Field(
+        None,
+        description="Local files or glob patterns (txt, jsonl, json, csv, tsv, parquet; .gz allowed "
+        "for txt/jsonl/csv/tsv). Relative paths are resolved against the working directory.",
+    )
+    hub: str | None = Field(None, description="A Hugging Face hub dataset id, e.g. 'wikitext'.")
+    hub_config: str | None = Field(None, description="Hub dataset configuration name.")
+    builtin: str | None = Field(
+        None, description="A builtin data set of mlsteps, e.g. 'toy/translate' (see `mlsteps data list`)."
+    )
+    split: str = Field(
+        "train",
+        description="Split to read from a hub or builtin data set (ignored for local files).",
+    )
+    format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
+        "auto", description="File format; 'auto' infers it from the file extension."
+    )
+    max_samples: PositiveInt | None = Field(
+        None, description="Keep only the first N rows (after reading, before any split)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.startswith("builtin:"):
+                return {"builtin": value.removeprefix("builtin:")}
+            return {"files": [value]}
+        if isinstance(value, list):
+            return {"files": value}
+        if isinstance(value, dict) and isinstance(value.get("files"), str):
+            return {**value, "files": [value["files"]]}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DataSpec:
+        given = [k for k in ("files", "hub", "builtin") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'files', 'hub' or 'builtin'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class TrainSpec(Strict):
+    """Optimisation settings passed to the transformers Trainer."""
+
+    lr: PositiveFloat = Field(5e-4, description="Peak learning rate.")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: NonNegativeInt = Field(0, description="Linear warmup steps.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay.")
+    batch_size: PositiveInt = Field(8, description="Per-device batch size (sequences).")
+    grad_accum_steps: PositiveInt = Field(1, description="Gradient accumulation steps.")
+    max_grad_norm: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="Gradient clipping norm (0 disables clipping)."
+    )
+    max_steps: PositiveInt | None = Field(
+        None, description="Total optimizer steps; overrides 'epochs' when set."
+    )
+    epochs: PositiveFloat = Field(1.0, description="Number of passes over the training data.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto' uses bf16 where the hardware supports it, else fp32."
+    )
+    fused_adamw: bool = Field(
+        True, description="Use fused AdamW where torch provides it (faster optimizer step)."
+    )
+    compile: bool = Field(False, description="Wrap the model with torch.compile.")
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory by recomputing activations."
+    )
+    eval_every_steps: PositiveInt | None = Field(
+        None, description="Evaluate on the validation split every N steps (and always at the end)."
+    )
+    save_every_steps: PositiveInt = Field(
+        200, description="Write a resumable checkpoint every N optimizer steps."
+    )
+    keep_checkpoints: PositiveInt = Field(2, description="Keep the newest K complete checkpoints.")
+    log_every_steps: PositiveInt = Field(10, description="Log training metrics every N steps.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding)."
+    )
+    dataloader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes.")
+
+
+class ArchSpec(Strict):
+    """A model built from scratch from a transformers config (vocab size comes from the tokenizer)."""
+
+    family: Literal["gpt2", "llama", "bert", "roberta", "t5", "bart"] = Field(
+        ..., description="Model family (transformers config class)."
+    )
+    n_layers: PositiveInt = Field(2, description="Number of transformer layers (per stack).")
+    hidden_size: PositiveInt = Field(64, description="Model width d_model.")
+    n_heads: PositiveInt = Field(2, description="Attention heads; must divide hidden_size.")
+    intermediate_size: PositiveInt | None = Field(
+        None, description="Feed-forward width; default 4 x hidden_size."
+    )
+    max_positions: PositiveInt = Field(
+        512, description="Maximum sequence length the position embeddings cover."
+    )
+    dropout: Fraction = Field(0.0, description="Dropout probability.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ArchSpec:
+        if self.hidden_size % self.n_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must divide hidden_size ({self.hidden_size})"
+            )
+        return self
+
+
+class GenerationSpec(Strict):
+    """Decoding settings for generation (validation, eval, predict)."""
+
+    max_new_tokens: PositiveInt = Field(64, description="Maximum tokens generated per input.")
+    num_beams: PositiveInt = Field(1, description="Beam search width (1 = greedy or sampling).")
+    do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Nucleus sampling mass.")
+    top_k: NonNegativeInt = Field(0, description="Top-k sampling (0 disables).")
+    seed: int | None = Field(None, description="Sampling seed; defaults to the recipe seed.")
+    batch_size: PositiveInt = Field(32, description="Inputs generated together in one batch.")
+
+
+class LoraSpec(Strict):
+    """LoRA adapter settings (peft)."""
+
+    r: PositiveInt = Field(8, description="LoRA rank.")
+    alpha: PositiveFloat = Field(16, description="LoRA scaling alpha.")
+    dropout: Fraction = Field(0.05, description="Dropout on the LoRA path.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default chosen per model family."
+    )

@@ -1,0 +1,93 @@
+"""Recipe model of the `finetune` stage."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from mlsteps.specs.common import (
+    ArchSpec,
+    DataSpec,
+    Fraction,
+    GenerationSpec,
+    LoraSpec,
+    PositiveInt,
+    Strict,
+    TrainSpec,
+)
+
+
+class FinetuneSpec(Strict):
+    """Adapt a model to a task: classification, seq2seq or instruction SFT; full or LoRA."""
+
+    REF_FIELDS: ClassVar[tuple[str, ...]] = ("from_", "tokenizer")
+
+    kind: Literal["finetune"] = Field(..., description="Stage kind.")
+    task: Literal["classification", "seq2seq", "causal_lm"] = Field(
+        ..., description="classification, seq2seq (translation/summarization) or causal_lm (SFT)."
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="Start from this model (earlier stage, local directory or hub id).",
+    )
+    model: ArchSpec | None = Field(
+        None, description="Build a new model from this architecture instead of 'from'."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer source; defaults to the one saved with 'from'."
+    )
+    data: DataSpec = Field(..., description="Training rows.")
+    validation: DataSpec | None = Field(None, description="Validation rows (else a held-out fraction).")
+    validation_fraction: Fraction = Field(
+        0.1, description="Fraction held out for validation when 'validation' is unset."
+    )
+    text_column: str = Field("text", description="classification: the text column.")
+    text_pair_column: str | None = Field(None, description="classification: optional second text.")
+    label_column: str = Field("label", description="classification: label column (ints or strings).")
+    class_weights: bool = Field(
+        False, description="classification: weight the loss by inverse class frequency."
+    )
+    source_column: str = Field("source", description="seq2seq: input column.")
+    target_column: str = Field("target", description="seq2seq: output column.")
+    source_prefix: str = Field("", description="seq2seq: text put before every source (t5 style).")
+    prompt_column: str = Field("prompt", description="causal_lm: instruction/prompt column.")
+    response_column: str = Field("response", description="causal_lm: response column.")
+    template: str | None = Field(
+        None,
+        description="causal_lm: Python format string building the prompt from row columns, "
+        "e.g. 'Translate: {source}\\nAnswer: '. The response is appended.",
+    )
+    packing: bool = Field(False, description="causal_lm: pack several examples into one sequence.")
+    max_seq_len: PositiveInt = Field(256, description="Truncation length (classification, causal_lm).")
+    max_source_len: PositiveInt = Field(256, description="seq2seq: source truncation length.")
+    max_target_len: PositiveInt = Field(128, description="seq2seq: target truncation length.")
+    method: Literal["full", "lora"] = Field("full", description="Train all weights or a LoRA adapter.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method: lora).")
+    merge: bool = Field(
+        False, description="lora: write a merged plain model to final/ instead of the adapter."
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Decoding used for validation by generation."
+    )
+    target_lang: str | None = Field(
+        None, description="Language of targets (e.g. 'zh'); picks BLEU/ROUGE tokenisation."
+    )
+    validation_max_samples: PositiveInt | None = Field(
+        200, description="Generate for at most N validation rows (generation is slow)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+
+    @model_validator(mode="after")
+    def _model_source(self) -> FinetuneSpec:
+        if (self.from_ is None) == (self.model is None):
+            raise ValueError("give exactly one of 'from' (a pretrained model) or 'model' (new model)")
+        if self.model is not None and self.tokenizer is None:
+            raise ValueError("a new model needs a 'tokenizer'")
+        if self.model is not None and self.task == "seq2seq" and self.model.family not in ("t5", "bart"):
+            raise ValueError(f"task seq2seq needs an encoder-decoder family (t5, bart), not {self.model.family}")
+        if self.merge and self.method != "lora":
+            raise ValueError("'merge' only applies to method: lora")
+        return self

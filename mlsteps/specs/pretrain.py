@@ -1,0 +1,74 @@
+"""Recipe model of the `pretrain` stage."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from mlsteps.specs.common import ArchSpec, DataSpec, Fraction, PositiveInt, Strict, TrainSpec
+
+
+class PretrainSpec(Strict):
+    """Causal-LM or masked-LM pretraining, from scratch or continued."""
+
+    REF_FIELDS: ClassVar[tuple[str, ...]] = ("from_", "tokenizer")
+
+    kind: Literal["pretrain"] = Field(..., description="Stage kind.")
+    objective: Literal["clm", "mlm"] = Field(
+        "clm", description="clm: predict the next token; mlm: predict masked tokens."
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="Continue pretraining this model (earlier stage, local directory or hub id).",
+    )
+    model: ArchSpec | None = Field(
+        None, description="Build a new model from this architecture (when not 'from')."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer source (earlier stage, local directory or hub id); defaults to "
+        "the one saved with 'from'.",
+    )
+    data: DataSpec = Field(..., description="Training text.")
+    validation: DataSpec | None = Field(None, description="Validation text (else a held-out fraction).")
+    validation_fraction: Fraction = Field(
+        0.05, description="Fraction of documents held out for validation when 'validation' is unset."
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    max_seq_len: PositiveInt = Field(128, description="Tokens per packed training block.")
+    keep_remainder: bool = Field(
+        False, description="Keep the last, shorter block of the packed stream instead of dropping it."
+    )
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="Fraction of tokens selected for masking (80/10/10 rule)."
+    )
+    whole_word_mask: bool = Field(False, description="Mask whole words instead of single tokens.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom model code from a hub repository (security risk)."
+    )
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+
+    @model_validator(mode="after")
+    def _model_source(self) -> PretrainSpec:
+        if (self.from_ is None) == (self.model is None):
+            raise ValueError("give exactly one of 'from' (continue a model) or 'model' (new model)")
+        if self.model is not None and self.tokenizer is None:
+            raise ValueError("a new model needs a 'tokenizer' (a tokenizer stage, directory or hub id)")
+        if self.model is not None:
+            encoder_only = self.model.family in ("bert", "roberta")
+            if self.objective == "clm" and encoder_only:
+                raise ValueError(
+                    f"objective clm needs a decoder family (gpt2, llama), not {self.model.family}"
+                )
+            if self.objective == "mlm" and not encoder_only:
+                raise ValueError(
+                    f"objective mlm needs an encoder family (bert, roberta), not {self.model.family}"
+                )
+            if self.max_seq_len > self.model.max_positions:
+                raise ValueError(
+                    f"max_seq_len {self.max_seq_len} exceeds model.max_positions "
+                    f"{self.model.max_positions}"
+                )
+        return self

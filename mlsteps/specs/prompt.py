@@ -1,0 +1,69 @@
+"""Recipe model of the `prompt` stage."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from mlsteps.specs.common import DataSpec, Fraction, PositiveInt, Strict, TrainSpec
+
+
+class PromptSpec(Strict):
+    """Prompt learning: templates, few-shot demonstrations, or soft prompts trained with peft."""
+
+    REF_FIELDS: ClassVar[tuple[str, ...]] = ("from_",)
+
+    kind: Literal["prompt"] = Field(..., description="Stage kind.")
+    method: Literal["zero_shot", "few_shot", "prompt_tuning", "prefix_tuning", "p_tuning"] = Field(
+        ..., description="Hard prompts (zero_shot, few_shot) or soft prompts (the tuning methods)."
+    )
+    from_: str = Field(
+        ..., alias="from", description="Model to prompt (earlier stage, local directory or hub id)."
+    )
+    task: Literal["generation", "classification"] = Field(
+        "generation",
+        description="generation: free text; classification: score verbalizer words by likelihood.",
+    )
+    template: str = Field(
+        "{input}",
+        description="Prompt template over row columns: Python format fields ('{source}') or "
+        "Jinja2 ('{{ source }}').",
+    )
+    template_format: Literal["auto", "format", "jinja"] = Field(
+        "auto", description="Template syntax; 'auto' detects Jinja2 by '{{' or '{%'."
+    )
+    target_column: str = Field("target", description="Column with the expected output / label.")
+    data: DataSpec | None = Field(
+        None, description="Training rows: demonstrations (few_shot) or soft-prompt training data."
+    )
+    validation: DataSpec | None = Field(None, description="Validation rows for soft-prompt training.")
+    validation_fraction: Fraction = Field(0.1, description="Held-out fraction when no 'validation'.")
+    shots: PositiveInt = Field(4, description="few_shot: number of demonstrations.")
+    demo_separator: str = Field("\n\n", description="few_shot: text between demonstrations.")
+    answer_separator: str = Field(
+        " ", description="Text between a rendered prompt and its answer in demonstrations/training."
+    )
+    per_example: bool = Field(
+        False, description="few_shot: draw different demonstrations for every row (seeded)."
+    )
+    verbalizer: dict[str, str] | None = Field(
+        None, description="classification: label -> word scored by the model, e.g. {1: great, 0: bad}."
+    )
+    num_virtual_tokens: PositiveInt = Field(20, description="Soft prompt length in tokens.")
+    init_text: str | None = Field(
+        None, description="prompt_tuning: initialise virtual tokens from this text (else random)."
+    )
+    max_seq_len: PositiveInt = Field(256, description="Truncation length of prompt + answer.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec(lr=3e-2), description="Soft-prompt optimisation settings."
+    )
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> PromptSpec:
+        if self.method != "zero_shot" and self.data is None:
+            raise ValueError(f"method {self.method} needs 'data' (demonstrations or training rows)")
+        if self.task == "classification" and not self.verbalizer:
+            raise ValueError("task classification needs a 'verbalizer' mapping labels to words")
+        return self

@@ -1,0 +1,48 @@
+"""Recipe model of the `tokenizer` stage."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from mlsteps.specs.common import DataSpec, PositiveInt, Strict
+
+
+class TokenizerSpec(Strict):
+    """Train a tokenizer with the `tokenizers` library, or wrap an existing one."""
+
+    REF_FIELDS: ClassVar[tuple[str, ...]] = ("from_",)
+
+    kind: Literal["tokenizer"] = Field(..., description="Stage kind.")
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="Wrap an existing tokenizer (earlier stage, local directory or hub id) "
+        "instead of training one.",
+    )
+    data: DataSpec | None = Field(None, description="Text to train on (required unless 'from').")
+    text_column: str = Field("text", description="Column holding the text (jsonl/csv/tsv/parquet).")
+    algorithm: Literal["bpe", "wordpiece", "unigram"] = Field(
+        "bpe",
+        description="bpe: byte-level BPE (GPT-2 style); wordpiece: BERT style; unigram: "
+        "SentencePiece style.",
+    )
+    vocab_size: PositiveInt = Field(8000, description="Target vocabulary size.")
+    min_frequency: PositiveInt = Field(2, description="Minimum pair/token frequency to merge.")
+    lowercase: bool = Field(False, description="Lowercase text before tokenizing.")
+    normalization: Literal["none", "nfc", "nfkc"] = Field(
+        "nfkc", description="Unicode normalisation applied before tokenizing."
+    )
+    target: Literal["clm", "mlm", "seq2seq"] = Field(
+        "clm",
+        description="Model family the tokenizer serves; picks the special tokens "
+        "(clm: bos/eos/pad/unk; mlm: cls/sep/mask/pad/unk; seq2seq: pad/eos/unk/bos).",
+    )
+    max_lines: PositiveInt | None = Field(None, description="Train on at most N lines/rows.")
+
+    @model_validator(mode="after")
+    def _data_or_from(self) -> TokenizerSpec:
+        if self.from_ is None and self.data is None:
+            raise ValueError("give 'data' to train a tokenizer, or 'from' to wrap an existing one")
+        return self

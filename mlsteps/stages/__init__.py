@@ -1,0 +1,1 @@
+"""Stage implementations: one module per kind, each exposing run(spec, ctx) -> StageResult."""
