@@ -41,7 +41,8 @@ class DataSpec(Strict):
     hub: str | None = Field(None, description="A Hugging Face hub dataset id, e.g. 'wikitext'.")
     hub_config: str | None = Field(None, description="Hub dataset configuration name.")
     builtin: str | None = Field(
-        None, description="A builtin data set of mlsteps, e.g. 'toy/translate' (see `mlsteps data list`)."
+        None,
+        description="A builtin data set of mlsteps, e.g. 'toy/translate' (see `mlsteps data list`).",
     )
     split: str = Field(
         "train",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -38,7 +38,22 @@ class PerplexitySpec(Strict):
         "one); stream: the corpus joined with EOS as one token stream.",
     )
     mask_seed: int = Field(0, description="Seed of the fixed mask for masked-token perplexity.")
-    batch_size: PositiveInt = Field(8, description="Windows scored per forward pass.")
+    mask_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.15,
+        description="masked_perplexity: fraction of each chunk's tokens masked at once (at least one).",
+    )
+    batch_size: PositiveInt = Field(
+        8, description="Windows (pseudo-perplexity: masked copies) scored per forward pass."
+    )
+
+    @model_validator(mode="after")
+    def _stride_fits_window(self) -> PerplexitySpec:
+        if self.window is not None and self.stride is not None and self.stride > self.window:
+            raise ValueError(
+                f"stride ({self.stride}) must not exceed window ({self.window}): "
+                "tokens between windows would never be scored"
+            )
+        return self
 
 
 class EvalSpec(Strict):
@@ -48,21 +63,33 @@ class EvalSpec(Strict):
 
     kind: Literal["eval"] = Field(..., description="Stage kind.")
     models: list[str] = Field(
-        ..., min_length=1, description="Models to evaluate: earlier stages, local directories, hub ids."
+        ...,
+        min_length=1,
+        description="Models to evaluate: earlier stages, local directories, hub ids.",
     )
     data: DataSpec = Field(..., description="Evaluation rows.")
-    metrics: list[str] = Field(..., min_length=1, description=f"Metrics, from: {', '.join(METRICS)}.")
+    metrics: list[str] = Field(
+        ..., min_length=1, description=f"Metrics, from: {', '.join(METRICS)}."
+    )
     text_column: str = Field("text", description="Column scored by perplexity metrics.")
-    input_column: str = Field("source", description="Column fed to the model for generation/classification.")
+    input_column: str = Field(
+        "source", description="Column fed to the model for generation/classification."
+    )
     reference_column: str = Field(
-        "target", description="Reference column (string, or list of strings for several references)."
+        "target",
+        description="Reference column (string, or list of strings for several references).",
     )
     label_column: str = Field("label", description="Gold label column for accuracy/F1.")
     target_lang: str | None = Field(
-        None, description="Language of references (e.g. 'en', 'de', 'zh'); picks metric tokenisation."
+        None,
+        description="Language of references (e.g. 'en', 'de', 'zh'); picks metric tokenisation.",
     )
-    perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec, description="Perplexity options.")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding options.")
+    perplexity: PerplexitySpec = Field(
+        default_factory=PerplexitySpec, description="Perplexity options."
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Decoding options."
+    )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
 
     @model_validator(mode="after")
@@ -88,5 +115,7 @@ class PredictSpec(Strict):
     reference_column: str | None = Field(
         None, description="Optional reference column copied next to each prediction."
     )
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding options.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Decoding options."
+    )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")

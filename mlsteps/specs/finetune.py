@@ -39,13 +39,17 @@ class FinetuneSpec(Strict):
         None, description="Tokenizer source; defaults to the one saved with 'from'."
     )
     data: DataSpec = Field(..., description="Training rows.")
-    validation: DataSpec | None = Field(None, description="Validation rows (else a held-out fraction).")
+    validation: DataSpec | None = Field(
+        None, description="Validation rows (else a held-out fraction)."
+    )
     validation_fraction: Fraction = Field(
         0.1, description="Fraction held out for validation when 'validation' is unset."
     )
     text_column: str = Field("text", description="classification: the text column.")
     text_pair_column: str | None = Field(None, description="classification: optional second text.")
-    label_column: str = Field("label", description="classification: label column (ints or strings).")
+    label_column: str = Field(
+        "label", description="classification: label column (ints or strings)."
+    )
     class_weights: bool = Field(
         False, description="classification: weight the loss by inverse class frequency."
     )
@@ -60,10 +64,14 @@ class FinetuneSpec(Strict):
         "e.g. 'Translate: {source}\\nAnswer: '. The response is appended.",
     )
     packing: bool = Field(False, description="causal_lm: pack several examples into one sequence.")
-    max_seq_len: PositiveInt = Field(256, description="Truncation length (classification, causal_lm).")
+    max_seq_len: PositiveInt = Field(
+        256, description="Truncation length (classification, causal_lm)."
+    )
     max_source_len: PositiveInt = Field(256, description="seq2seq: source truncation length.")
     max_target_len: PositiveInt = Field(128, description="seq2seq: target truncation length.")
-    method: Literal["full", "lora"] = Field("full", description="Train all weights or a LoRA adapter.")
+    method: Literal["full", "lora"] = Field(
+        "full", description="Train all weights or a LoRA adapter."
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method: lora).")
     merge: bool = Field(
         False, description="lora: write a merged plain model to final/ instead of the adapter."
@@ -83,11 +91,24 @@ class FinetuneSpec(Strict):
     @model_validator(mode="after")
     def _model_source(self) -> FinetuneSpec:
         if (self.from_ is None) == (self.model is None):
-            raise ValueError("give exactly one of 'from' (a pretrained model) or 'model' (new model)")
+            raise ValueError(
+                "give exactly one of 'from' (a pretrained model) or 'model' (new model)"
+            )
         if self.model is not None and self.tokenizer is None:
             raise ValueError("a new model needs a 'tokenizer'")
-        if self.model is not None and self.task == "seq2seq" and self.model.family not in ("t5", "bart"):
-            raise ValueError(f"task seq2seq needs an encoder-decoder family (t5, bart), not {self.model.family}")
+        if (
+            self.model is not None
+            and self.task == "seq2seq"
+            and self.model.family not in ("t5", "bart")
+        ):
+            raise ValueError(
+                f"task seq2seq needs an encoder-decoder family (t5, bart), not {self.model.family}"
+            )
+        if self.method == "lora" and self.from_ is None:
+            raise ValueError(
+                "method lora adapts a pretrained model: give 'from' (LoRA on a new, random model "
+                "would freeze random weights)"
+            )
         if self.merge and self.method != "lora":
             raise ValueError("'merge' only applies to method: lora")
         return self

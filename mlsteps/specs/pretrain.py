@@ -32,14 +32,18 @@ class PretrainSpec(Strict):
         "the one saved with 'from'.",
     )
     data: DataSpec = Field(..., description="Training text.")
-    validation: DataSpec | None = Field(None, description="Validation text (else a held-out fraction).")
+    validation: DataSpec | None = Field(
+        None, description="Validation text (else a held-out fraction)."
+    )
     validation_fraction: Fraction = Field(
-        0.05, description="Fraction of documents held out for validation when 'validation' is unset."
+        0.05,
+        description="Fraction of documents held out for validation when 'validation' is unset.",
     )
     text_column: str = Field("text", description="Column holding the text.")
     max_seq_len: PositiveInt = Field(128, description="Tokens per packed training block.")
     keep_remainder: bool = Field(
-        False, description="Keep the last, shorter block of the packed stream instead of dropping it."
+        False,
+        description="Keep the last, shorter block of the packed stream instead of dropping it.",
     )
     mlm_probability: float = Field(
         0.15, gt=0, lt=1, description="Fraction of tokens selected for masking (80/10/10 rule)."
@@ -55,7 +59,9 @@ class PretrainSpec(Strict):
         if (self.from_ is None) == (self.model is None):
             raise ValueError("give exactly one of 'from' (continue a model) or 'model' (new model)")
         if self.model is not None and self.tokenizer is None:
-            raise ValueError("a new model needs a 'tokenizer' (a tokenizer stage, directory or hub id)")
+            raise ValueError(
+                "a new model needs a 'tokenizer' (a tokenizer stage, directory or hub id)"
+            )
         if self.model is not None:
             encoder_only = self.model.family in ("bert", "roberta")
             if self.objective == "clm" and encoder_only:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlsteps.specs.common import DataSpec, Fraction, PositiveInt, Strict, TrainSpec
 
@@ -37,8 +37,12 @@ class PromptSpec(Strict):
     data: DataSpec | None = Field(
         None, description="Training rows: demonstrations (few_shot) or soft-prompt training data."
     )
-    validation: DataSpec | None = Field(None, description="Validation rows for soft-prompt training.")
-    validation_fraction: Fraction = Field(0.1, description="Held-out fraction when no 'validation'.")
+    validation: DataSpec | None = Field(
+        None, description="Validation rows for soft-prompt training."
+    )
+    validation_fraction: Fraction = Field(
+        0.1, description="Held-out fraction when no 'validation'."
+    )
     shots: PositiveInt = Field(4, description="few_shot: number of demonstrations.")
     demo_separator: str = Field("\n\n", description="few_shot: text between demonstrations.")
     answer_separator: str = Field(
@@ -48,17 +52,33 @@ class PromptSpec(Strict):
         False, description="few_shot: draw different demonstrations for every row (seeded)."
     )
     verbalizer: dict[str, str] | None = Field(
-        None, description="classification: label -> word scored by the model, e.g. {1: great, 0: bad}."
+        None,
+        description="classification: label -> word scored by the model, e.g. {1: great, 0: bad}.",
     )
     num_virtual_tokens: PositiveInt = Field(20, description="Soft prompt length in tokens.")
     init_text: str | None = Field(
-        None, description="prompt_tuning: initialise virtual tokens from this text (else random)."
+        None,
+        description="prompt_tuning: initialise virtual tokens from the embeddings of this text "
+        "(repeated/cut to num_virtual_tokens); else from randomly sampled vocabulary embeddings.",
     )
     max_seq_len: PositiveInt = Field(256, description="Truncation length of prompt + answer.")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
-    train: TrainSpec = Field(
-        default_factory=lambda: TrainSpec(lr=3e-2), description="Soft-prompt optimisation settings."
+    preview_rows: PositiveInt = Field(
+        5,
+        description="Rows whose rendered prompts (and model outputs) go to prompts_preview.jsonl.",
     )
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec.model_validate({"lr": 3e-2}),
+        description="Soft-prompt optimisation settings.",
+    )
+
+    @field_validator("verbalizer", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        # YAML reads `{1: great}` with an int key; labels are matched as text (str(label)).
+        if isinstance(value, dict):
+            return {str(k): v if isinstance(v, str) else str(v) for k, v in value.items()}
+        return value
 
     @model_validator(mode="after")
     def _needs_data(self) -> PromptSpec:
@@ -66,4 +86,12 @@ class PromptSpec(Strict):
             raise ValueError(f"method {self.method} needs 'data' (demonstrations or training rows)")
         if self.task == "classification" and not self.verbalizer:
             raise ValueError("task classification needs a 'verbalizer' mapping labels to words")
+        if self.verbalizer and self.task != "classification":
+            raise ValueError("'verbalizer' only applies to task: classification")
+        if self.per_example and self.method != "few_shot":
+            raise ValueError("'per_example' only applies to method: few_shot")
+        if self.init_text is not None and self.method != "prompt_tuning":
+            raise ValueError("'init_text' only applies to method: prompt_tuning")
+        if self.init_text is not None and not self.init_text.strip():
+            raise ValueError("'init_text' is empty; remove it for a random initialisation")
         return self

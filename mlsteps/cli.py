@@ -1,0 +1,283 @@
+"""The `mlsteps` command line (Typer).
+
+Only typer is imported at module level: `--help` must stay instant, and `validate` must never
+import torch/transformers/datasets/peft/accelerate/sacrebleu/rouge_score/nltk. Everything else is
+imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="mlsteps",
+    help="Multi-step language-model training from one YAML recipe: tokenizer, pretrain, "
+    "finetune, prompt learning, eval and predict, each stage handing its model to the next.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(
+    help="Builtin data sets: list them or export them as jsonl.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+_STATE = {"debug": False, "json": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides KEY=VALUE (YAML value) or ~KEY to remove.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")]
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+def _emit(result: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/<name>).")
+    ] = None,
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Re-run this stage and everything after it.")
+    ] = None,
+    only: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Re-run every stage, ignoring earlier results.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a recipe; finished, unchanged stages are skipped and interrupted ones resume."""
+    from mlsteps.recipe import load_recipe
+
+    _STATE["json"] = as_json
+    spec = load_recipe(recipe, overrides or [])
+    _execute(spec, run_dir, from_stage=from_stage, only=only, force=force, as_json=as_json)
+
+
+def _execute(spec: Any, run_dir: Path | None, *, as_json: bool, **kwargs: Any) -> None:
+    from mlsteps.runner import run_recipe
+
+    target = run_dir or Path("runs") / spec.name
+    result = run_recipe(spec, target, **kwargs)
+    if as_json:
+        _emit(result.to_json())
+    else:
+        done = sum(not s.get("skipped") for s in result.stages.values())
+        print(
+            f"done: {done} stage(s) run, {len(result.stages) - done} skipped; "
+            f"report: {target / 'report.md'}",
+            file=sys.stderr,
+        )
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
+    """Validate a recipe fully without running anything (no torch import)."""
+    from mlsteps.recipe import check_data_files, load_recipe
+
+    _STATE["json"] = as_json
+    spec = load_recipe(recipe, overrides or [])
+    check_data_files(spec)
+    if as_json:
+        _emit(
+            {
+                "valid": True,
+                "name": spec.name,
+                "stages": {n: s.kind for n, s in spec.stages.items()},
+            }
+        )
+    else:
+        kinds = ", ".join(f"{n} ({s.kind})" for n, s in spec.stages.items())
+        print(f"{recipe}: valid recipe '{spec.name}' with {len(spec.stages)} stage(s): {kinds}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a run's stages and metrics (rich tables); --json prints metrics.json."""
+    from mlsteps.errors import UserError
+    from mlsteps.report import print_report, write_report
+    from mlsteps.rundir import read_json
+
+    if not (run_dir / "state.json").exists():
+        raise UserError(
+            "not a run directory (no state.json)", where=str(run_dir), hint="pass runs/<name>"
+        )
+    if as_json:
+        _emit(read_json(run_dir / "metrics.json", {}) or {})
+        return
+    write_report(run_dir)
+    print_report(run_dir)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of recipes."""
+    from mlsteps.recipe import Recipe
+
+    _emit(Recipe.model_json_schema(by_alias=True))
+
+
+@data_app.command("list")
+def data_list(as_json: JsonOpt = False) -> None:
+    """List the builtin data sets."""
+    from dataclasses import asdict
+
+    from mlsteps.builtin import list_builtin
+
+    infos = list_builtin()
+    if as_json:
+        _emit({"datasets": [asdict(i) for i in infos]})
+        return
+    for info in infos:
+        sizes = ", ".join(f"{k} {v}" for k, v in info.split_sizes.items())
+        print(f"{info.name:18} {info.description} [columns: {', '.join(info.columns)}; {sizes}]")
+
+
+@data_app.command("export")
+def data_export(
+    name: Annotated[str, typer.Argument(help="Builtin data set, e.g. toy/translate.")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write <split>.jsonl into.")],
+) -> None:
+    """Write a builtin data set as one jsonl file per split."""
+    from mlsteps.builtin import export_builtin
+
+    for path in export_builtin(name, out_dir):
+        print(path)
+
+
+def _stage_command(kind: str, summary: str) -> None:
+    def command(
+        overrides: Annotated[
+            list[str] | None,
+            typer.Argument(
+                help="Stage fields as KEY=VALUE, e.g. train.max_steps=50.", show_default=False
+            ),
+        ] = None,
+        config: Annotated[
+            Path | None, typer.Option("--config", help="Stage spec YAML file.")
+        ] = None,
+        name: Annotated[str, typer.Option(help="Stage (and default run) name.")] = kind,
+        run_dir: Annotated[
+            Path | None, typer.Option(help="Run directory (default runs/<name>).")
+        ] = None,
+        source: Annotated[
+            str | None, typer.Option("--from", help="Model source: local directory or hub id.")
+        ] = None,
+        data: Annotated[
+            list[str] | None, typer.Option(help="Data file(s)/glob(s) or builtin:NAME.")
+        ] = None,
+        seed: Annotated[int, typer.Option(help="Seed.")] = 42,
+        force: Annotated[
+            bool, typer.Option(help="Re-run even if an identical result exists.")
+        ] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        from mlsteps.recipe import apply_overrides, validate_recipe
+        from mlsteps.yamlio import load_yaml_file
+
+        _STATE["json"] = as_json
+        stage: dict[str, Any] = {}
+        source_name = f"mlsteps {kind}"
+        doc = None
+        if config is not None:
+            doc = load_yaml_file(config)
+            source_name = str(config)
+            if not isinstance(doc.data, dict):
+                from mlsteps.errors import UserError
+
+                raise UserError(
+                    "a stage config must be a mapping of stage fields", where=str(config)
+                )
+            stage = dict(doc.data)
+        stage["kind"] = kind
+        if source is not None:
+            stage["model" if kind == "predict" else "models" if kind == "eval" else "from"] = (
+                [source] if kind == "eval" else source
+            )
+        if data:
+            stage["data"] = {"files": data} if not data[0].startswith("builtin:") else data[0]
+        raw = {"name": name, "seed": seed, "stages": {name: stage}}
+        raw = apply_overrides(
+            raw,
+            [
+                f"stages.{name}.{o}" if not o.startswith("~") else f"~stages.{name}.{o[1:]}"
+                for o in overrides or []
+            ],
+        )
+        spec = validate_recipe(raw, None, source_name)
+        _execute(spec, run_dir, as_json=as_json, force=force)
+
+    command.__doc__ = f"{summary} (one-stage recipe; same code path as `run`)."
+    app.command(name=kind)(command)
+
+
+for _kind, _summary in (
+    ("tokenizer", "Train a tokenizer or wrap an existing one"),
+    ("pretrain", "Pretrain a causal-LM or masked-LM model"),
+    ("finetune", "Fine-tune for classification, seq2seq or instruction SFT (full or LoRA)"),
+    ("prompt", "Prompt learning: zero/few-shot templates or soft prompt tuning"),
+    ("eval", "Evaluate models: perplexity, BLEU/chrF/TER, ROUGE, accuracy/F1, exact match"),
+    ("predict", "Generate predictions for a data set"),
+):
+    _stage_command(_kind, _summary)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """Click usage errors (typer vendors click, so match by shape rather than by class)."""
+    return any(c.__name__ == "ClickException" for c in type(exc).__mro__) and hasattr(exc, "show")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps errors to exit codes (0 ok, 1 stage failed, 2 usage, 130 stop)."""
+    from mlsteps.errors import EXIT_INTERRUPTED, EXIT_USAGE, MlstepsError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        code = app(args=args, prog_name="mlsteps", standalone_mode=False)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - map every error onto an exit code
+        if _is_usage_error(exc):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(EXIT_USAGE)
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, MlstepsError):
+            message, exit_code = str(exc), exc.exit_code
+        else:
+            message, exit_code = f"internal error: {type(exc).__name__}: {exc}", 1
+            if not debug:
+                message += " (rerun with --debug for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        if _STATE["json"]:
+            _emit({"error": message, "exit_code": exit_code})
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,373 @@
+"""Hard-prompt machinery shared by the prompt stage and inference: templates, few-shot demos,
+and the on-disk "prompted model" format.
+
+Light on purpose (no torch, jinja2 imported lazily): eval/predict load a prompted model through
+:func:`load_prompter` and the recipe validator may list template fields without the ML stack.
+
+Prompt layout (the convention every caller relies on)::
+
+    <demo 1 prompt><sep_head><sep_tail><demo 1 answer><demo_separator>...<row prompt><sep_head>
+
+where ``answer_separator = sep_head + sep_tail`` and ``sep_tail`` is its trailing whitespace.
+The trailing whitespace belongs to the *answer* side (``Prompter.answer_prefix``): BPE tokenizers
+attach a leading space to the following word ("Ġgreat"), so a prompt ending in a bare space would
+make the model predict a token it never saw in the demonstrations or in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from mlsteps.errors import UserError, did_you_mean
+
+PROMPT_FILE = "mlsteps_prompt.json"
+FORMAT_VERSION = 1
+
+TemplateFormat = Literal["format", "jinja"]
+
+
+# --------------------------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_format(template: str, template_format: str = "auto") -> TemplateFormat:
+    """'auto' means Jinja2 when the template contains '{{' or '{%', else Python format fields."""
+    if template_format == "auto":
+        return "jinja" if ("{{" in template or "{%" in template) else "format"
+    if template_format not in ("format", "jinja"):
+        raise UserError(
+            f"unknown template format {template_format!r}", hint="use auto, format or jinja"
+        )
+    return template_format  # type: ignore[return-value]
+
+
+def _jinja_env() -> Any:
+    # Sandboxed: a recipe template must not reach Python internals; StrictUndefined so that a
+    # misspelled variable is an error instead of silently rendering as "".
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    return SandboxedEnvironment(
+        undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
+
+
+def template_fields(
+    template: str, template_format: str = "auto", *, where: str | None = None
+) -> list[str]:
+    """Column names a template reads, sorted. Syntax errors are UserErrors."""
+    fmt = resolve_format(template, template_format)
+    if fmt == "jinja":
+        import jinja2
+        from jinja2 import meta
+
+        try:
+            ast = _jinja_env().parse(template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise UserError(
+                f"invalid Jinja2 template (line {exc.lineno}): {exc.message}", where=where
+            ) from None
+        return sorted(meta.find_undeclared_variables(ast))
+    names: set[str] = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise UserError(
+            f"invalid template: {exc}",
+            where=where,
+            hint="write a literal brace as '{{' / '}}' and set template_format: format",
+        ) from None
+    for _literal, name, _spec, _conv in parsed:
+        if name is None:
+            continue
+        # "{row.attr}" / "{row[0]}" read the column "row".
+        root = name.split(".", 1)[0].split("[", 1)[0]
+        if not root or root.isdigit():
+            raise UserError(
+                f"template field {{{name}}} is positional",
+                where=where,
+                hint="name a column, e.g. '{source}'",
+            )
+        names.add(root)
+    return sorted(names)
+
+
+def check_template_columns(
+    template: str,
+    columns: Iterable[str],
+    *,
+    template_format: str = "auto",
+    where: str | None = None,
+) -> list[str]:
+    """Raise a UserError naming the existing columns when the template reads a missing one."""
+    available = list(columns)
+    fields = template_fields(template, template_format, where=where)
+    for name in fields:
+        if name not in available:
+            hint = did_you_mean(name, available)
+            raise UserError(
+                f"template field '{name}' is not a column; the data has: {', '.join(available) or '(none)'}",
+                where=where,
+                hint=hint,
+            )
+    return fields
+
+
+def render_template(
+    template: str,
+    row: Mapping[str, Any],
+    template_format: str = "auto",
+    *,
+    where: str | None = None,
+) -> str:
+    """Render one row. Prefer :class:`Prompter`, which compiles a Jinja2 template only once."""
+    return _Renderer(template, resolve_format(template, template_format)).render(row, where=where)
+
+
+class _Renderer:
+    def __init__(self, template: str, fmt: TemplateFormat):
+        self.template = template
+        self.fmt = fmt
+        self._jinja = _jinja_env().from_string(template) if fmt == "jinja" else None
+
+    def render(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
+        try:
+            if self._jinja is not None:
+                return str(self._jinja.render(**row))
+            return self.template.format_map(row)
+        except KeyError as exc:
+            missing = exc.args[0] if exc.args else "?"
+            raise UserError(
+                f"template field '{missing}' is not a column; the row has: {', '.join(row)}",
+                where=where,
+            ) from None
+        except Exception as exc:  # jinja2.UndefinedError and friends, bad format specs
+            raise UserError(f"cannot render template: {exc}", where=where) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Few-shot demonstrations
+# --------------------------------------------------------------------------------------------
+
+
+def row_key(row: Mapping[str, Any]) -> str:
+    """Stable content hash of a row: seeds per-example demo selection independently of row order."""
+    blob = json.dumps(dict(row), sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def select_demonstrations(
+    pool_size: int, shots: int, seed: int, *, key: str | None = None, exclude: Iterable[int] = ()
+) -> list[int]:
+    """Pick ``shots`` distinct indices of a pool of ``pool_size`` rows, deterministically.
+
+    The same (seed, key) always gives the same indices, in the same order, in every process
+    (``random.Random`` seeded with a string hashes it with SHA-512, not the salted ``hash()``).
+    ``key=None`` is the fixed set used for every row; a per-row ``key`` gives per-example demos.
+    """
+    banned = set(exclude)
+    candidates = [i for i in range(pool_size) if i not in banned]
+    if shots > len(candidates):
+        raise UserError(f"{shots} shots requested but only {len(candidates)} demonstration rows")
+    rng = random.Random(f"mlsteps-shots:{seed}:{key or ''}")
+    return rng.sample(candidates, shots)
+
+
+def split_separator(answer_separator: str) -> tuple[str, str]:
+    """Split into (prompt side, answer side): trailing whitespace goes to the answer side."""
+    head = answer_separator.rstrip()
+    return head, answer_separator[len(head) :]
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One rendered demonstration: the prompt (template applied to a row) and its answer."""
+
+    prompt: str
+    answer: str
+
+
+# --------------------------------------------------------------------------------------------
+# The prompted model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompter:
+    """Everything needed to turn a data row into model input for a prompted model.
+
+    ``render(row)`` gives the full prompt (demonstrations + the rendered row, ending just before
+    the answer). The model's answer continues it with ``answer_prefix`` (e.g. " ") + the answer.
+    """
+
+    method: str
+    template: str
+    template_format: TemplateFormat = "format"
+    task: str = "generation"
+    demo_separator: str = "\n\n"
+    answer_separator: str = " "
+    demos: list[Demonstration] = field(default_factory=list)
+    # per_example: demos are drawn from this pool for each row (seeded by the row's content).
+    demo_pool: list[Demonstration] = field(default_factory=list)
+    per_example: bool = False
+    shots: int = 0
+    seed: int = 0
+    verbalizer: dict[str, str] | None = None
+    target_column: str = "target"
+    base_model: str = ""
+    has_adapter: bool = False
+    model_kind: Literal["causal", "seq2seq"] = "causal"
+    num_virtual_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.template_format = resolve_format(self.template, self.template_format)
+
+    @cached_property
+    def _renderer(self) -> _Renderer:
+        return _Renderer(self.template, self.template_format)
+
+    @property
+    def fields(self) -> list[str]:
+        """Columns the template reads."""
+        return template_fields(self.template, self.template_format)
+
+    def check_columns(self, columns: Iterable[str], *, where: str | None = None) -> None:
+        """UserError when a data set lacks a column the template reads."""
+        check_template_columns(
+            self.template, columns, template_format=self.template_format, where=where
+        )
+
+    @property
+    def answer_prefix(self) -> str:
+        """Text between the prompt and the answer on the answer side (whitespace, often " ")."""
+        return split_separator(self.answer_separator)[1] if self.model_kind == "causal" else ""
+
+    def label_word(self, label: Any) -> str:
+        """The verbalizer word of a label (the label itself as text without a verbalizer)."""
+        if self.verbalizer is None:
+            return str(label)
+        try:
+            return self.verbalizer[str(label)]
+        except KeyError:
+            raise UserError(
+                f"label {label!r} has no verbalizer word; the verbalizer maps {', '.join(self.verbalizer)}"
+            ) from None
+
+    def continuation(self, answer: str) -> str:
+        """What the model must produce after ``render(row)`` for this answer."""
+        return self.answer_prefix + answer
+
+    def render_row(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
+        """The row's own prompt (template + answer separator head), without demonstrations."""
+        head = split_separator(self.answer_separator)[0]
+        return self._renderer.render(row, where=where) + head
+
+    def demos_for(self, row: Mapping[str, Any]) -> list[Demonstration]:
+        """The demonstrations shown before this row."""
+        if not self.per_example:
+            return self.demos
+        bare = self._renderer.render(row)
+        # A pool row identical to the query would leak its answer (e.g. eval on training rows).
+        leak = [i for i, d in enumerate(self.demo_pool) if d.prompt == bare]
+        shots = min(self.shots, len(self.demo_pool) - len(leak))
+        picked = select_demonstrations(
+            len(self.demo_pool), shots, self.seed, key=row_key(row), exclude=leak
+        )
+        return [self.demo_pool[i] for i in picked]
+
+    def format_demo(self, demo: Demonstration) -> str:
+        """A demonstration as it appears in the prompt: prompt + separator + answer."""
+        head, tail = split_separator(self.answer_separator)
+        return demo.prompt + head + tail + demo.answer
+
+    def render(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
+        """Full prompt for one row: demonstrations, then the rendered row, up to the answer."""
+        query = self.render_row(row, where=where)
+        demos = self.demos_for(row)
+        return "".join(self.format_demo(d) + self.demo_separator for d in demos) + query
+
+    def postprocess(self, generated: str) -> str:
+        """Clean a generated continuation: cut at the next demonstration, strip whitespace.
+
+        A few-shot model often goes on to write the next demonstration; everything from the
+        first ``demo_separator`` on is not part of the answer.
+        """
+        text = generated
+        if self.shots and self.demo_separator:
+            text = text.lstrip()
+            cut = text.find(self.demo_separator)
+            text = text if cut < 0 else text[:cut]
+        return text.strip()
+
+    def to_json(self, final_dir: Path | None = None) -> dict[str, Any]:
+        """The mlsteps_prompt.json payload; base_model also stored relative to final_dir."""
+        data = asdict(self)
+        data["format_version"] = FORMAT_VERSION
+        if final_dir is not None and Path(self.base_model).is_absolute():
+            # Relative path too, so a run directory that was moved or copied still resolves.
+            data["base_model_relative"] = os.path.relpath(self.base_model, final_dir)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], final_dir: Path | None = None) -> Prompter:
+        """Inverse of :meth:`to_json`; resolves base_model against final_dir when needed."""
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise UserError(
+                f"{PROMPT_FILE} has format version {version}; this mlsteps reads up to {FORMAT_VERSION}",
+                hint="upgrade mlsteps",
+            )
+        relative = data.pop("base_model_relative", None)
+        base = str(data.get("base_model", ""))
+        if final_dir is not None and relative and not Path(base).exists():
+            candidate = (Path(final_dir) / relative).resolve()
+            if candidate.exists():
+                data["base_model"] = str(candidate)
+        for key in ("demos", "demo_pool"):
+            data[key] = [Demonstration(**d) for d in data.get(key, [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def save_prompter(prompter: Prompter, directory: Path, *, final_dir: Path | None = None) -> Path:
+    """Write mlsteps_prompt.json into ``directory`` (final.tmp/ while building final/)."""
+    path = Path(directory) / PROMPT_FILE
+    payload = prompter.to_json(final_dir if final_dir is not None else directory)
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_prompter(final_dir: Path | str) -> Prompter | None:
+    """The Prompter of a prompted-model directory, or None when ``final_dir`` is not one."""
+    path = Path(final_dir) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"unreadable {path}: {exc}") from None
+    return Prompter.from_json(data, final_dir=Path(final_dir))
+
+
+def demonstrations_from_rows(
+    rows: Sequence[Mapping[str, Any]], prompter: Prompter, *, where: str | None = None
+) -> list[Demonstration]:
+    """Render training rows into demonstrations (answer = verbalizer word for classification)."""
+    out = []
+    for row in rows:
+        prompt = prompter._renderer.render(row, where=where)
+        out.append(
+            Demonstration(prompt=prompt, answer=prompter.label_word(row[prompter.target_column]))
+        )
+    return out

@@ -1,0 +1,301 @@
+"""Recipes: loading, defaults, overrides, validation and the messages users see.
+
+Nothing here imports torch or the HF stack: `mlsteps validate` must stay instant.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from mlsteps.errors import UserError, did_you_mean
+from mlsteps.specs import SPEC_BY_KIND, StageSpec
+from mlsteps.specs.common import SAFE_NAME_RE, DataSpec, Strict
+from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
+
+
+class Recipe(Strict):
+    """A multi-step training recipe: named stages run in order, each handing its model on."""
+
+    name: str = Field(..., description="Run name; the run directory defaults to runs/<name>.")
+    seed: int = Field(42, description="Global seed for data order, initialisation and sampling.")
+    description: str | None = Field(None, description="Free text shown in the report.")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings deep-merged into every stage that has those fields, "
+        "e.g. {train: {batch_size: 16}}.",
+    )
+    stages: dict[str, StageSpec] = Field(
+        ..., description="Ordered mapping: stage name -> stage spec (runs in this order)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not SAFE_NAME_RE.match(value):
+            raise ValueError(
+                f"run name '{value}' must be one path component of letters, digits, '_', '-', '.'"
+            )
+        return value
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("a recipe needs at least one stage")
+        for name in value:
+            if not SAFE_NAME_RE.match(name):
+                raise ValueError(
+                    f"stage name '{name}' must be one path component of letters, digits, '_', '-', '.'"
+                )
+        return value
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe (defaults applied) as plain data, using YAML key names."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"defaults"})
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _field_keys(model: type[BaseModel]) -> set[str]:
+    return {f.alias or name for name, f in model.model_fields.items()}
+
+
+def apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Merge `defaults` into every stage whose kind has the key; the stage's own values win."""
+    defaults = raw.get("defaults") or {}
+    stages = raw.get("stages")
+    if not isinstance(defaults, dict) or not isinstance(stages, dict):
+        return raw
+    all_keys = set().union(*(_field_keys(m) for m in SPEC_BY_KIND.values()))
+    for key in defaults:
+        if key not in all_keys or key == "kind":
+            hint = did_you_mean(key, all_keys - {"kind"}) or "defaults hold stage fields"
+            raise UserError(f"unknown key '{key}' in defaults", where=f"defaults.{key}", hint=hint)
+    out = dict(raw)
+    out["stages"] = {}
+    for name, stage in stages.items():
+        spec_cls = SPEC_BY_KIND.get(str(stage.get("kind"))) if isinstance(stage, dict) else None
+        if spec_cls is None:
+            out["stages"][name] = stage
+            continue
+        keys = _field_keys(spec_cls)
+        applicable = {k: v for k, v in defaults.items() if k in keys}
+        out["stages"][name] = _deep_merge(applicable, stage)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=VALUE` (VALUE parsed as YAML) and `~a.b.c` (remove) to the raw recipe."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        remove = item.startswith("~")
+        if remove:
+            key, value = item[1:], None
+        elif "=" in item:
+            key, text = item.split("=", 1)
+            value = parse_scalar(text, where=f"override '{item}'")
+        else:
+            raise UserError(
+                f"override '{item}' is not KEY=VALUE or ~KEY",
+                hint="e.g. stages.pretrain.train.max_steps=50",
+            )
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise UserError(f"override '{item}' has an empty key")
+        node: Any = out
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}': '{'.'.join(parts[:depth])}' is not a mapping")
+            if remove and part not in node:
+                raise UserError(f"override '{item}': nothing at '{key}' to remove")
+            node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            if remove:
+                node.pop(int(last))
+            else:
+                node[int(last)] = value
+        elif isinstance(node, dict):
+            if remove:
+                if last not in node:
+                    raise UserError(f"override '{item}': nothing at '{key}' to remove")
+                del node[last]
+            else:
+                node[last] = value
+        else:
+            raise UserError(f"override '{item}': parent of '{last}' is not a mapping")
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the Recipe model along a pydantic error location to the model holding its last key."""
+    model: Any = Recipe
+    i = 0
+    while i < len(loc) - 1 and model is not None:
+        part = loc[i]
+        if model is Recipe and part == "stages":
+            kind = loc[i + 2] if i + 2 < len(loc) else None
+            model = SPEC_BY_KIND.get(str(kind))
+            i += 3
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        fields.update(model.model_fields)
+        f = fields.get(part)
+        if f is None:
+            return None
+        ann = f.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        i += 1
+    return model if isinstance(model, type) else None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """Turn a pydantic location into the recipe's dotted path (drop the union tag)."""
+    parts = [str(p) for p in loc]
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in SPEC_BY_KIND:
+        parts.pop(2)
+    # Validators named like 'function-after[...]' are pydantic internals, not recipe keys.
+    return ".".join(p for p in parts if "[" not in p)
+
+
+def _format_error(err: Any, doc: LoadedYaml | None, source: str) -> UserError:
+    loc = tuple(err["loc"])
+    path = _dotted(loc)
+    where = doc.where(path) if doc else (f"{source} ({path})" if path else source)
+    etype = err["type"]
+    value = err.get("input")
+    if etype == "extra_forbidden":
+        model = _model_at(loc)
+        key = path.rpartition(".")[2]
+        hint = did_you_mean(key, _field_keys(model)) if model else None
+        if model and not hint:
+            hint = f"valid keys: {', '.join(sorted(_field_keys(model)))}"
+        return UserError(f"unknown key '{key}'", where=where, hint=hint)
+    if etype == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag")
+        hint = did_you_mean(str(tag), SPEC_BY_KIND) or f"kinds: {', '.join(SPEC_BY_KIND)}"
+        kind_path = f"{path}.kind"
+        kind_where = doc.where(kind_path) if doc else f"{source} ({kind_path})"
+        return UserError(f"unknown stage kind '{tag}'", where=kind_where, hint=hint)
+    if etype == "union_tag_not_found":
+        return UserError(
+            "stage has no 'kind'", where=where, hint=f"add kind: one of {', '.join(SPEC_BY_KIND)}"
+        )
+    if etype == "missing":
+        return UserError(f"missing required key '{path.rpartition('.')[2]}'", where=where)
+    msg = err["msg"].removeprefix("Value error, ")
+    hint = None
+    raw = doc.raw_scalars.get(path) if doc else None
+    if raw is not None:
+        hint = f"YAML read '{raw}' as {json.dumps(value)}; quote it (\"{raw}\") if you meant text"
+    elif etype not in ("value_error", "assertion_error") and value is not None:
+        msg = f"{msg}, got {json.dumps(value, default=str)[:80]}"
+    return UserError(msg, where=where, hint=hint)
+
+
+def check_references(recipe: Recipe, doc: LoadedYaml | None = None) -> None:
+    """A stage may only refer to earlier stages; misspelled stage names get a suggestion."""
+    names = list(recipe.stages)
+    for index, (stage_name, spec) in enumerate(recipe.stages.items()):
+        earlier = names[:index]
+        for field_name in getattr(spec, "REF_FIELDS", ()):
+            value = getattr(spec, field_name)
+            refs = value if isinstance(value, list) else [value]
+            key = type(spec).model_fields[field_name].alias or field_name
+            for i, ref in enumerate(refs):
+                if ref is None:
+                    continue
+                path = f"stages.{stage_name}.{key}" + (f".{i}" if isinstance(value, list) else "")
+                where = doc.where(path) if doc else path
+                if ref == stage_name:
+                    raise UserError(f"stage '{stage_name}' refers to itself", where=where)
+                if ref in names[index + 1 :]:
+                    raise UserError(
+                        f"'{ref}' is a later stage; a stage can only use earlier stages",
+                        where=where,
+                        hint=f"move '{ref}' before '{stage_name}'",
+                    )
+                if ref in earlier or "/" in ref or Path(ref).expanduser().exists():
+                    continue
+                # Not a stage, not a path, no namespace: a hub id like 'gpt2' or a typo.
+                suggestion = did_you_mean(ref, earlier)
+                if suggestion:
+                    raise UserError(f"unknown stage '{ref}'", where=where, hint=suggestion)
+
+
+def validate_recipe(raw: Any, doc: LoadedYaml | None = None, source: str = "<recipe>") -> Recipe:
+    """Validate raw recipe data; raise UserError naming file:line and the dotted key path."""
+    if not isinstance(raw, dict):
+        kind = "a list" if isinstance(raw, list) else type(raw).__name__
+        raise UserError(
+            f"a recipe must be a mapping with 'name' and 'stages', not {kind}", where=source
+        )
+    merged = apply_defaults(raw)
+    try:
+        recipe = Recipe.model_validate(merged)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise _format_error(errors[0], doc, source) from None
+    check_references(recipe, doc)
+    return recipe
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file. Raises UserError; never imports torch."""
+    doc = load_yaml_file(path)
+    raw = doc.data
+    if overrides:
+        if not isinstance(raw, dict):
+            raise UserError("a recipe must be a mapping with 'name' and 'stages'", where=str(path))
+        raw = apply_overrides(raw, overrides)
+    return validate_recipe(raw, doc, str(path))
+
+
+def data_specs(spec: BaseModel) -> list[Any]:
+    """Every DataSpec inside a stage spec (for fingerprints and up-front file checks)."""
+    found: list[Any] = []
+    for name in type(spec).model_fields:
+        value = getattr(spec, name)
+        if isinstance(value, DataSpec):
+            found.append(value)
+        elif isinstance(value, BaseModel):
+            found.extend(data_specs(value))
+    return found
+
+
+def check_data_files(recipe: Recipe) -> None:
+    """Fail before any work if a local data file or glob matches nothing."""
+    import glob
+
+    for stage_name, spec in recipe.stages.items():
+        for field_name in type(spec).model_fields:
+            value = getattr(spec, field_name)
+            if not isinstance(value, DataSpec) or not value.files:
+                continue
+            for pattern in value.files:
+                expanded = str(Path(pattern).expanduser())
+                if not glob.glob(expanded):
+                    raise UserError(
+                        f"data file '{pattern}' not found",
+                        where=f"stages.{stage_name}.{field_name}.files",
+                        hint="check the path (relative paths start at the working directory)",
+                    )
