@@ -133,8 +133,17 @@ def report(
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of recipes."""
+def schema(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the markdown reference.")
+    ] = False,
+) -> None:
+    """Print the JSON Schema of recipes (or the recipe reference as markdown)."""
+    if markdown:
+        from mlsteps.reference import recipe_reference
+
+        sys.stdout.write(recipe_reference())
+        return
     from mlsteps.recipe import Recipe
 
     _emit(Recipe.model_json_schema(by_alias=True))

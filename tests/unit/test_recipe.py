@@ -163,3 +163,12 @@ def test_every_shipped_config_validates():
     configs = sorted(root.rglob("*.yaml"))
     for path in configs:
         load_recipe(path)  # raises with file:line on any problem
+
+
+def test_committed_recipe_reference_is_current():
+    from mlsteps.reference import recipe_reference
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
+    assert path.read_text(encoding="utf-8") == recipe_reference(), (
+        "docs/recipe-reference.md is stale: run `mlsteps schema --markdown > docs/recipe-reference.md`"
+    )
