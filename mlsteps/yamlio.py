@@ -39,6 +39,7 @@ class LoadedYaml:
     lines: dict[str, int] = field(default_factory=dict)
     # Raw text of plain scalars whose YAML 1.1 type is probably a surprise (no -> False, 3.10 -> 3.1).
     raw_scalars: dict[str, str] = field(default_factory=dict)
+    node_count: int = 0
 
     def where(self, path: str) -> str:
         """'file:line (path)' for a dotted path, falling back to the closest known parent."""
@@ -54,7 +55,18 @@ def _mark(node: yaml.Node) -> str:
     return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
 
 
+# Aliases can expand exponentially ("billion laughs"); no real recipe comes near this.
+MAX_NODES = 200_000
+
+
 def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml) -> Any:
+    out.node_count += 1
+    if out.node_count > MAX_NODES:
+        raise UserError(
+            f"document expands to more than {MAX_NODES} values (alias bomb?)",
+            where=out.source,
+            hint="remove the repeated aliases",
+        )
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -64,11 +76,14 @@ def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml)
                     where=out.source,
                     hint="use plain string keys",
                 )
-            key = str(loader.construct_object(key_node))
-            if key == "<<":
+            # '<<' resolves to the merge tag, which has no constructor: catch it before constructing.
+            if key_node.tag == "tag:yaml.org,2002:merge" or key_node.value == "<<":
                 raise UserError(
-                    f"merge keys '<<' are not supported ({_mark(key_node)})", where=out.source
+                    f"merge keys '<<' are not supported ({_mark(key_node)})",
+                    where=out.source,
+                    hint="write the keys out, or use the recipe's 'defaults' block",
                 )
+            key = str(loader.construct_object(key_node))
             child = f"{path}.{key}" if path else key
             if key in result:
                 first = out.lines.get(child)

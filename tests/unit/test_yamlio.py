@@ -64,3 +64,16 @@ def test_override_scalars():
     assert parse_scalar("[a, b]", "x") == ["a", "b"]
     assert parse_scalar("hello world", "x") == "hello world"
     assert parse_scalar("", "x") == ""
+
+
+def test_merge_keys_are_refused_clearly():
+    with pytest.raises(UserError, match="merge keys '<<' are not supported"):
+        parse_yaml("a: &x {b: 1}\nc:\n  <<: *x\n")
+
+
+def test_alias_bomb_is_refused():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    with pytest.raises(UserError, match="alias bomb"):
+        parse_yaml("\n".join(lines) + "\n")
