@@ -234,8 +234,16 @@ def check_references(recipe: Recipe, doc: LoadedYaml | None = None) -> None:
                         where=where,
                         hint=f"move '{ref}' before '{stage_name}'",
                     )
-                if ref in earlier or "/" in ref or Path(ref).expanduser().exists():
+                if ref in earlier or Path(ref).expanduser().is_dir():
                     continue
+                if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists():
+                    raise UserError(
+                        f"model directory '{ref}' not found",
+                        where=where,
+                        hint="check the path, or name an earlier stage or a hub id",
+                    )
+                if "/" in ref:
+                    continue  # a hub id 'org/name'; it is checked when the stage loads it
                 # Not a stage, not a path, no namespace: a hub id like 'gpt2' or a typo.
                 suggestion = did_you_mean(ref, earlier)
                 if suggestion:
@@ -283,13 +291,18 @@ def data_specs(spec: BaseModel) -> list[Any]:
 
 
 def check_data_files(recipe: Recipe) -> None:
-    """Fail before any work if a local data file or glob matches nothing."""
+    """Fail before any work if a local data file or glob matches nothing, or a builtin set or
+    split does not exist (both checks are pure Python: no torch)."""
     import glob
 
     for stage_name, spec in recipe.stages.items():
         for field_name in type(spec).model_fields:
             value = getattr(spec, field_name)
-            if not isinstance(value, DataSpec) or not value.files:
+            if not isinstance(value, DataSpec):
+                continue
+            if value.builtin:
+                _check_builtin(value, f"stages.{stage_name}.{field_name}")
+            if not value.files:
                 continue
             for pattern in value.files:
                 expanded = str(Path(pattern).expanduser())
@@ -299,3 +312,24 @@ def check_data_files(recipe: Recipe) -> None:
                         where=f"stages.{stage_name}.{field_name}.files",
                         hint="check the path (relative paths start at the working directory)",
                     )
+
+
+def _check_builtin(data: DataSpec, where: str) -> None:
+    from mlsteps.builtin import list_builtin
+
+    infos = {info.name: info for info in list_builtin()}
+    info = infos.get(data.builtin or "")
+    if info is None:
+        hint = did_you_mean(data.builtin or "", infos) or f"available: {', '.join(infos)}"
+        raise UserError(
+            f"unknown builtin data set '{data.builtin}'", where=f"{where}.builtin", hint=hint
+        )
+    if data.split not in info.split_sizes:
+        hint = (
+            did_you_mean(data.split, info.split_sizes) or f"splits: {', '.join(info.split_sizes)}"
+        )
+        raise UserError(
+            f"builtin '{data.builtin}' has no split '{data.split}'",
+            where=f"{where}.split",
+            hint=hint,
+        )

@@ -233,7 +233,6 @@ def _run_locked(
             fp = fingerprint(spec, recipe.seed, {r: fingerprints[r] for r in refs})
             fingerprints[name] = fp
             prev = state["stages"].get(name, {})
-            final = run_dir / name / "final"
             up_to_date = prev.get("status") == "done" and prev.get("fingerprint") == fp
             if only and name != only:
                 # Stages outside --only are neither run nor touched; upstream must exist.
@@ -244,7 +243,12 @@ def _run_locked(
                     )
                 continue
             dependent = any(r in rerun for r in refs)
-            if up_to_date and name not in forced and not dependent and final.exists():
+            if (
+                up_to_date
+                and name not in forced
+                and not dependent
+                and _outputs_exist(run_dir, prev)
+            ):
                 result.stages[name] = {"status": "done", "skipped": True, **_timing(prev)}
                 if not quiet:
                     print(f"[{name}] up to date, skipped", file=sys.stderr)
@@ -310,7 +314,7 @@ def _run_locked(
                 status="done",
                 finished_at=_now(),
                 duration_s=round(time.monotonic() - t0, 3),
-                outputs=stage_result.outputs,
+                outputs=_relative_outputs(run_dir, stage_result.outputs),
             )
             entry.pop("error", None)
             metrics[name] = stage_result.metrics
@@ -330,6 +334,23 @@ def _run_locked(
                 f"interrupted by {signals.received}", hint="run the same command again to continue"
             )
     return result
+
+
+def _relative_outputs(run_dir: Path, outputs: dict[str, str]) -> dict[str, str]:
+    """Record outputs relative to the run dir, so a moved run directory still skips correctly."""
+    rel = {}
+    for key, value in outputs.items():
+        path = Path(value)
+        try:
+            rel[key] = str(path.resolve().relative_to(run_dir.resolve()))
+        except ValueError:
+            rel[key] = str(path)
+    return rel
+
+
+def _outputs_exist(run_dir: Path, entry: dict[str, Any]) -> bool:
+    """A done stage is only skipped while everything it reported as output is still there."""
+    return all((run_dir / p).exists() for p in entry.get("outputs", {}).values())
 
 
 def _timing(entry: dict[str, Any]) -> dict[str, Any]:

@@ -172,3 +172,11 @@ def test_committed_recipe_reference_is_current():
     assert path.read_text(encoding="utf-8") == recipe_reference(), (
         "docs/recipe-reference.md is stale: run `mlsteps schema --markdown > docs/recipe-reference.md`"
     )
+
+
+def test_missing_local_model_directory_is_caught_at_validation(write_recipe):
+    text = "name: x\nstages:\n  ev: {kind: eval, models: [./nowhere/model], data: x.txt, metrics: [perplexity]}\n"
+    assert (
+        "recipe.yaml:3 (stages.ev.models.0): model directory './nowhere/model' not found"
+        in error_of(write_recipe, text)
+    )

@@ -189,3 +189,30 @@ def test_signal_stops_at_safe_point_and_rerun_resumes(write_recipe, tmp_path, si
     result = json.loads(out)
     assert result["stages"]["tok"]["skipped"] is True
     assert result["stages"]["pre"]["metrics"]["resumed_from"] == step
+
+
+def test_stage_without_final_is_skipped_and_missing_outputs_rerun(write_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    fake_stages.BEHAVIOUR["ev"] = "metrics_only"
+    go(write_recipe, run_dir)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["stages"]["ev"]["outputs"] == {"predictions": "ev/predictions.jsonl"}
+    assert go(write_recipe, run_dir) == []
+    # Outputs deleted by hand: the stage is no longer done, it runs again.
+    import shutil
+
+    shutil.rmtree(run_dir / "pre" / "final")
+    assert go(write_recipe, run_dir) == ["pre", "ev"]
+
+
+def test_builtin_names_and_splits_are_checked_before_work(write_recipe, tmp_path):
+    with pytest.raises(
+        UserError,
+        match=r"stages.pre.data.builtin: unknown builtin data set 'toy/corpse'.*toy/corpus",
+    ):
+        go(write_recipe, tmp_path / "run", ["stages.pre.data={builtin: toy/corpse}"])
+    with pytest.raises(
+        UserError, match=r"stages.pre.data.split: builtin 'toy/corpus' has no split 'dev'"
+    ):
+        go(write_recipe, tmp_path / "run", ["stages.pre.data={builtin: toy/corpus, split: dev}"])
+    assert not (tmp_path / "run").exists()
