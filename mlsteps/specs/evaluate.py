@@ -27,7 +27,8 @@ class PerplexitySpec(Strict):
     """How causal-LM perplexity windows the text (see the metric conventions in the README)."""
 
     window: PositiveInt | None = Field(
-        None, description="Tokens per forward pass; default the model's maximum positions."
+        None,
+        description="Tokens per forward pass; default the model's maximum positions, at most 2048.",
     )
     stride: PositiveInt | None = Field(
         None, description="Tokens the window advances; overlap is context only. Default = window."

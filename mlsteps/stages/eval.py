@@ -1,0 +1,360 @@
+"""The `eval` stage: score one or several models on one data set (the stage ladder).
+
+Everything that can be checked before work is checked first, in this order: the metric names,
+each model's kind against each metric (reading configs only), the data's columns and their
+value types. Then each model is loaded in turn and scored.
+
+Metric families and the models they fit:
+
+- ``perplexity`` (causal LM) on ``text_column``; also reports ``bits_per_byte``,
+  ``word_perplexity``, ``perplexity_tokens`` and ``perplexity_convention``;
+- ``masked_perplexity`` / ``pseudo_perplexity`` (masked LM) on ``text_column``;
+- ``bleu chrf ter rouge exact_match token_f1`` (causal LM or seq2seq): outputs generated from
+  ``input_column`` (rendered by the prompter for a prompted model) against ``reference_column``;
+- ``accuracy f1`` (macro-F1): a sequence-classification model, or a prompted model with a
+  verbalizer (rank classification by the likelihood of each verbalizer word), on
+  ``input_column`` against ``label_column``.
+
+Generated text and predicted labels go to ``predictions.jsonl``: one line per model and row,
+models in the order listed, rows in input order, each with a ``model`` field.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from typing import Any
+
+from mlsteps.context import StageContext, StageResult
+from mlsteps.errors import UserError, did_you_mean
+from mlsteps.specs.common import GenerationSpec
+from mlsteps.specs.evaluate import METRICS, EvalSpec
+
+PERPLEXITY = frozenset({"perplexity"})
+MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
+GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
+LABELS = frozenset({"accuracy", "f1"})
+FITS: dict[str, frozenset[str]] = {
+    "clm": PERPLEXITY | GENERATION,
+    "seq2seq": GENERATION,
+    "mlm": MASKED,
+    "classification": LABELS,
+}
+_KIND_NAMES = {
+    "clm": "a causal LM",
+    "seq2seq": "a seq2seq model",
+    "mlm": "a masked LM",
+    "classification": "a sequence classifier",
+}
+
+
+def _check_metric_names(metrics: list[str], where: str) -> list[str]:
+    for i, name in enumerate(metrics):
+        if name not in METRICS:
+            hint = did_you_mean(name, METRICS) or f"choose from {', '.join(METRICS)}"
+            raise UserError(f"unknown metric '{name}' at metrics.{i}", where=where, hint=hint)
+    return list(dict.fromkeys(metrics))
+
+
+def _fitting(info: Any) -> frozenset[str]:
+    fits = FITS[info.kind]
+    if info.prompter is not None and getattr(info.prompter, "verbalizer", None):
+        fits = fits | LABELS  # rank classification over the verbalizer words
+    return fits
+
+
+def _check_fit(label: str, info: Any, metrics: list[str], where: str) -> None:
+    fits = _fitting(info)
+    for metric in metrics:
+        if metric not in fits:
+            usable = ", ".join(m for m in METRICS if m in fits)
+            raise UserError(
+                f"metric '{metric}' does not fit model '{label}', {_KIND_NAMES[info.kind]}",
+                where=where,
+                hint=f"metrics for this model: {usable}; or drop the model from 'models'",
+            )
+
+
+def _check_lengths(spec: EvalSpec, label: str, info: Any, metrics: list[str], where: str) -> None:
+    """Windows and generation lengths that cannot fit the model fail before any work."""
+    from mlsteps.metrics.perplexity import config_max_positions
+
+    limit = config_max_positions(info.config)
+    if limit is None:
+        return
+    window = spec.perplexity.window
+    if window is not None and window > limit and set(metrics) & (PERPLEXITY | MASKED):
+        raise UserError(
+            f"perplexity.window {window} exceeds the {limit} positions of model '{label}'",
+            where=f"{where}.perplexity.window",
+            hint=f"set perplexity.window <= {limit}",
+        )
+    if info.kind == "clm" and set(metrics) & GENERATION and spec.generation.max_new_tokens >= limit:
+        raise UserError(
+            f"generation.max_new_tokens {spec.generation.max_new_tokens} leaves no room for a "
+            f"prompt in the {limit} positions of model '{label}'",
+            where=f"{where}.generation.max_new_tokens",
+            hint=f"set generation.max_new_tokens < {limit}",
+        )
+
+
+def _column_values(rows: Any, column: str) -> list[Any]:
+    return list(rows[column])
+
+
+def require_text(rows: Any, column: str, where: str, option: str) -> list[str]:
+    """Values of a text column; UserError naming the first row that is not a string."""
+    values = _column_values(rows, column)
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            kind = "a list" if isinstance(value, list) else type(value).__name__
+            raise UserError(
+                f"column '{column}' row {i} is {kind}, expected text",
+                where=where,
+                hint=f"set {option} to a text column (join lists of sentences when preparing data)",
+            )
+    return values
+
+
+def _require_references(rows: Any, column: str, where: str) -> list[str | list[str]]:
+    from mlsteps.metrics.classification import as_reference_lists
+
+    values = _column_values(rows, column)
+    as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
+    return values
+
+
+def _require_labels(rows: Any, column: str, where: str) -> list[Any]:
+    values = _column_values(rows, column)
+    for i, value in enumerate(values):
+        if isinstance(value, list | dict) or value is None:
+            raise UserError(
+                f"column '{column}' row {i} is {type(value).__name__}, expected a single label",
+                where=where,
+                hint="set label_column to a column of class labels",
+            )
+    return values
+
+
+def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str) -> list[str]:
+    """Model inputs: the prompter's rendering of each row, else the input column."""
+    if prompter is None:
+        return require_text(rows, spec.input_column, where, "input_column")
+    prompter.check_columns(rows.column_names, where=where)
+    return [prompter.render(row, where=where) for row in rows]
+
+
+def _score_model(
+    spec: EvalSpec,
+    ctx: StageContext,
+    loaded: Any,
+    rows: Any,
+    metrics: list[str],
+    data: dict[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics of one loaded model, and its prediction records (empty when it predicts nothing)."""
+    from mlsteps.metrics import classification, perplexity, text
+
+    where = f"stages.{ctx.stage}.metrics"
+    out: dict[str, Any] = {}
+    ppl = spec.perplexity
+    if "perplexity" in metrics:
+        res = perplexity.causal_lm_perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            data["text"],
+            window_tokens=ppl.window,
+            stride_tokens=ppl.stride,
+            mode=ppl.mode,
+            batch_size=ppl.batch_size,
+            where=where,
+        )
+        out.update(
+            perplexity=res.perplexity,
+            bits_per_byte=res.bits_per_byte,
+            word_perplexity=res.word_perplexity,
+            perplexity_tokens=res.scored_tokens,
+            perplexity_convention=res.convention,
+        )
+    if "masked_perplexity" in metrics:
+        res = perplexity.masked_lm_perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            data["text"],
+            mask_seed=ppl.mask_seed,
+            mask_fraction=ppl.mask_fraction,
+            window_tokens=ppl.window,
+            batch_size=ppl.batch_size,
+            where=where,
+        )
+        out.update(masked_perplexity=res.perplexity, masked_perplexity_convention=res.convention)
+    if "pseudo_perplexity" in metrics:
+        res = perplexity.pseudo_perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            data["text"],
+            window_tokens=ppl.window,
+            batch_size=ppl.batch_size,
+            where=where,
+        )
+        out.update(pseudo_perplexity=res.perplexity, pseudo_perplexity_convention=res.convention)
+    records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
+    gen = [m for m in metrics if m in GENERATION]
+    if gen:
+        inputs = _inputs(spec, rows, loaded.prompter, f"stages.{ctx.stage}.data")
+        ctx.log(f"generating {len(inputs)} outputs")
+        preds = generate_for(loaded, inputs, spec.generation, ctx)
+        post = getattr(loaded.prompter, "postprocess", None)
+        preds = [post(p) for p in preds] if post else preds
+        refs = data["references"]
+        lang = spec.target_lang
+        for metric in gen:
+            if metric == "bleu":
+                out.update(text.bleu(preds, refs, target_lang=lang, where=where))
+            elif metric == "chrf":
+                out.update(text.chrf(preds, refs, where=where))
+            elif metric == "ter":
+                out.update(text.ter(preds, refs, target_lang=lang, where=where))
+            elif metric == "rouge":
+                out.update(text.rouge(preds, refs, target_lang=lang, where=where))
+            elif metric == "exact_match":
+                out["exact_match"] = classification.exact_match(preds, refs, where=where)
+                out["exact_match_convention"] = classification.NORMALISATION
+            else:
+                out["token_f1"] = classification.token_f1(preds, refs, where=where)
+                out["token_f1_convention"] = classification.NORMALISATION
+        for rec, src, pred, ref in zip(records, inputs, preds, refs, strict=True):
+            rec.update(input=src, prediction=pred, reference=ref)
+    labels_wanted = [m for m in metrics if m in LABELS]
+    if labels_wanted:
+        shown, predicted = _predict_labels(spec, ctx, loaded, rows)
+        gold = data["labels"]
+        if "accuracy" in labels_wanted:
+            out["accuracy"] = classification.accuracy(predicted, gold, where=where)
+        if "f1" in labels_wanted:
+            out["f1"] = classification.macro_f1(predicted, gold, where=where)
+            out["f1_convention"] = (
+                "macro-F1 over classes seen in gold or predictions; labels compared as text"
+            )
+        for rec, src, pred, g in zip(records, shown, predicted, gold, strict=True):
+            rec.setdefault("input", src)
+            rec.update(predicted_label=pred, label=g)
+    return out, records if (gen or labels_wanted) else []
+
+
+def generate_for(
+    loaded: Any, inputs: list[str], gen: GenerationSpec, ctx: StageContext
+) -> list[str]:
+    """Generate with a loaded model; soft-prompt (peft prompt-learning) models take the exact,
+    cache-free path of :func:`mlsteps.engine.soft_prompt.generate_prompted` (peft 0.21 with
+    transformers 5 re-inserts the virtual tokens at every cached decoding step)."""
+    from mlsteps.engine.generation import generate
+
+    seed = gen.seed if gen.seed is not None else ctx.seed
+    active = getattr(loaded.model, "active_peft_config", None)
+    if active is not None and getattr(active, "is_prompt_learning", False):
+        from mlsteps.engine.soft_prompt import generate_prompted
+
+        return generate_prompted(loaded.model, loaded.tokenizer, inputs, gen, seed=seed)
+    return generate(
+        loaded.model,
+        loaded.tokenizer,
+        inputs,
+        gen,
+        seed=seed,
+        where=f"stages.{ctx.stage}.generation",
+    )
+
+
+def _predict_labels(
+    spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any
+) -> tuple[list[str], list[str]]:
+    """(model inputs, predicted labels): a classifier's arg-max, else rank classification."""
+    from mlsteps.engine.inference import predict_labels
+
+    batch = spec.generation.batch_size
+    if loaded.kind == "classification":
+        texts = require_text(rows, spec.input_column, f"stages.{ctx.stage}.data", "input_column")
+        return texts, predict_labels(loaded, texts, batch_size=batch)
+    from mlsteps.engine.prompt_scoring import rank_classify
+
+    prompter = loaded.prompter
+    prompts = _inputs(spec, rows, prompter, f"stages.{ctx.stage}.data")
+    predicted = rank_classify(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        prompter.verbalizer,
+        answer_prefix=getattr(prompter, "answer_prefix", " "),
+        batch_size=batch,
+    )
+    return prompts, predicted
+
+
+def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
+    """Evaluate every model of ``spec.models`` on ``spec.data``: ``{model: {metric: value}}``."""
+    from mlsteps.engine.data import load_rows, require_columns
+    from mlsteps.engine.inference import inspect_source, load_for_inference
+
+    base = f"stages.{ctx.stage}"
+    metrics = _check_metric_names(spec.metrics, f"{base}.metrics")
+    if len(set(spec.models)) != len(spec.models):
+        raise UserError("a model is listed twice", where=f"{base}.models")
+    infos = {}
+    for label in spec.models:
+        info = inspect_source(
+            ctx.resolve_source(label),
+            trust_remote_code=spec.trust_remote_code,
+            where=f"{base}.models",
+        )
+        _check_fit(label, info, metrics, f"{base}.metrics")
+        _check_lengths(spec, label, info, metrics, base)
+        infos[label] = info
+
+    where_data = f"{base}.data"
+    rows = load_rows(spec.data, where=where_data, cache_dir=ctx.cache_dir)
+    data: dict[str, Any] = {}
+    if set(metrics) & (PERPLEXITY | MASKED):
+        require_columns(rows, [spec.text_column], where_data)
+        data["text"] = require_text(rows, spec.text_column, where_data, "text_column")
+    prompted = all(i.prompter is not None for i in infos.values())
+    if set(metrics) & (GENERATION | LABELS) and not prompted:
+        require_columns(rows, [spec.input_column], where_data)
+        require_text(rows, spec.input_column, where_data, "input_column")
+    if set(metrics) & GENERATION:
+        require_columns(rows, [spec.reference_column], where_data)
+        data["references"] = _require_references(rows, spec.reference_column, where_data)
+    if set(metrics) & LABELS:
+        require_columns(rows, [spec.label_column], where_data)
+        data["labels"] = _require_labels(rows, spec.label_column, where_data)
+    for info in infos.values():
+        if info.prompter is not None:
+            info.prompter.check_columns(rows.column_names, where=where_data)
+
+    ladder: dict[str, dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
+    for label in spec.models:
+        ctx.log(f"evaluating {label} ({infos[label].kind}) on {rows.num_rows} rows")
+        loaded = load_for_inference(
+            infos[label].source, trust_remote_code=spec.trust_remote_code, where=f"{base}.models"
+        )
+        scores, model_records = _score_model(spec, ctx, loaded, rows, metrics, data)
+        ladder[label] = scores
+        records += [{"model": label, **rec} for rec in model_records]
+        del loaded
+        gc.collect()  # one model in memory at a time
+    outputs: dict[str, str] = {}
+    if records:
+        write_jsonl(ctx.predictions_path, records)
+        outputs["predictions"] = str(ctx.predictions_path)
+    return StageResult(metrics=ladder, outputs=outputs)
