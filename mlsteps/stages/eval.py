@@ -311,11 +311,11 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     if len(set(spec.models)) != len(spec.models):
         raise UserError("a model is listed twice", where=f"{base}.models")
     infos = {}
-    for label in spec.models:
+    for index, label in enumerate(spec.models):
         info = inspect_source(
             ctx.resolve_source(label),
             trust_remote_code=spec.trust_remote_code,
-            where=f"{base}.models",
+            where=f"{base}.models.{index}",
         )
         _check_fit(label, info, metrics, f"{base}.metrics")
         _check_lengths(spec, label, info, metrics, base)
@@ -343,10 +343,12 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
 
     ladder: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
-    for label in spec.models:
+    for index, label in enumerate(spec.models):
         ctx.log(f"evaluating {label} ({infos[label].kind}) on {rows.num_rows} rows")
         loaded = load_for_inference(
-            infos[label].source, trust_remote_code=spec.trust_remote_code, where=f"{base}.models"
+            infos[label].source,
+            trust_remote_code=spec.trust_remote_code,
+            where=f"{base}.models.{index}",
         )
         scores, model_records = _score_model(spec, ctx, loaded, rows, metrics, data)
         ladder[label] = scores
