@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -16,6 +17,27 @@ from mlsteps.specs.common import (
     Strict,
     TrainSpec,
 )
+
+# {{ and }} are literal braces; any other text between single braces names a column (so that
+# column names such as "Hi." from a headerless TSV work, unlike str.format fields).
+TEMPLATE_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a template refers to, in order, without duplicates (ValueError if malformed)."""
+    names: list[str] = []
+    for match in TEMPLATE_RE.finditer(template):
+        name = match.group(1)
+        if name is None:
+            continue
+        if not name:
+            raise ValueError("template has an empty field '{}'; name a column, e.g. {source}")
+        if name not in names:
+            names.append(name)
+    rest = TEMPLATE_RE.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise ValueError("template has an unmatched brace; write {{ and }} for literal braces")
+    return names
 
 
 class FinetuneSpec(Strict):
@@ -54,18 +76,30 @@ class FinetuneSpec(Strict):
         False, description="classification: weight the loss by inverse class frequency."
     )
     source_column: str = Field("source", description="seq2seq: input column.")
-    target_column: str = Field("target", description="seq2seq: output column.")
+    target_column: str = Field(
+        "target",
+        description="seq2seq: output column (a list of references: training uses the first, "
+        "validation scores against all).",
+    )
     source_prefix: str = Field("", description="seq2seq: text put before every source (t5 style).")
     prompt_column: str = Field("prompt", description="causal_lm: instruction/prompt column.")
-    response_column: str = Field("response", description="causal_lm: response column.")
+    response_column: str = Field(
+        "response",
+        description="causal_lm: response column (a list: training uses the first item, "
+        "validation scores against all).",
+    )
     template: str | None = Field(
         None,
-        description="causal_lm: Python format string building the prompt from row columns, "
-        "e.g. 'Translate: {source}\\nAnswer: '. The response is appended.",
+        description="causal_lm: prompt built from row columns: each {column} is replaced by "
+        "that column's text ({{ and }} are literal braces), e.g. "
+        "'Translate: {source}\\nAnswer: '. The response (+ EOS) is appended; trailing spaces "
+        "move to the response side; list-valued columns are joined with spaces.",
     )
     packing: bool = Field(False, description="causal_lm: pack several examples into one sequence.")
     max_seq_len: PositiveInt = Field(
-        256, description="Truncation length (classification, causal_lm)."
+        256,
+        description="Truncation length (classification, causal_lm); if left unset it shrinks "
+        "to the model's position limit.",
     )
     max_source_len: PositiveInt = Field(256, description="seq2seq: source truncation length.")
     max_target_len: PositiveInt = Field(128, description="seq2seq: target truncation length.")
@@ -83,7 +117,8 @@ class FinetuneSpec(Strict):
         None, description="Language of targets (e.g. 'zh'); picks BLEU/ROUGE tokenisation."
     )
     validation_max_samples: PositiveInt | None = Field(
-        200, description="Generate for at most N validation rows (generation is slow)."
+        200,
+        description="Generate for at most N validation rows (generation is slow); null: all.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
@@ -109,6 +144,13 @@ class FinetuneSpec(Strict):
                 "method lora adapts a pretrained model: give 'from' (LoRA on a new, random model "
                 "would freeze random weights)"
             )
+        if self.template is not None:
+            if self.task != "causal_lm":
+                raise ValueError("'template' only applies to task causal_lm")
+            if not template_fields(self.template):
+                raise ValueError(
+                    "'template' names no column, e.g. 'Question: {question}\\nAnswer: '"
+                )
         if self.merge and self.method != "lora":
             raise ValueError("'merge' only applies to method: lora")
         return self

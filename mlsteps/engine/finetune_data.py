@@ -1,0 +1,369 @@
+"""Fine-tuning data: column checks, label maps, tokenisation per task, packing and collators.
+
+Everything here runs before training starts, so bad data is reported as a UserError before the
+stage writes anything. Tokenised datasets keep only model inputs (``input_ids``,
+``attention_mask``, ``labels``, ``position_ids`` for packed SFT) so the Trainer never has to guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+
+from mlsteps.errors import UserError
+from mlsteps.specs.finetune import TEMPLATE_RE, FinetuneSpec, template_fields
+
+IGNORE_INDEX = -100  # label value the transformers losses skip
+
+
+def render_template(template: str, values: dict[str, str]) -> str:
+    """Fill ``{column}`` placeholders from ``values``; ``{{``/``}}`` become single braces."""
+
+    def fill(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        return values[match.group(1)]
+
+    return TEMPLATE_RE.sub(fill, template)
+
+
+def required_columns(spec: FinetuneSpec) -> list[str]:
+    """Columns the task reads from every training/validation row."""
+    if spec.task == "classification":
+        cols = [spec.text_column, spec.label_column]
+        return cols + ([spec.text_pair_column] if spec.text_pair_column else [])
+    if spec.task == "seq2seq":
+        return [spec.source_column, spec.target_column]
+    prompt_cols = template_fields(spec.template) if spec.template else [spec.prompt_column]
+    return prompt_cols + [c for c in [spec.response_column] if c not in prompt_cols]
+
+
+def check_not_empty(ds: datasets.Dataset, *, name: str, where: str) -> None:
+    if len(ds) == 0:
+        raise UserError(
+            f"the {name} split has no rows", where=where, hint="check the files and max_samples"
+        )
+
+
+def as_text(value: Any, *, column: str, row: int, where: str, first_of_list: bool = False) -> str:
+    """A cell as text. Lists of strings (scitldr style) are joined, or their first item taken."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value[0] if first_of_list else " ".join(v.strip() for v in value)
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, list):
+        raise UserError(
+            f"column '{column}' is empty in row {row}",
+            where=where,
+            hint="drop rows without a value or fill them in",
+        )
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(
+        f"column '{column}' row {row} is a {type(value).__name__}, expected text", where=where
+    )
+
+
+# ---------------------------------------------------------------- classification labels
+
+
+def label_mapping(
+    train_labels: Sequence[Hashable], validation_labels: Sequence[Hashable], *, where: str
+) -> dict[str, int]:
+    """Map every training label to a class id: ints in numeric order, strings sorted.
+
+    Keys are the labels as strings (config.label2id needs string keys); int labels 0..K-1 keep
+    their own value as id. A validation label that training never saw is a UserError.
+    """
+    for i, value in enumerate(train_labels):
+        if value is None or isinstance(value, list | dict | float):
+            raise UserError(
+                f"label row {i} is {value!r}; labels must be integers or strings",
+                where=where,
+                hint="fill in missing labels, or convert float labels to ints",
+            )
+    distinct = set(train_labels)
+    if all(isinstance(v, int) for v in distinct):
+        ordered = [str(v) for v in sorted(distinct)]  # type: ignore[type-var]
+    else:
+        ordered = sorted(str(v) for v in distinct)
+    if len(ordered) < 2:
+        raise UserError(
+            f"training data has a single label ({ordered[0] if ordered else 'none'})",
+            where=where,
+            hint="classification needs at least two classes",
+        )
+    label2id = {label: i for i, label in enumerate(ordered)}
+    unseen = sorted({str(v) for v in validation_labels} - set(label2id))
+    if unseen:
+        raise UserError(
+            f"validation labels never seen in training: {', '.join(unseen[:10])}",
+            where=where,
+            hint=f"training labels are {', '.join(ordered[:20])}; fix the label column or the split",
+        )
+    return label2id
+
+
+def inverse_frequency_weights(label_ids: Sequence[int], num_labels: int) -> list[float]:
+    """Class weights n / (K * count_k): mean weight over the training rows is 1."""
+    counts = Counter(label_ids)
+    total = len(label_ids)
+    return [total / (num_labels * counts[k]) if counts[k] else 0.0 for k in range(num_labels)]
+
+
+def tokenize_classification(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    spec: FinetuneSpec,
+    label2id: dict[str, int],
+    *,
+    where: str,
+) -> datasets.Dataset:
+    """input_ids/attention_mask (truncated to max_seq_len) + integer ``labels``."""
+    text_col, pair_col, label_col = spec.text_column, spec.text_pair_column, spec.label_column
+
+    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        texts = [
+            as_text(v, column=text_col, row=i, where=where)
+            for v, i in zip(batch[text_col], indices, strict=True)
+        ]
+        pairs = (
+            [
+                as_text(v, column=pair_col, row=i, where=where)
+                for v, i in zip(batch[pair_col], indices, strict=True)
+            ]
+            if pair_col
+            else None
+        )
+        enc = tokenizer(texts, pairs, truncation=True, max_length=spec.max_seq_len)
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": [label2id[str(v)] for v in batch[label_col]],
+        }
+
+    return ds.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        # In memory: no cache files keyed by an unhashable closure piling up in the run cache.
+        keep_in_memory=True,
+    )
+
+
+# ---------------------------------------------------------------- seq2seq
+
+
+def _ensure_eos(ids: list[int], eos_id: int | None, max_len: int) -> list[int]:
+    """Targets must end in EOS so that the model learns to stop (tokenizers without a
+    post-processor do not add it); truncation keeps the EOS."""
+    if eos_id is None:
+        return ids[:max_len]
+    if not ids or ids[-1] != eos_id:
+        ids = ids[: max_len - 1] + [eos_id]
+    return ids[:max_len]
+
+
+def seq2seq_source(value: Any, spec: FinetuneSpec, *, row: int, where: str) -> str:
+    return spec.source_prefix + as_text(value, column=spec.source_column, row=row, where=where)
+
+
+def tokenize_seq2seq(
+    ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec, *, where: str
+) -> datasets.Dataset:
+    """Source (with source_prefix) truncated to max_source_len; target to max_target_len + EOS.
+
+    A list of targets (several references) trains on the first one.
+    """
+    eos_id = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        sources = [
+            seq2seq_source(v, spec, row=i, where=where)
+            for v, i in zip(batch[spec.source_column], indices, strict=True)
+        ]
+        targets = [
+            as_text(v, column=spec.target_column, row=i, where=where, first_of_list=True)
+            for v, i in zip(batch[spec.target_column], indices, strict=True)
+        ]
+        enc = tokenizer(sources, truncation=True, max_length=spec.max_source_len)
+        tgt = tokenizer(text_target=targets, truncation=True, max_length=spec.max_target_len)
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": [_ensure_eos(ids, eos_id, spec.max_target_len) for ids in tgt["input_ids"]],
+        }
+
+    return ds.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        # In memory: no cache files keyed by an unhashable closure piling up in the run cache.
+        keep_in_memory=True,
+    )
+
+
+# ---------------------------------------------------------------- causal LM (SFT)
+
+
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """Ids the tokenizer puts before the text (e.g. llama's BOS); [] for gpt2."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+def sft_prompt(row: dict[str, Any], spec: FinetuneSpec, *, index: int, where: str) -> str:
+    """The prompt text of one row: the template filled from the row, or the prompt column."""
+    if spec.template is None:
+        return as_text(row[spec.prompt_column], column=spec.prompt_column, row=index, where=where)
+    values = {
+        name: as_text(row[name], column=name, row=index, where=where)
+        for name in template_fields(spec.template)
+    }
+    return render_template(spec.template, values)
+
+
+def split_trailing_spaces(prompt: str) -> tuple[str, str]:
+    """(prompt without trailing spaces, those spaces). The spaces belong to the response side:
+    BPE tokenizers glue a leading space to the next word ("Ġgreat"), so a prompt ending in a
+    bare space would teach a token split the model never saw in pretraining. Generation is
+    then prompted with the stripped text (see prompting.py for the same convention)."""
+    stripped = prompt.rstrip(" ")
+    return stripped, prompt[len(stripped) :]
+
+
+def sft_truncate(
+    prompt: list[int], response: list[int], max_len: int
+) -> tuple[list[int], list[int]]:
+    """Fit prompt + response into max_len tokens.
+
+    The prompt loses tokens from its start (the end, next to the answer, matters most) but keeps
+    at least half the budget when the response is long; the response then loses tokens from its
+    end (including the EOS: a cut answer should not teach the model to stop there).
+    """
+    if len(prompt) + len(response) <= max_len:
+        return prompt, response
+    keep_prompt = max(max_len - len(response), min(len(prompt), max_len // 2))
+    prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt else []
+    return prompt, response[: max_len - len(prompt)]
+
+
+def tokenize_sft(
+    ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec, *, where: str
+) -> datasets.Dataset:
+    """Prompt tokens get label -100; response tokens + EOS are the only scored labels.
+
+    Prompt and response are tokenised separately, exactly as the prompt is tokenised again at
+    generation time, so the boundary the model sees in training is the one it sees in use.
+    Trailing spaces of the prompt move to the response (see ``split_trailing_spaces``). A list
+    of responses (several references) trains on the first.
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise UserError(
+            "the tokenizer has no EOS token, so the model could never learn to stop",
+            where=where,
+            hint="use a tokenizer with an eos_token (a tokenizer stage with target clm has one)",
+        )
+    prefix = special_prefix_ids(tokenizer)
+
+    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        rows = [
+            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
+        ]
+        prompts = [
+            sft_prompt(r, spec, index=i, where=where) for r, i in zip(rows, indices, strict=True)
+        ]
+        responses = [
+            as_text(
+                r[spec.response_column], column=spec.response_column, row=i, where=where,
+                first_of_list=True,
+            )
+            for r, i in zip(rows, indices, strict=True)
+        ]  # fmt: skip
+        split = [split_trailing_spaces(p) for p in prompts]
+        prompts = [p for p, _ in split]
+        responses = [ws + r for (_, ws), r in zip(split, responses, strict=True)]
+        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for p, r in zip(p_ids, r_ids, strict=True):
+            p, r = sft_truncate(prefix + list(p), list(r) + [eos_id], spec.max_seq_len)
+            out["input_ids"].append(p + r)
+            out["attention_mask"].append([1] * (len(p) + len(r)))
+            out["labels"].append([IGNORE_INDEX] * len(p) + r)
+        return out
+
+    return ds.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        # In memory: no cache files keyed by an unhashable closure piling up in the run cache.
+        keep_in_memory=True,
+    )
+
+
+def pack_sft(ds: datasets.Dataset, max_seq_len: int) -> datasets.Dataset:
+    """Greedily pack whole examples (in order) into sequences of at most max_seq_len tokens.
+
+    position_ids restart at 0 for every example. Without an attention mask, transformers (5.x)
+    turns restarting position_ids into a block-diagonal causal mask, so packed examples do not
+    see each other; the collator therefore drops attention_mask for packed batches.
+    """
+    packed: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ids, labels in zip(ds["input_ids"], ds["labels"], strict=True):
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > max_seq_len:
+            for key in packed:
+                packed[key].append(cur[key])
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ids
+        cur["labels"] += labels
+        cur["position_ids"] += list(range(len(ids)))
+    if cur["input_ids"]:
+        for key in packed:
+            packed[key].append(cur[key])
+    return datasets.Dataset.from_dict(packed)
+
+
+@dataclass
+class SftCollator:
+    """Right-pads SFT batches. Padding is masked by position, never by token id: with
+    pad == eos (gpt2) the EOS that ends each response stays a scored label."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        packed = "position_ids" in features[0]
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        batch["position_ids" if packed else "attention_mask"] = []
+        for f in features:
+            n_pad = longest - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * n_pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * n_pad)
+            if packed:
+                # Padding forms its own trailing segment (positions from 0): no real token
+                # attends to it (causal), and its labels are ignored.
+                batch["position_ids"].append(list(f["position_ids"]) + list(range(n_pad)))
+            else:
+                batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * n_pad)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}

@@ -1,0 +1,173 @@
+"""Fine-tuning validation and hand-over: classification metrics and weighted loss, validation
+by generation (BLEU/chrF/ROUGE), predictions.jsonl, and the prompt file that lets eval/predict
+build model inputs exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from mlsteps.context import StageContext
+from mlsteps.engine.finetune_data import as_text, split_trailing_spaces
+from mlsteps.engine.generation import generate
+from mlsteps.metrics import classification as cls_metrics
+from mlsteps.metrics import text as text_metrics
+from mlsteps.prompting import PROMPT_FILE, Prompter
+from mlsteps.specs.finetune import FinetuneSpec, template_fields
+
+
+def classification_metrics(where: str) -> Callable[..., dict[str, float]]:
+    """Trainer ``compute_metrics``: accuracy and macro-F1 of the argmax class."""
+
+    def compute(pred: Any) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        predicted = np.asarray(logits).argmax(-1).tolist()
+        gold = np.asarray(pred.label_ids).tolist()
+        return {
+            "accuracy": cls_metrics.accuracy(predicted, gold, where=where),
+            "macro_f1": cls_metrics.macro_f1(predicted, gold, where=where),
+        }
+
+    return compute
+
+
+def weighted_loss(weights: list[float]) -> Callable[..., torch.Tensor]:
+    """Trainer ``compute_loss_func``: class-weighted cross-entropy. The sum is divided by the
+    number of labelled items in the whole accumulated batch when the Trainer gives it, so
+    gradient accumulation stays exact."""
+    weight = torch.tensor(weights, dtype=torch.float32)
+
+    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        total = torch.nn.functional.cross_entropy(
+            logits.float(), labels, weight=weight.to(logits.device), reduction="sum"
+        )
+        denominator = num_items_in_batch if num_items_in_batch is not None else labels.numel()
+        return total / denominator
+
+    return loss
+
+
+def references(values: list[Any], column: str, where: str) -> list[list[str]]:
+    """Every reference of each row (a list column keeps all of them)."""
+    out = []
+    for i, value in enumerate(values):
+        items = value if isinstance(value, list) else [value]
+        out.append([as_text(v, column=column, row=i, where=where) for v in items])
+    return out
+
+
+class GenerationEval:
+    """``extra_eval`` hook of the training wrapper: generate for the validation sample and score
+    it; keeps the last outputs for predictions.jsonl."""
+
+    def __init__(
+        self,
+        spec: FinetuneSpec,
+        tokenizer: Any,
+        inputs: list[str],
+        refs: list[list[str]],
+        *,
+        seed: int,
+        where: str,
+    ):
+        self.spec, self.tokenizer, self.inputs, self.refs = spec, tokenizer, inputs, refs
+        self.seed, self.where = seed, where
+        self.outputs: list[str] | None = None
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        spec, refs, where = self.spec, self.refs, self.where
+        self.outputs = outs = generate(
+            model, self.tokenizer, self.inputs, spec.generation, seed=self.seed
+        )
+        scores: dict[str, float] = {}
+        for name, value in {
+            **text_metrics.bleu(outs, refs, target_lang=spec.target_lang, where=where),
+            **text_metrics.chrf(outs, refs, where=where),
+            **text_metrics.rouge(outs, refs, target_lang=spec.target_lang, where=where),
+        }.items():
+            if isinstance(value, float):  # conventions go to the stage metrics once, at the end
+                scores[f"val_{name}"] = round(value, 4)
+        return scores
+
+    def conventions(self) -> dict[str, str]:
+        """Signature/convention strings of the metrics (they depend on language and settings,
+        not on the outputs, so a placeholder hypothesis gives the same strings)."""
+        dummy = ["x"] * len(self.refs)
+        lang = self.spec.target_lang
+        out: dict[str, str] = {}
+        for result in (
+            text_metrics.bleu(dummy, self.refs, target_lang=lang),
+            text_metrics.chrf(dummy, self.refs),
+            text_metrics.rouge(dummy, self.refs, target_lang=lang),
+        ):
+            out.update({f"val_{k}": v for k, v in result.items() if isinstance(v, str)})
+        return out
+
+    def write_predictions(self, ctx: StageContext) -> None:
+        """predictions.jsonl of the last validation generation, in validation order (atomic)."""
+        assert self.outputs is not None
+        tmp = ctx.predictions_path.with_name(ctx.predictions_path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for text, pred, refs in zip(self.inputs, self.outputs, self.refs, strict=True):
+                record = {"input": text, "prediction": pred, "references": refs}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, ctx.predictions_path)
+
+
+def prompter_json(
+    spec: FinetuneSpec, ctx: StageContext, rows: datasets.Dataset, source: str | None
+) -> dict[str, str]:
+    """``{mlsteps_prompt.json: text}`` for final/ when training built inputs with a template or
+    source_prefix, so that eval and predict build them the same way; else ``{}``.
+
+    Skipped, with a log line, when the input cannot be written as a Python format template:
+    column names that are not identifiers ("Hi.") or list-valued columns (training joins their
+    items; a format template would print the list).
+    """
+    separator = ""
+    if spec.task == "seq2seq" and spec.source_prefix:
+        escaped = spec.source_prefix.replace("{", "{{").replace("}", "}}")
+        template, fields = f"{escaped}{{{spec.source_column}}}", [spec.source_column]
+        target = spec.target_column
+    elif spec.task == "causal_lm" and spec.template:
+        fields, target = template_fields(spec.template), spec.response_column
+        # Trailing spaces belong to the answer side, as in training (split_trailing_spaces).
+        template, separator = split_trailing_spaces(spec.template)
+    else:
+        return {}  # the raw input column is the model input: eval's input_column says it all
+    lists = [
+        f
+        for f in fields
+        if isinstance(rows.features[f], list)
+        or type(rows.features[f]).__name__ in ("List", "LargeList", "Sequence")
+    ]
+    odd = [f for f in fields if not f.isidentifier()]
+    if lists or odd:
+        ctx.log(
+            f"final/ gets no {PROMPT_FILE}: column(s) {', '.join(sorted(set(lists + odd)))} cannot "
+            "be rendered by eval/predict templates; give eval/predict the prompt text directly"
+        )
+        return {}
+    adapter = spec.method == "lora" and not spec.merge
+    prompter = Prompter(
+        method="finetune",
+        template=template,
+        template_format="format",
+        answer_separator=separator,
+        target_column=target,
+        base_model=source if adapter and source else "",
+        has_adapter=adapter,
+        model_kind="seq2seq" if spec.task == "seq2seq" else "causal",
+    )
+    text = json.dumps(prompter.to_json(ctx.final_dir), indent=2, ensure_ascii=False) + "\n"
+    return {PROMPT_FILE: text}

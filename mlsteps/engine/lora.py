@@ -1,0 +1,119 @@
+"""LoRA via peft: per-family target defaults, target checks, wrapping and merging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+from mlsteps.errors import UserError
+from mlsteps.specs.common import LoraSpec
+
+# Attention projections per model_type (the usual LoRA choice). gpt2's c_proj exists in both the
+# attention and the MLP block; adapting both is the common recipe for gpt2.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+
+TASK_TYPES = {
+    "classification": TaskType.SEQ_CLS,
+    "seq2seq": TaskType.SEQ_2_SEQ_LM,
+    "causal_lm": TaskType.CAUSAL_LM,
+}
+
+_ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d)
+
+
+def _adaptable_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the layers LoRA can wrap (Linear, Embedding, gpt2's Conv1D)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, _ADAPTABLE) or type(module).__name__ == "Conv1D":
+            names.append(name)
+    return names
+
+
+def default_targets(model: torch.nn.Module) -> list[str]:
+    """Target modules for the model's family; peft's own table for families we do not list."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[model_type])
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    raise UserError(
+        f"no default LoRA target modules for model type '{model_type}'",
+        where="lora.target_modules",
+        hint="set lora.target_modules, e.g. to " + ", ".join(_leaf_suffixes(model)[:12]),
+    )
+
+
+def _leaf_suffixes(model: torch.nn.Module) -> list[str]:
+    """Distinct last name components of adaptable layers, in model order."""
+    seen: list[str] = []
+    for name in _adaptable_names(model):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in seen:
+            seen.append(leaf)
+    return seen
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """Task-head children (classifier, score, classification_head ...): everything at the top
+    level except the backbone. They are new and must be trained and saved with the adapter."""
+    backbone = getattr(model, "base_model_prefix", "")
+    return [
+        name
+        for name, child in model.named_children()
+        if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
+def check_targets(
+    model: torch.nn.Module, targets: list[str], *, exclude: list[str], where: str
+) -> None:
+    """Every target must match at least one layer (peft rule: the full name or a '.'-suffix)."""
+    names = [
+        n
+        for n in _adaptable_names(model)
+        if not any(n == e or n.startswith(e + ".") for e in exclude)
+    ]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(
+            f"LoRA target modules match no layer of the model: {', '.join(missing)}",
+            where=where,
+            hint="layers that exist: " + ", ".join(_leaf_suffixes(model)[:30]),
+        )
+
+
+def wrap(model: Any, spec: LoraSpec, task: str, *, where: str) -> PeftModel:
+    """Freeze the model and add LoRA adapters (plus a trainable copy of any task head)."""
+    targets = list(spec.target_modules) if spec.target_modules else default_targets(model)
+    heads = head_modules(model) if task == "classification" else []
+    check_targets(model, targets, exclude=heads, where=where)
+    config = LoraConfig(
+        task_type=TASK_TYPES[task],
+        r=spec.r,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft computes alpha / r in floats
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        modules_to_save=heads or None,
+        # gpt2 stores its projections as Conv1D with transposed weights.
+        fan_in_fan_out=getattr(model.config, "model_type", None) == "gpt2",
+    )
+    return get_peft_model(model, config)
+
+
+def merge(model: PeftModel) -> Any:
+    """Fold the LoRA weights into the base layers; returns the plain transformers model."""
+    return model.merge_and_unload()

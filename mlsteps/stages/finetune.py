@@ -1,0 +1,439 @@
+"""The `finetune` stage: classification, seq2seq or instruction SFT; full fine-tuning or LoRA.
+
+Order of work (every check that can fail on user input runs before anything is written):
+rows + columns -> tokenizer -> label map (classification) -> model (task head, lengths vs
+positions) -> tokenisation (cell checks) -> LoRA (target check) -> train (shared Trainer
+wrapper: checkpoints, resume, metrics.jsonl; validation by loss, accuracy/F1 or generation)
+-> predictions.jsonl -> final/ (last, atomic).
+
+Truncation lengths left at their defaults shrink to the model's positions; explicit ones that
+exceed them are a UserError. With a template (causal_lm) or source_prefix (seq2seq), final/
+also gets mlsteps_prompt.json so that eval/predict build inputs exactly as training did.
+
+final/ holds a plain transformers model (full, or LoRA with ``merge: true``) or a peft adapter
+whose ``base_model_name_or_path`` is the resolved source (stage final dir, local dir or hub id);
+the tokenizer is saved next to either. A classification adapter also writes
+``mlsteps_adapter.json`` with its label map (an adapter has no config.json to carry it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    set_seed,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+from mlsteps.context import StageContext, StageResult
+from mlsteps.engine import finetune_data as fd
+from mlsteps.engine import finetune_eval as fe
+from mlsteps.engine import lora
+from mlsteps.engine.data import load_rows, require_columns, split_validation
+from mlsteps.engine.modeling import (
+    build_model,
+    check_compatible,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    max_positions,
+)
+from mlsteps.engine.training import save_final, train
+from mlsteps.errors import UserError
+from mlsteps.specs.finetune import FinetuneSpec
+
+# Model types without a causal-LM head worth training: AutoModelForCausalLM would give them a
+# "decoder" head on top of a bidirectional encoder, which silently learns to copy.
+_ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2"}
+
+
+@dataclass
+class _Prepared:
+    """Tokenised data and task-specific hooks for one run."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    collator: Any = None
+    compute_metrics: Callable[..., dict[str, float]] | None = None
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    gen_inputs: list[str] = field(default_factory=list)
+    gen_references: list[list[str]] = field(default_factory=list)
+    label2id: dict[str, int] | None = None
+
+
+def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
+    """Fine-tune per ``spec``; returns train/validation metrics and the final/ path."""
+    where = f"stages.{ctx.stage}"
+    train_rows, val_rows, explicit_val = _load_rows(spec, ctx, where)
+    source = ctx.resolve_source(spec.from_) if spec.from_ else None
+    tok_source = ctx.resolve_source(spec.tokenizer) if spec.tokenizer else source
+    assert tok_source is not None  # the spec validator guarantees 'from' or 'tokenizer'
+    tokenizer = load_tokenizer(
+        tok_source, trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.{'tokenizer' if spec.tokenizer else 'from'}",
+    )  # fmt: skip
+    ensure_pad_token(tokenizer)
+
+    label2id = None
+    if spec.task == "classification":
+        val_rows, label2id = _labels(spec, train_rows, val_rows, explicit_val, ctx, where)
+    model = _model(spec, ctx, tokenizer, source, label2id, where)
+    spec = _fit_lengths(spec, model, ctx)
+    max_len = spec.max_source_len if spec.task == "seq2seq" else spec.max_seq_len
+    check_compatible(model, tokenizer, max_seq_len=max_len, where=where)
+    if spec.task == "seq2seq":
+        check_compatible(model, tokenizer, max_seq_len=spec.max_target_len, where=where)
+
+    if label2id is not None:
+        prep = _prepare_classification(
+            spec, train_rows, val_rows, explicit_val, tokenizer, label2id, where
+        )
+    elif spec.task == "seq2seq":
+        prep = _prepare_seq2seq(spec, train_rows, val_rows, tokenizer, where)
+    else:
+        prep = _prepare_sft(spec, train_rows, val_rows, tokenizer, where)
+    if spec.task == "causal_lm":
+        # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
+        model.config.use_cache = False
+    if spec.method == "lora":
+        model = lora.wrap(model, spec.lora, spec.task, where=f"{where}.lora.target_modules")
+    if spec.task == "seq2seq":
+        prep.collator = DataCollatorForSeq2Seq(
+            tokenizer, model=model, label_pad_token_id=fd.IGNORE_INDEX
+        )
+
+    gen_eval = None
+    if prep.gen_inputs:
+        seed = spec.generation.seed if spec.generation.seed is not None else ctx.seed
+        gen_eval = fe.GenerationEval(
+            spec, tokenizer, prep.gen_inputs, prep.gen_references, seed=seed,
+            where=f"{where}.validation",
+        )  # fmt: skip
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ctx.log(
+        f"{spec.task}/{spec.method}: {len(prep.train)} training sequences, "
+        f"{len(prep.validation) if prep.validation is not None else 0} validation, "
+        f"{n_trainable:,} trainable parameters"
+    )
+    outcome = train(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=prep.train,
+        eval_dataset=prep.validation,
+        data_collator=prep.collator,
+        spec=spec.train,
+        ctx=ctx,
+        compute_metrics=prep.compute_metrics,
+        extra_eval=gen_eval,
+        # Loss-only evaluation for LMs: gathering vocab-sized logits of the whole validation set
+        # would need gigabytes for nothing.
+        args_overrides={"prediction_loss_only": spec.task != "classification"},
+        trainer_kwargs=prep.trainer_kwargs,
+        group_by_length=False if spec.packing and spec.task == "causal_lm" else None,
+        seq_len_for_mfu=max_len,
+    )
+
+    metrics: dict[str, Any] = dict(outcome.metrics)
+    metrics.update(trainable_params=n_trainable, train_rows=len(train_rows))
+    if gen_eval is not None and gen_eval.outputs is not None:
+        metrics.update(gen_eval.conventions())
+        gen_eval.write_predictions(ctx)
+    model.config.use_cache = True
+    extra_files = fe.prompter_json(spec, ctx, train_rows, source)
+    final = _save(spec, ctx, model, tokenizer, source, label2id, extra_files)
+    return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+# ---------------------------------------------------------------- data
+
+
+def _load_rows(
+    spec: FinetuneSpec, ctx: StageContext, where: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
+    columns = fd.required_columns(spec)
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    require_columns(rows, columns, f"{where}.data")
+    if spec.validation is not None:
+        val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
+        require_columns(val, columns, f"{where}.validation")
+        fd.check_not_empty(val, name="validation", where=f"{where}.validation")
+        return rows, val, True
+    train_rows, val_rows = split_validation(
+        rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
+    )
+    fd.check_not_empty(train_rows, name="training", where=f"{where}.data")
+    return train_rows, val_rows, False
+
+
+def _labels(
+    spec: FinetuneSpec,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    explicit_val: bool,
+    ctx: StageContext,
+    where: str,
+) -> tuple[datasets.Dataset | None, dict[str, int]]:
+    """The label map (checked against validation) and the validation rows to use."""
+    label_col = spec.label_column
+    if val_rows is not None and not explicit_val:
+        # A random hold-out can catch the only rows of a rare class: drop those rows rather
+        # than fail on a split the user did not choose.
+        seen = {str(v) for v in train_rows[label_col]}
+        kept = val_rows.filter(lambda r: str(r[label_col]) in seen, keep_in_memory=True)
+        if len(kept) < len(val_rows):
+            ctx.log(
+                f"dropped {len(val_rows) - len(kept)} validation rows with labels unseen in training"
+            )
+        val_rows = kept if len(kept) else None
+    val_labels = val_rows[label_col] if val_rows is not None else []
+    val_where = f"{where}.{'validation' if explicit_val else 'data'}"
+    return val_rows, fd.label_mapping(train_rows[label_col], val_labels, where=val_where)
+
+
+def _fit_lengths(spec: FinetuneSpec, model: Any, ctx: StageContext) -> FinetuneSpec:
+    """Truncation lengths the recipe left at their defaults shrink to the model's positions;
+    lengths set explicitly are kept (and checked by check_compatible)."""
+    limit = max_positions(model)
+    if limit is None:
+        return spec
+    update = {
+        name: limit
+        for name in (
+            ("max_source_len", "max_target_len") if spec.task == "seq2seq" else ("max_seq_len",)
+        )
+        if name not in spec.model_fields_set and getattr(spec, name) > limit
+    }
+    if update:
+        ctx.log(
+            f"model has {limit} positions: using {', '.join(f'{k}={v}' for k, v in update.items())}"
+        )
+    return spec.model_copy(update=update) if update else spec
+
+
+def _prepare_classification(
+    spec: FinetuneSpec,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    explicit_val: bool,
+    tokenizer: Any,
+    label2id: dict[str, int],
+    where: str,
+) -> _Prepared:
+    val_where = f"{where}.{'validation' if explicit_val else 'data'}"
+    train_ds = fd.tokenize_classification(
+        train_rows, tokenizer, spec, label2id, where=f"{where}.data"
+    )
+    val_ds = (
+        fd.tokenize_classification(val_rows, tokenizer, spec, label2id, where=val_where)
+        if val_rows is not None
+        else None
+    )
+    prep = _Prepared(train_ds, val_ds, DataCollatorWithPadding(tokenizer), label2id=label2id)
+    prep.compute_metrics = fe.classification_metrics(where)
+    if spec.class_weights:
+        weights = fd.inverse_frequency_weights(train_ds["labels"], len(label2id))
+        prep.trainer_kwargs["compute_loss_func"] = fe.weighted_loss(weights)
+    return prep
+
+
+def _prepare_seq2seq(
+    spec: FinetuneSpec,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    tokenizer: Any,
+    where: str,
+) -> _Prepared:
+    train_ds = fd.tokenize_seq2seq(train_rows, tokenizer, spec, where=f"{where}.data")
+    val_ds = None
+    prep = _Prepared(train_ds, None)
+    if val_rows is not None:
+        val_ds = fd.tokenize_seq2seq(val_rows, tokenizer, spec, where=f"{where}.validation")
+        prep.validation = val_ds
+        sample = _sample(val_rows, spec)
+        prep.gen_inputs = [
+            fd.seq2seq_source(v, spec, row=i, where=where)
+            for i, v in enumerate(sample[spec.source_column])
+        ]
+        prep.gen_references = fe.references(sample[spec.target_column], spec.target_column, where)
+    return prep
+
+
+def _prepare_sft(
+    spec: FinetuneSpec,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    tokenizer: Any,
+    where: str,
+) -> _Prepared:
+    train_ds = fd.tokenize_sft(train_rows, tokenizer, spec, where=f"{where}.data")
+    val_ds = (
+        fd.tokenize_sft(val_rows, tokenizer, spec, where=f"{where}.validation")
+        if val_rows
+        else None
+    )
+    if spec.packing:
+        train_ds = fd.pack_sft(train_ds, spec.max_seq_len)
+        val_ds = fd.pack_sft(val_ds, spec.max_seq_len) if val_ds is not None else None
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    prep = _Prepared(train_ds, val_ds, fd.SftCollator(pad_token_id=int(pad_id)))
+    if val_rows is not None:
+        sample = _sample(val_rows, spec)
+        rows = sample.to_list()
+        prep.gen_inputs = [
+            fd.split_trailing_spaces(fd.sft_prompt(r, spec, index=i, where=where))[0]
+            for i, r in enumerate(rows)
+        ]
+        prep.gen_references = fe.references(
+            sample[spec.response_column], spec.response_column, where
+        )
+    return prep
+
+
+def _sample(rows: datasets.Dataset, spec: FinetuneSpec) -> datasets.Dataset:
+    limit = spec.validation_max_samples
+    return rows.select(range(min(limit, len(rows)))) if limit else rows
+
+
+# ---------------------------------------------------------------- model
+
+
+def _model(
+    spec: FinetuneSpec,
+    ctx: StageContext,
+    tokenizer: Any,
+    source: str | None,
+    label2id: dict[str, int] | None,
+    where: str,
+) -> Any:
+    # Same seed, same initial head/adapter weights: a resumed run rebuilds the model it left.
+    set_seed(ctx.seed)
+    kwargs: dict[str, Any] = {}
+    model: Any
+    if label2id is not None:
+        id2label = {i: label for label, i in label2id.items()}
+        kwargs = {"num_labels": len(label2id), "id2label": id2label, "label2id": label2id}
+    if spec.model is not None:
+        model = build_model(
+            spec.model,
+            tokenizer,
+            spec.task,
+            num_labels=kwargs.get("num_labels"),
+            where=f"{where}.model",
+        )
+        if label2id is not None:
+            model.config.id2label, model.config.label2id = kwargs["id2label"], label2id
+    else:
+        assert source is not None
+        remote = {"trust_remote_code": True} if spec.trust_remote_code else {}
+        config = load_config(source, where=f"{where}.from", **remote)
+        # Checked on the config, before any weights are downloaded or read.
+        _check_task(spec, config, where)
+        if label2id is not None:
+            model = _load_classifier(spec, source, config, kwargs, where)
+        else:
+            model = load_model(
+                source, spec.task, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
+            )
+    config = model.config
+    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        # Sequence classification on decoders picks the last non-pad token: it needs the pad id.
+        config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _check_task(spec: FinetuneSpec, config: Any, where: str) -> None:
+    """UserError when the pretrained model cannot do the task (its config says so)."""
+    model_type = getattr(config, "model_type", "?")
+    if spec.task == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
+        raise UserError(
+            f"task seq2seq needs an encoder-decoder model; {model_type} is not one",
+            where=f"{where}.from",
+            hint="use a t5 or bart model, or task causal_lm with a template",
+        )
+    if spec.task == "causal_lm" and model_type in _ENCODER_ONLY:
+        raise UserError(
+            f"task causal_lm needs a decoder model; {model_type} is an encoder",
+            where=f"{where}.from",
+            hint="use a gpt2/llama model, or task classification",
+        )
+    custom_code = bool(getattr(config, "auto_map", None))
+    if (
+        spec.task == "classification"
+        and not custom_code
+        and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    ):
+        raise UserError(
+            f"{model_type} models have no sequence-classification head in transformers",
+            where=f"{where}.from",
+            hint="use an encoder (bert, roberta), a decoder (gpt2, llama) or t5/bart",
+        )
+
+
+def _load_classifier(
+    spec: FinetuneSpec, source: str, config: Any, label_kwargs: dict[str, Any], where: str
+) -> Any:
+    """AutoModelForSequenceClassification with our label map in its config.
+
+    engine.modeling.load_model passes extra kwargs to the model constructor, not the config
+    (transformers 5 with an explicit config), so the label map is put into the config here.
+    """
+    remote = {"trust_remote_code": True} if spec.trust_remote_code else {}
+    config.update(label_kwargs)
+    try:
+        # A checkpoint already fine-tuned on other classes has a head of another shape.
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, ignore_mismatched_sizes=True, **remote
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load a {config.model_type} classifier from {source!r}: "
+            f"{str(exc).strip().splitlines()[0][:200]}",
+            where=f"{where}.from",
+        ) from exc
+
+
+def load_config(source: str, *, where: str, **kwargs: Any) -> Any:
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"cannot load a model from {source!r}: {str(exc).strip().splitlines()[0]}",
+            where=where,
+            hint="give an earlier stage, a directory with config.json, or a hub id",
+        ) from exc
+
+
+# ---------------------------------------------------------------- final/
+
+
+def _save(
+    spec: FinetuneSpec,
+    ctx: StageContext,
+    model: Any,
+    tokenizer: Any,
+    source: str | None,
+    label2id: dict[str, int] | None,
+    extra: dict[str, str],
+) -> Any:
+    if spec.method == "lora" and spec.merge:
+        return save_final(lora.merge(model), tokenizer, ctx, extra_files=extra)
+    if spec.method == "lora":
+        assert source is not None  # LoRA needs a pretrained base ('from'); see FinetuneSpec
+        model.peft_config["default"].base_model_name_or_path = source
+        info: dict[str, Any] = {"base_model_name_or_path": source, "task": spec.task}
+        if label2id is not None:
+            info.update(num_labels=len(label2id), label2id=label2id,
+                        id2label={str(i): label for label, i in label2id.items()})  # fmt: skip
+        extra["mlsteps_adapter.json"] = json.dumps(info, indent=1)
+        return save_final(model, tokenizer, ctx, extra_files=extra)
+    return save_final(model, tokenizer, ctx, extra_files=extra)
