@@ -188,7 +188,10 @@ def load_for_inference(
 
     info = inspect_source(source, trust_remote_code=trust_remote_code, where=where)
     model = _model_class(info.kind).from_pretrained(
-        info.model_source, trust_remote_code=trust_remote_code, dtype=torch.float32
+        info.model_source,
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
+        **_adapter_head_config(info, trust_remote_code),
     )
     if info.adapter_source is not None:
         from peft import PeftModel
@@ -206,6 +209,30 @@ def load_for_inference(
     return Loaded(
         model=model, tokenizer=tokenizer, kind=info.kind, prompter=info.prompter, source=source
     )
+
+
+def _adapter_head_config(info: SourceInfo, trust_remote_code: bool) -> dict[str, Any]:
+    """A classification adapter has no config.json: its label map lives in the
+    ``mlsteps_adapter.json`` the finetune stage writes, and the base must be built with it,
+    or the head would load with the base's default 2 unnamed labels."""
+    if info.adapter_source is None:
+        return {}
+    meta_path = Path(info.adapter_source) / "mlsteps_adapter.json"
+    if not meta_path.is_file():
+        return {}
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if "num_labels" not in meta:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        info.model_source,
+        trust_remote_code=trust_remote_code,
+        num_labels=int(meta["num_labels"]),
+        id2label={int(k): v for k, v in meta["id2label"].items()},
+        label2id={k: int(v) for k, v in meta["label2id"].items()},
+    )
+    return {"config": config}
 
 
 def _score_batches(items: list[Any], batch_size: int) -> list[list[int]]:

@@ -243,6 +243,15 @@ def test_classification_lora_adapter_string_labels(assets: dict[str, Path], tmp_
     )
     losses = _logged_losses(ctx)
     assert min(losses[-3:]) < losses[0], losses
+    # eval/predict load the adapter with its label names, and score like the model above.
+    from mlsteps.engine.inference import load_for_inference
+
+    loaded = load_for_inference(str(ctx.final_dir))
+    assert loaded.model.config.id2label == {0: "negative", 1: "positive"}
+    one = tokenizer(rows[0]["text"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**one).logits
+        assert torch.allclose(loaded.model(**one).logits, expected, atol=1e-5)
 
 
 def test_classification_lora_merge(assets: dict[str, Path], tmp_path: Path) -> None:
