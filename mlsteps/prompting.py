@@ -30,6 +30,8 @@ from typing import Any, Literal
 from mlsteps.errors import UserError, did_you_mean
 
 PROMPT_FILE = "mlsteps_prompt.json"
+# Trained with peft; the hard-prompt methods (zero_shot, few_shot) have no weights of their own.
+SOFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 FORMAT_VERSION = 1
 
 TemplateFormat = Literal["format", "jinja"]
@@ -260,7 +262,8 @@ class Prompter:
             return self.verbalizer[str(label)]
         except KeyError:
             raise UserError(
-                f"label {label!r} has no verbalizer word; the verbalizer maps {', '.join(self.verbalizer)}"
+                f"label {label!r} has no verbalizer word; the verbalizer has words for labels: "
+                f"{', '.join(self.verbalizer)}"
             ) from None
 
     def continuation(self, answer: str) -> str:

@@ -69,8 +69,17 @@ class PromptSpec(Strict):
     )
     train: TrainSpec = Field(
         default_factory=lambda: TrainSpec.model_validate({"lr": 3e-2}),
-        description="Soft-prompt optimisation settings.",
+        description="Soft-prompt optimisation settings; lr defaults to 3e-2 here.",
     )
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _soft_prompt_lr(cls, value: Any) -> Any:
+        # A partial `train:` block (or recipe defaults) must keep the soft-prompt learning rate,
+        # not fall back to TrainSpec's full-model default (5e-4 barely moves a soft prompt).
+        if isinstance(value, dict) and "lr" not in value:
+            return {**value, "lr": 3e-2}
+        return value
 
     @field_validator("verbalizer", mode="before")
     @classmethod

@@ -1,0 +1,356 @@
+"""The `prompt` stage: hard prompts (zero_shot, few_shot) or soft prompts trained with peft.
+
+final/ is a *prompted model* (see :mod:`mlsteps.prompting`): ``mlsteps_prompt.json`` (template,
+demonstrations, separators, verbalizer, base model reference) + the tokenizer, and for soft
+prompts the peft adapter (loadable with ``PeftModel.from_pretrained(base, final)``).
+Every input problem is a UserError raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlsteps.context import StageContext, StageResult
+from mlsteps.errors import UserError
+from mlsteps.prompting import (
+    PROMPT_FILE,
+    SOFT_METHODS,
+    Prompter,
+    demonstrations_from_rows,
+    select_demonstrations,
+    template_fields,
+)
+from mlsteps.specs.prompt import PromptSpec
+
+PREVIEW_FILE = "prompts_preview.jsonl"
+# Rank-classification accuracy during training is computed on at most this many validation rows.
+VAL_CLASSIFY_ROWS = 200
+# Rows whose prompts are measured (token length) for the prompt_tokens_* metrics.
+LENGTH_SAMPLE_ROWS = 200
+
+
+def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
+    """Build a prompted model; for soft-prompt methods train it (resuming if interrupted)."""
+    where = f"stages.{ctx.stage}"
+    source = ctx.resolve_source(spec.from_)
+    _check_source(source, spec.from_, where)
+    prompter = Prompter(
+        method=spec.method,
+        template=spec.template,
+        template_format=spec.template_format,  # type: ignore[arg-type]  # "auto" is resolved
+        task=spec.task,
+        demo_separator=spec.demo_separator,
+        answer_separator=spec.answer_separator,
+        per_example=spec.per_example,
+        shots=spec.shots if spec.method == "few_shot" else 0,
+        seed=ctx.seed,
+        verbalizer=spec.verbalizer,
+        target_column=spec.target_column,
+        base_model=source,
+        has_adapter=spec.method in SOFT_METHODS,
+        num_virtual_tokens=spec.num_virtual_tokens if spec.method in SOFT_METHODS else 0,
+    )
+    template_fields(spec.template, spec.template_format, where=f"{where}.template")  # syntax
+    rows, val_rows = _load_data(spec, ctx, prompter, where)
+    from mlsteps.engine.inference import kind_from_config
+    from mlsteps.engine.modeling import ensure_pad_token, load_tokenizer
+
+    config = _load_config(source, spec, where)
+    kind = kind_from_config(config)
+    if kind not in ("clm", "seq2seq"):
+        raise UserError(
+            f"{spec.from_!r} is a {kind or config.model_type} model; prompting needs a causal LM "
+            "or a seq2seq model",
+            where=f"{where}.from",
+        )
+    prompter.model_kind = "seq2seq" if kind == "seq2seq" else "causal"
+    tokenizer = load_tokenizer(
+        source, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
+    )
+    ensure_pad_token(tokenizer)
+    if spec.verbalizer:
+        from mlsteps.engine.prompt_scoring import check_verbalizer
+
+        check_verbalizer(
+            tokenizer,
+            spec.verbalizer,
+            answer_prefix=prompter.answer_prefix,
+            seq2seq=kind == "seq2seq",
+            where=f"{where}.verbalizer",
+        )
+    if spec.method == "few_shot":
+        assert rows is not None
+        pool = demonstrations_from_rows(rows, prompter, where=f"{where}.data")
+        if spec.per_example:
+            prompter.demo_pool = pool
+        else:
+            prompter.demos = [
+                pool[i] for i in select_demonstrations(len(pool), spec.shots, ctx.seed)
+            ]
+    preview_source = val_rows or rows or []
+    if spec.method not in SOFT_METHODS:
+        return _finish_hard(spec, ctx, prompter, tokenizer, preview_source, config)
+    assert rows is not None
+    return _train_soft(spec, ctx, prompter, tokenizer, rows, val_rows, where)
+
+
+def _check_source(source: str, ref: str, where: str) -> None:
+    path = Path(source)
+    if (path / PROMPT_FILE).is_file():
+        raise UserError(
+            f"{ref!r} is already a prompted model; prompt stages do not stack",
+            where=f"{where}.from",
+            hint="point 'from' at the model that stage prompts",
+        )
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise UserError(
+            f"{ref!r} is a peft adapter, not a full model",
+            where=f"{where}.from",
+            hint="write a merged model in that finetune stage (merge: true)",
+        )
+
+
+def _load_config(source: str, spec: PromptSpec, where: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load a model from {spec.from_!r}: {first}",
+            where=f"{where}.from",
+            hint="give an earlier stage, a directory with config.json, or a hub id",
+        ) from exc
+
+
+def _as_text(value: Any, column: str, index: int, where: str) -> str:
+    if isinstance(value, list):
+        value = value[0] if value else None  # several references: the first is the target
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"row {index} has an empty '{column}'", where=where)
+    return str(value)
+
+
+def _check_rows(
+    rows: list[dict[str, Any]],
+    spec: PromptSpec,
+    prompter: Prompter,
+    where: str,
+    *,
+    need_target: bool,
+) -> None:
+    columns = list(rows[0])
+    prompter.check_columns(columns, where=f"{where}.template")
+    if not need_target:
+        return
+    if spec.target_column not in columns:
+        raise UserError(
+            f"target column '{spec.target_column}' not found; the data has: {', '.join(columns)}",
+            where=f"{where}.target_column",
+        )
+    for i, row in enumerate(rows):
+        row[spec.target_column] = _as_text(row[spec.target_column], spec.target_column, i, where)
+        prompter.label_word(row[spec.target_column])  # every label needs a verbalizer word
+
+
+def _load_data(
+    spec: PromptSpec, ctx: StageContext, prompter: Prompter, where: str
+) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """Training/demonstration rows and validation rows, checked; None where not given."""
+    if spec.data is None:
+        return None, None
+    from mlsteps.engine.data import load_rows, split_validation
+
+    soft = spec.method in SOFT_METHODS
+    ds = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    val_ds = None
+    if spec.validation is not None:
+        val_ds = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
+    elif soft:
+        ds, val_ds = split_validation(ds, spec.validation_fraction, ctx.seed, where=f"{where}.data")
+    rows = [dict(r) for r in ds]
+    val_rows = [dict(r) for r in val_ds] if val_ds is not None else None
+    need_target = spec.method != "zero_shot"
+    _check_rows(rows, spec, prompter, f"{where}.data", need_target=need_target)
+    if val_rows:
+        _check_rows(val_rows, spec, prompter, f"{where}.validation", need_target=soft)
+    if spec.method == "few_shot" and spec.shots > len(rows):
+        raise UserError(
+            f"shots is {spec.shots} but the data has only {len(rows)} rows",
+            where=f"{where}.shots",
+            hint=f"set shots <= {len(rows)} or give more demonstration rows",
+        )
+    return rows, val_rows
+
+
+def prompt_length_metrics(
+    prompter: Prompter, tokenizer: Any, rows: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Token length of rendered prompts (mean/max over a sample of rows)."""
+    from mlsteps.engine.prompt_scoring import encode_prompt
+
+    seq2seq = prompter.model_kind == "seq2seq"
+    lengths = [
+        len(encode_prompt(tokenizer, prompter.render(r), seq2seq=seq2seq))
+        for r in rows[:LENGTH_SAMPLE_ROWS]
+    ]
+    if not lengths:
+        return {}
+    return {
+        "prompt_tokens_mean": round(sum(lengths) / len(lengths), 2),
+        "prompt_tokens_max": max(lengths),
+    }
+
+
+def write_preview(ctx: StageContext, records: list[dict[str, Any]]) -> Path:
+    """prompts_preview.jsonl: one JSON object per previewed row (prompt, target, outputs)."""
+    path = ctx.stage_dir / PREVIEW_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
+    tmp.replace(path)
+    return path
+
+
+def prompter_json(prompter: Prompter, ctx: StageContext) -> str:
+    """mlsteps_prompt.json text, with base_model also relative to the final final/ location."""
+    return json.dumps(prompter.to_json(ctx.final_dir), indent=2, ensure_ascii=False) + "\n"
+
+
+class _NoWeights:
+    """Hard prompts have no weights of their own: save_final writes tokenizer + json only."""
+
+    def save_pretrained(self, directory: Any) -> None:
+        return None
+
+
+def _finish_hard(
+    spec: PromptSpec,
+    ctx: StageContext,
+    prompter: Prompter,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    config: Any,
+) -> StageResult:
+    from mlsteps.engine.training import save_final
+
+    records: list[dict[str, Any]] = []
+    for row in rows[: spec.preview_rows]:
+        record: dict[str, Any] = {"prompt": prompter.render(row)}
+        if spec.target_column in row:
+            record["target"] = prompter.continuation(prompter.label_word(row[spec.target_column]))
+        records.append(record)
+    if not records:  # zero_shot without data: show the template and what it reads
+        records.append({"template": prompter.template, "fields": prompter.fields})
+    preview = write_preview(ctx, records)
+    metrics: dict[str, Any] = {"trainable_params": 0, "num_demonstrations": prompter.shots}
+    metrics.update(prompt_length_metrics(prompter, tokenizer, rows))
+    limit = (
+        None
+        if config.model_type == "t5"
+        else getattr(config, "n_positions", None)
+        or getattr(config, "max_position_embeddings", None)
+    )
+    if limit and metrics.get("prompt_tokens_max", 0) > limit:
+        ctx.log(
+            f"warning: prompts reach {metrics['prompt_tokens_max']} tokens but the model reads "
+            f"{limit}; their start (demonstrations) will be cut"
+        )
+    final = save_final(
+        _NoWeights(), tokenizer, ctx, extra_files={PROMPT_FILE: prompter_json(prompter, ctx)}
+    )
+    return StageResult(metrics=metrics, outputs={"final": str(final), "preview": str(preview)})
+
+
+def _train_soft(
+    spec: PromptSpec,
+    ctx: StageContext,
+    prompter: Prompter,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]] | None,
+    where: str,
+) -> StageResult:
+    import transformers
+
+    from mlsteps.engine import soft_prompt
+    from mlsteps.engine.modeling import load_model, max_positions
+    from mlsteps.engine.prompt_scoring import PromptCollator, pad_id_of
+    from mlsteps.engine.training import save_final, train
+
+    task = "seq2seq" if prompter.model_kind == "seq2seq" else "clm"
+    base = load_model(
+        prompter.base_model, task, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
+    )
+    max_seq_len = spec.max_seq_len
+    limit = max_positions(base)
+    if (
+        limit is not None
+        and prompter.model_kind == "causal"
+        and max_seq_len + spec.num_virtual_tokens > limit
+    ):
+        # The virtual tokens occupy positions in front of every input.
+        max_seq_len = limit - spec.num_virtual_tokens
+        if max_seq_len < 2:
+            raise UserError(
+                f"num_virtual_tokens {spec.num_virtual_tokens} leaves no room in the model's {limit} positions",
+                where=f"{where}.num_virtual_tokens",
+            )
+        ctx.log(f"max_seq_len lowered to {max_seq_len}: the model reads {limit} positions")
+    transformers.set_seed(ctx.seed)  # the initial soft prompt is random
+    model = soft_prompt.wrap(
+        base,
+        tokenizer,
+        method=spec.method,
+        num_virtual_tokens=spec.num_virtual_tokens,
+        init_text=spec.init_text,
+        gradient_checkpointing=spec.train.gradient_checkpointing,
+        where=where,
+    )
+    trainable, total = soft_prompt.trainable_parameters(model)
+    ctx.log(f"{spec.method}: {trainable:,} trainable of {total:,} parameters")
+    train_ds = soft_prompt.build_dataset(rows, prompter, tokenizer, max_seq_len=max_seq_len)
+    eval_ds = (
+        soft_prompt.build_dataset(val_rows, prompter, tokenizer, max_seq_len=max_seq_len)
+        if val_rows
+        else None
+    )
+    extra_eval = None
+    if spec.task == "classification" and val_rows:
+        extra_eval = soft_prompt.classification_eval(
+            prompter, tokenizer, val_rows[:VAL_CLASSIFY_ROWS], batch_size=spec.train.batch_size
+        )
+    outcome = train(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PromptCollator(pad_id_of(tokenizer)),
+        spec=spec.train,
+        ctx=ctx,
+        trainer_cls=soft_prompt.SoftPromptTrainer,
+        extra_eval=extra_eval,
+        # Our collator builds the batches; the Trainer must not drop columns by signature.
+        args_overrides={"remove_unused_columns": False, "label_names": ["labels"]},
+        seq_len_for_mfu=max_seq_len,
+    )
+    preview_rows = (val_rows or rows)[: spec.preview_rows]
+    preview = write_preview(
+        ctx, soft_prompt.preview_records(model, tokenizer, prompter, preview_rows, seed=ctx.seed)
+    )
+    final = save_final(
+        model, tokenizer, ctx, extra_files={PROMPT_FILE: prompter_json(prompter, ctx)}
+    )
+    metrics: dict[str, Any] = dict(outcome.metrics)
+    metrics.update(
+        trainable_params=trainable,
+        total_params=total,
+        num_virtual_tokens=spec.num_virtual_tokens,
+        **prompt_length_metrics(prompter, tokenizer, rows),
+    )
+    return StageResult(metrics=metrics, outputs={"final": str(final), "preview": str(preview)})
