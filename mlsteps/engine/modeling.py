@@ -1,0 +1,258 @@
+"""Build a model from an ArchSpec or load one (and its tokenizer) from a stage, directory or hub id.
+
+Vocabulary size and special-token ids of a new model always come from its tokenizer, so a model
+built here and the tokenizer it was built for agree by construction. ``trust_remote_code`` is only
+passed to transformers when the recipe asks for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BartConfig,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    RobertaConfig,
+    T5Config,
+)
+
+from mlsteps.errors import UserError
+from mlsteps.specs.common import ArchSpec
+
+# Stage tasks -> Auto classes. "causal_lm" is the finetune spelling of "clm".
+_AUTO_CLASSES: dict[str, Any] = {
+    "clm": AutoModelForCausalLM,
+    "causal_lm": AutoModelForCausalLM,
+    "mlm": AutoModelForMaskedLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "classification": AutoModelForSequenceClassification,
+}
+_FAMILIES_FOR_TASK = {
+    "clm": ("gpt2", "llama"),
+    "causal_lm": ("gpt2", "llama"),
+    "mlm": ("bert", "roberta"),
+    "seq2seq": ("t5", "bart"),
+    "classification": ("gpt2", "llama", "bert", "roberta", "t5", "bart"),
+}
+
+
+def _auto_class(task: str) -> Any:
+    try:
+        return _AUTO_CLASSES[task]
+    except KeyError:
+        raise ValueError(
+            f"unknown task {task!r}; expected one of {sorted(_AUTO_CLASSES)}"
+        ) from None
+
+
+def _remote_kwargs(trust_remote_code: bool) -> dict[str, Any]:
+    # Only mention the flag when the recipe asked for it: transformers' default stays in force.
+    return {"trust_remote_code": True} if trust_remote_code else {}
+
+
+def load_tokenizer(
+    source: str, *, trust_remote_code: bool = False, where: str | None = None
+) -> Any:
+    """Load a tokenizer (fast where available) from a stage's final dir, a directory or a hub id."""
+    try:
+        return AutoTokenizer.from_pretrained(source, **_remote_kwargs(trust_remote_code))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"cannot load a tokenizer from {source!r}: {_first_line(exc)}",
+            where=where,
+            hint="give an earlier tokenizer stage, a directory with tokenizer.json, or a hub id",
+        ) from exc
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Batching needs a pad token; decoder tokenizers often lack one, so reuse EOS (GPT-2 habit)."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _special_ids(tokenizer: Any) -> dict[str, Any]:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return {"bos": bos, "eos": eos, "pad": pad}
+
+
+def _config_for(arch: ArchSpec, tokenizer: Any) -> PretrainedConfig:
+    vocab_size = len(tokenizer)
+    ids = _special_ids(tokenizer)
+    ffn = arch.intermediate_size or 4 * arch.hidden_size
+    common: dict[str, Any] = {
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
+    }
+    if arch.family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_positions=arch.max_positions, n_embd=arch.hidden_size,
+            n_layer=arch.n_layers, n_head=arch.n_heads, n_inner=ffn, resid_pdrop=arch.dropout,
+            embd_pdrop=arch.dropout, attn_pdrop=arch.dropout, **common,
+        )  # fmt: skip
+    if arch.family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=arch.hidden_size, intermediate_size=ffn,
+            num_hidden_layers=arch.n_layers, num_attention_heads=arch.n_heads,
+            num_key_value_heads=arch.n_heads, max_position_embeddings=arch.max_positions,
+            attention_dropout=arch.dropout, **common,
+        )  # fmt: skip
+    if arch.family == "bert":
+        return BertConfig(
+            vocab_size=vocab_size, hidden_size=arch.hidden_size, num_hidden_layers=arch.n_layers,
+            num_attention_heads=arch.n_heads, intermediate_size=ffn,
+            max_position_embeddings=arch.max_positions, hidden_dropout_prob=arch.dropout,
+            attention_probs_dropout_prob=arch.dropout, **common,
+        )  # fmt: skip
+    if arch.family == "roberta":
+        # RoBERTa numbers positions from pad_token_id + 1, so the table needs that many extra rows.
+        pad = ids["pad"] or 0
+        return RobertaConfig(
+            vocab_size=vocab_size, hidden_size=arch.hidden_size, num_hidden_layers=arch.n_layers,
+            num_attention_heads=arch.n_heads, intermediate_size=ffn,
+            max_position_embeddings=arch.max_positions + pad + 1,
+            hidden_dropout_prob=arch.dropout, attention_probs_dropout_prob=arch.dropout, **common,
+        )  # fmt: skip
+    if arch.family == "t5":
+        t5 = T5Config(
+            vocab_size=vocab_size, d_model=arch.hidden_size, d_kv=arch.hidden_size // arch.n_heads,
+            d_ff=ffn, num_layers=arch.n_layers, num_decoder_layers=arch.n_layers,
+            num_heads=arch.n_heads, dropout_rate=arch.dropout, pad_token_id=ids["pad"],
+            eos_token_id=ids["eos"],
+        )  # fmt: skip
+        t5.decoder_start_token_id = ids["pad"]  # T5 convention: decoding starts from pad
+        return t5
+    if arch.family == "bart":
+        return BartConfig(
+            vocab_size=vocab_size, d_model=arch.hidden_size, encoder_layers=arch.n_layers,
+            decoder_layers=arch.n_layers, encoder_attention_heads=arch.n_heads,
+            decoder_attention_heads=arch.n_heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+            max_position_embeddings=arch.max_positions, dropout=arch.dropout,
+            decoder_start_token_id=ids["eos"], forced_eos_token_id=ids["eos"], **common,
+        )  # fmt: skip
+    raise ValueError(f"unknown family {arch.family}")
+
+
+def build_model(
+    arch: ArchSpec,
+    tokenizer: Any,
+    task: str,
+    *,
+    num_labels: int | None = None,
+    where: str | None = None,
+) -> torch.nn.Module:
+    """A freshly initialised model of ``arch.family`` for ``task`` (clm, mlm, seq2seq, classification).
+
+    Seed the RNG before calling (``transformers.set_seed``) for reproducible initial weights.
+    """
+    allowed = _FAMILIES_FOR_TASK.get(task)
+    if allowed is None:
+        raise ValueError(f"unknown task {task!r}")
+    if arch.family not in allowed:
+        raise UserError(
+            f"model family {arch.family} cannot do {task}",
+            where=where,
+            hint=f"use one of {', '.join(allowed)}",
+        )
+    config = _config_for(arch, tokenizer)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    model = _auto_class(task).from_config(config)
+    return model
+
+
+def load_model(
+    source: str,
+    task: str,
+    *,
+    trust_remote_code: bool = False,
+    where: str | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Load a pretrained model for ``task`` via the Auto classes (stage final dir, directory, hub id)."""
+    auto = _auto_class(task)
+    remote = _remote_kwargs(trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, **remote)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"cannot load a model from {source!r}: {_first_line(exc)}",
+            where=where,
+            hint="give an earlier stage, a directory with config.json, or a hub id",
+        ) from exc
+    try:
+        return auto.from_pretrained(source, config=config, **remote, **kwargs)
+    except ValueError as exc:
+        raise UserError(
+            f"{source!r} is a {config.model_type} model, which cannot do {task}: {_first_line(exc)}",
+            where=where,
+        ) from exc
+    except OSError as exc:
+        raise UserError(
+            f"cannot load model weights from {source!r}: {_first_line(exc)}", where=where
+        ) from exc
+
+
+def max_positions(model: Any) -> int | None:
+    """Longest input the model's position embeddings cover (None: relative/rotary without limit)."""
+    config = model.config
+    if config.model_type == "t5":
+        return None
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (config.pad_token_id or 0) + 1
+    return int(limit)
+
+
+def check_compatible(
+    model: Any, tokenizer: Any, *, max_seq_len: int | None, where: str | None = None
+) -> None:
+    """UserError when the tokenizer can emit ids the model has no embedding for, or when
+    ``max_seq_len`` exceeds what the model's position embeddings cover."""
+    embeddings = model.get_input_embeddings()
+    n_rows = int(embeddings.weight.shape[0])
+    n_tokens = len(tokenizer)
+    if n_tokens > n_rows:
+        raise UserError(
+            f"tokenizer has {n_tokens} tokens but the model's embedding table has {n_rows} rows",
+            where=where,
+            hint="use the tokenizer the model was trained with (omit 'tokenizer' to take the one "
+            "saved with 'from')",
+        )
+    limit = max_positions(model)
+    if max_seq_len is not None and limit is not None and max_seq_len > limit:
+        raise UserError(
+            f"max_seq_len {max_seq_len} exceeds the model's {limit} positions",
+            where=where,
+            hint=f"set max_seq_len <= {limit}",
+        )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,206 @@
+"""The `pretrain` stage: causal-LM or masked-LM pretraining, from scratch or continued.
+
+Documents are tokenised once (``datasets.map``, cached under ``ctx.cache_dir`` for file data),
+packed into fixed-length blocks, and trained through ``engine.training.train``. Validation loss is
+token-weighted (ΣNLL / Σscored tokens over the whole validation set), so the perplexity reported
+is exp of that, never a mean of batch perplexities. ``final/`` holds model + tokenizer, loadable as
+is by ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+from transformers import set_seed
+
+from mlsteps.context import StageContext, StageResult
+from mlsteps.engine import lm_data
+from mlsteps.engine.data import load_rows, require_columns, split_validation
+from mlsteps.engine.modeling import (
+    build_model,
+    check_compatible,
+    count_parameters,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    max_positions,
+)
+from mlsteps.engine.training import save_final, train
+from mlsteps.errors import UserError
+from mlsteps.specs.pretrain import PretrainSpec
+
+# Masks of the validation set are drawn once from this seed offset, identical at every eval.
+_EVAL_MASK_SEED_OFFSET = 7919
+
+
+def _load_text(
+    spec: PretrainSpec, ctx: StageContext, where: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    require_columns(rows, [spec.text_column], f"{where}.text_column")
+    if spec.validation is not None:
+        val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
+        require_columns(val, [spec.text_column], f"{where}.text_column")
+        return rows, val
+    return split_validation(
+        rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
+    )
+
+
+def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext, where: str) -> tuple[Any, Any]:
+    model_source = ctx.resolve_source(spec.from_) if spec.from_ else None
+    tok_ref = spec.tokenizer or spec.from_
+    assert tok_ref is not None  # the spec validator guarantees 'from' or 'tokenizer'
+    tokenizer = load_tokenizer(
+        ctx.resolve_source(tok_ref),
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.{'tokenizer' if spec.tokenizer else 'from'}",
+    )
+    if spec.objective == "clm":
+        ensure_pad_token(tokenizer)
+        if tokenizer.eos_token_id is None and tokenizer.sep_token_id is None:
+            raise UserError(
+                "the tokenizer has no EOS token to separate documents",
+                where=f"{where}.tokenizer",
+                hint="train it with target: clm, or use a tokenizer with an eos token",
+            )
+    elif tokenizer.mask_token_id is None or tokenizer.cls_token_id is None:
+        raise UserError(
+            "objective mlm needs a tokenizer with mask, cls and sep tokens",
+            where=f"{where}.tokenizer",
+            hint="train the tokenizer with target: mlm",
+        )
+    # Same seed, same initial weights: a resumed run rebuilds the model it left, then loads it.
+    set_seed(ctx.seed)
+    if model_source is not None:
+        model = load_model(
+            model_source,
+            spec.objective,
+            trust_remote_code=spec.trust_remote_code,
+            where=f"{where}.from",
+        )
+    else:
+        assert spec.model is not None
+        model = build_model(spec.model, tokenizer, spec.objective, where=f"{where}.model")
+    where_vocab = f"{where}.tokenizer" if spec.tokenizer else f"{where}.from"
+    check_compatible(model, tokenizer, max_seq_len=None, where=where_vocab)
+    check_compatible(model, tokenizer, max_seq_len=spec.max_seq_len, where=f"{where}.max_seq_len")
+    return tokenizer, model
+
+
+def _pack(
+    spec: PretrainSpec,
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    ctx: StageContext,
+    *,
+    train_split: bool,
+) -> datasets.Dataset:
+    where = (
+        f"stages.{ctx.stage}.{'data' if train_split or spec.validation is None else 'validation'}"
+    )
+    if spec.objective == "clm":
+        end_id = (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        )
+        wrap = None
+    else:
+        end_id = tokenizer.sep_token_id
+        wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    tokenized = lm_data.tokenize_documents(ds, tokenizer, spec.text_column, end_id=end_id)
+    return lm_data.pack_blocks(
+        tokenized,
+        spec.max_seq_len,
+        # Validation keeps its tail: every held-out token should be scored.
+        keep_remainder=spec.keep_remainder or not train_split,
+        wrap=wrap,
+        where=where,
+        what="training text" if train_split else "validation text",
+    )
+
+
+def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
+    """Pretrain, evaluate token-weighted validation perplexity, write ``final/``."""
+    where = f"stages.{ctx.stage}"
+    train_rows, val_rows = _load_text(spec, ctx, where)
+    tokenizer, model = _load_tokenizer_and_model(spec, ctx, where)
+    train_blocks = _pack(spec, train_rows, tokenizer, ctx, train_split=True)
+    val_blocks = _pack(spec, val_rows, tokenizer, ctx, train_split=False) if val_rows else None
+    n_params = count_parameters(model)
+    ctx.log(
+        f"{spec.objective}: {len(train_blocks)} training blocks of {spec.max_seq_len} tokens, "
+        f"{len(val_blocks) if val_blocks is not None else 0} validation blocks, "
+        f"{n_params:,} parameters"
+    )
+
+    collator: Any
+    evaluator = None
+    if spec.objective == "clm":
+        collator = lm_data.CausalCollator(tokenizer.pad_token_id)
+        if val_blocks is not None:
+            batches = lm_data.eval_batches(val_blocks, collator, spec.train.batch_size)
+            evaluator = lm_data.LossEvaluator(batches, causal=True)
+    else:
+        collator = lm_data.MaskingCollator(
+            tokenizer,
+            probability=spec.mlm_probability,
+            whole_word=spec.whole_word_mask,
+            seed=ctx.seed,
+        )
+        if val_blocks is not None:
+            eval_masker = lm_data.MaskingCollator(
+                tokenizer,
+                probability=spec.mlm_probability,
+                whole_word=spec.whole_word_mask,
+                seed=ctx.seed + _EVAL_MASK_SEED_OFFSET,
+            )
+            batches = lm_data.eval_batches(val_blocks, eval_masker, spec.train.batch_size)
+            evaluator = lm_data.LossEvaluator(batches, causal=False)
+
+    outcome = train(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_blocks,
+        eval_dataset=None,
+        data_collator=collator,
+        spec=spec.train,
+        ctx=ctx,
+        extra_eval=evaluator,
+        group_by_length=False,  # packed blocks all have the same length
+        seq_len_for_mfu=spec.max_seq_len,
+        eval_at_start=True,
+    )
+
+    metrics: dict[str, Any] = dict(outcome.metrics)
+    metrics["parameters"] = n_params
+    metrics["train_blocks"] = len(train_blocks)
+    metrics["train_tokens_per_epoch"] = sum(len(b) for b in train_blocks["input_ids"])
+    initial = outcome.initial_metrics
+    if "val_perplexity" in initial:
+        metrics["initial_val_loss"] = initial["val_loss"]
+        metrics["initial_val_perplexity"] = initial["val_perplexity"]
+    if "val_perplexity" in metrics:
+        metrics["perplexity_convention"] = _convention(spec)
+    limit = max_positions(model)
+    if limit is not None:
+        # Lets downstream users truncate to what the model can read (tokenizers trained here
+        # start with an unlimited model_max_length).
+        tokenizer.model_max_length = limit
+    final = save_final(model, tokenizer, ctx)
+    return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+def _convention(spec: PretrainSpec) -> str:
+    if spec.objective == "clm":
+        return (
+            f"token-weighted exp(sum NLL / scored tokens) over the validation text packed into "
+            f"{spec.max_seq_len}-token blocks (documents joined by EOS, EOS scored, no BOS); "
+            "the first token of each block is context only"
+        )
+    return (
+        f"masked-token perplexity: exp(sum NLL / masked tokens), {spec.mlm_probability:.0%} of "
+        f"tokens masked 80/10/10 with a fixed seed, {spec.max_seq_len}-token blocks"
+        + (", whole-word masking" if spec.whole_word_mask else "")
+        + "; not pseudo-perplexity"
+    )

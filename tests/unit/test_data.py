@@ -1,0 +1,175 @@
+"""engine.data: local formats, globs, clear errors on bad files, column checks, validation split.
+
+No torch needed: engine.data imports only `datasets`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from mlsteps.engine.data import load_rows, require_columns, split_validation
+from mlsteps.errors import UserError
+from mlsteps.specs.common import DataSpec
+
+WIKI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
+WHERE = "stages.pre.data"
+
+
+def rows(spec: object, tmp_path: Path) -> list[dict]:
+    ds = load_rows(DataSpec.model_validate(spec), where=WHERE, cache_dir=tmp_path / "cache")
+    return [dict(r) for r in ds]
+
+
+def error(spec: object, tmp_path: Path) -> str:
+    with pytest.raises(UserError) as info:
+        load_rows(DataSpec.model_validate(spec), where=WHERE, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith(WHERE) and "\n" not in message
+    return message
+
+
+def test_txt_one_row_per_nonempty_line_bom_stripped(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_bytes("\ufeffline one\n\n   \nline two\n".encode())
+    assert rows(str(path), tmp_path) == [{"text": "line one"}, {"text": "line two"}]
+
+
+def test_real_wikitext_slice_and_max_samples(tmp_path: Path) -> None:
+    got = rows({"files": [str(WIKI)], "max_samples": 50}, tmp_path)
+    nonempty = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert [r["text"] for r in got] == nonempty[:50]
+
+
+def test_gz_text_and_glob_order(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_text("from b\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("from a\n", encoding="utf-8")
+    with gzip.open(tmp_path / "c.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("from c\n")
+    got = rows(
+        [str(tmp_path / "*.txt"), str(tmp_path / "c.txt.gz"), str(tmp_path / "a.txt")], tmp_path
+    )
+    # Globs are sorted; a file named twice is read once.
+    assert [r["text"] for r in got] == ["from a", "from b", "from c"]
+
+
+def test_jsonl_json_csv_tsv_parquet(tmp_path: Path) -> None:
+    records = [{"text": 'say "hi"', "label": 1}, {"text": "bye", "label": 0}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps({"data": records}))
+    (tmp_path / "d.csv").write_text('text,label\n"say ""hi""",1\nbye,0\n')
+    # TSV quotes are text, not quoting (SST-2 style).
+    (tmp_path / "d.tsv").write_text('text\tlabel\nsay "hi"\t1\nbye\t0\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.json", "d.csv", "d.tsv", "d.parquet"):
+        assert rows(str(tmp_path / name), tmp_path) == records, name
+
+
+def test_format_override(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.dat"
+    path.write_text("text\tlabel\nx\t1\n")
+    assert rows({"files": [str(path)], "format": "tsv"}, tmp_path) == [{"text": "x", "label": 1}]
+    assert "cannot tell the format" in error(str(path), tmp_path)
+
+
+def test_missing_file_and_empty_glob(tmp_path: Path) -> None:
+    assert "file not found: " in error(str(tmp_path / "nope.txt"), tmp_path)
+    assert "no file matches" in error(str(tmp_path / "*.jsonl"), tmp_path)
+    assert "is a directory" in error(str(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file_names_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    message = error(str(path), tmp_path)
+    assert str(path) in message and "is empty" in message
+
+
+def test_non_utf8_names_file_and_byte_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"hello\nw\xf6rld\n")
+    message = error(str(path), tmp_path)
+    assert str(path) in message and "byte offset 7" in message and "0xf6" in message
+    gz = tmp_path / "latin1.jsonl.gz"
+    with gzip.open(gz, "wb") as handle:
+        handle.write(b'{"text": "caf\xe9"}\n')
+    assert "byte offset 13" in error(str(gz), tmp_path)
+
+
+def test_non_utf8_past_the_first_read_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "big.txt"
+    offset = (1 << 20) + 5  # beyond the first 1 MiB chunk
+    path.write_bytes(b"a" * offset + b"\xff\n")
+    assert f"byte offset {offset}" in error(str(path), tmp_path)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.txt.gz"
+    path.write_bytes(b"this is not gzip data")
+    message = error(str(path), tmp_path)
+    assert "cannot read" in message and "broken.txt.gz" in message
+
+
+def test_invalid_jsonl_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": oops}\n')
+    message = error(str(path), tmp_path)
+    assert "bad.jsonl:2" in message
+
+
+def test_mixed_formats_rejected(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
+    assert "mix formats" in error([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], tmp_path)
+
+
+def test_builtin_rows(tmp_path: Path) -> None:
+    from mlsteps.builtin import list_builtin, load_builtin
+
+    name = list_builtin()[0].name
+    got = rows(f"builtin:{name}", tmp_path)
+    assert got == load_builtin(name, "train")
+    assert "no/such-thing" in error("builtin:no/such-thing", tmp_path)
+
+
+def test_require_columns_lists_existing_and_suggests(tmp_path: Path) -> None:
+    ds = load_rows(DataSpec.model_validate([str(_jsonl(tmp_path))]), where=WHERE)
+    require_columns(ds, ["text", "label"], WHERE)
+    with pytest.raises(UserError) as info:
+        require_columns(ds, ["txt"], "stages.ft.text_column")
+    message = str(info.value)
+    assert message.startswith("stages.ft.text_column")
+    assert (
+        "'txt' not found" in message
+        and "text, label" in message
+        and "did you mean 'text'" in message
+    )
+
+
+def test_split_validation(tmp_path: Path) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": [str(i) for i in range(40)]})
+    train, val = split_validation(ds, 0.1, seed=3)
+    assert val is not None and len(val) == 4 and len(train) == 36
+    assert sorted(list(train["text"]) + list(val["text"]), key=int) == list(ds["text"])
+    again_train, again_val = split_validation(ds, 0.1, seed=3)
+    assert again_val is not None and list(again_val["text"]) == list(val["text"])
+    assert split_validation(ds, 0.0, seed=3) == (ds, None)
+    tiny_train, tiny_val = split_validation(ds.select([0, 1]), 0.01, seed=3)
+    assert tiny_val is not None and len(tiny_train) == len(tiny_val) == 1
+    with pytest.raises(UserError, match="validation"):
+        split_validation(ds.select([0]), 0.1, seed=3, where="stages.pre.validation_fraction")
+
+
+def _jsonl(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    return path
