@@ -173,6 +173,9 @@ def build_model(
     return model
 
 
+_CONFIG_KWARGS = ("num_labels", "id2label", "label2id", "problem_type")
+
+
 def load_model(
     source: str,
     task: str,
@@ -184,8 +187,11 @@ def load_model(
     """Load a pretrained model for ``task`` via the Auto classes (stage final dir, directory, hub id)."""
     auto = _auto_class(task)
     remote = _remote_kwargs(trust_remote_code)
+    # transformers 5 hands extra kwargs to the model constructor once a config is given, so
+    # config attributes (a classifier's label map) must go into the config itself.
+    config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KWARGS}
     try:
-        config = AutoConfig.from_pretrained(source, **remote)
+        config = AutoConfig.from_pretrained(source, **remote, **config_kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             f"cannot load a model from {source!r}: {_first_line(exc)}",

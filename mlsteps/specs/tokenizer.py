@@ -32,7 +32,9 @@ class TokenizerSpec(Strict):
     min_frequency: PositiveInt = Field(2, description="Minimum pair/token frequency to merge.")
     lowercase: bool = Field(False, description="Lowercase text before tokenizing.")
     normalization: Literal["none", "nfc", "nfkc"] = Field(
-        "nfkc", description="Unicode normalisation applied before tokenizing."
+        "nfc",
+        description="Unicode normalisation applied before tokenizing (nfkc also folds full-width "
+        "punctuation such as ，。 into ASCII, which changes Chinese output).",
     )
     target: Literal["clm", "mlm", "seq2seq"] = Field(
         "clm",

@@ -26,7 +26,6 @@ from typing import Any
 import datasets
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     set_seed,
@@ -338,12 +337,15 @@ def _model(
         config = load_config(source, where=f"{where}.from", **remote)
         # Checked on the config, before any weights are downloaded or read.
         _check_task(spec, config, where)
-        if label2id is not None:
-            model = _load_classifier(spec, source, config, kwargs, where)
-        else:
-            model = load_model(
-                source, spec.task, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
-            )
+        # A checkpoint already fine-tuned on other classes has a head of another shape.
+        extra = {**kwargs, "ignore_mismatched_sizes": True} if label2id is not None else {}
+        model = load_model(
+            source,
+            spec.task,
+            trust_remote_code=spec.trust_remote_code,
+            where=f"{where}.from",
+            **extra,
+        )
     config = model.config
     if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         # Sequence classification on decoders picks the last non-pad token: it needs the pad id.
@@ -377,29 +379,6 @@ def _check_task(spec: FinetuneSpec, config: Any, where: str) -> None:
             where=f"{where}.from",
             hint="use an encoder (bert, roberta), a decoder (gpt2, llama) or t5/bart",
         )
-
-
-def _load_classifier(
-    spec: FinetuneSpec, source: str, config: Any, label_kwargs: dict[str, Any], where: str
-) -> Any:
-    """AutoModelForSequenceClassification with our label map in its config.
-
-    engine.modeling.load_model passes extra kwargs to the model constructor, not the config
-    (transformers 5 with an explicit config), so the label map is put into the config here.
-    """
-    remote = {"trust_remote_code": True} if spec.trust_remote_code else {}
-    config.update(label_kwargs)
-    try:
-        # A checkpoint already fine-tuned on other classes has a head of another shape.
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, ignore_mismatched_sizes=True, **remote
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load a {config.model_type} classifier from {source!r}: "
-            f"{str(exc).strip().splitlines()[0][:200]}",
-            where=f"{where}.from",
-        ) from exc
 
 
 def load_config(source: str, *, where: str, **kwargs: Any) -> Any:

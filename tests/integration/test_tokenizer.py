@@ -105,9 +105,11 @@ def test_chinese(tmp_path: Path, algorithm: str) -> None:
     assert metrics["unk_rate"] == 0
 
 
-def test_default_nfkc_folds_full_width_punctuation(tmp_path: Path) -> None:
-    _, tok = run(tmp_path, data=LUXUN, rows=100, vocab_size=600)
+def test_default_keeps_full_width_punctuation_and_nfkc_folds_it(tmp_path: Path) -> None:
     text = "墙外，有两株树。"
+    _, tok = run(tmp_path / "a", data=LUXUN, rows=100, vocab_size=600)
+    assert tok.decode(tok(text)["input_ids"]) == text  # nfc default: Chinese output unchanged
+    _, tok = run(tmp_path / "b", data=LUXUN, rows=100, vocab_size=600, normalization="nfkc")
     assert tok.decode(tok(text)["input_ids"]) == unicodedata.normalize("NFKC", text) != text
 
 
