@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.specs import SPEC_BY_KIND, StageSpec
 from mlsteps.specs.common import SAFE_NAME_RE, DataSpec, Strict
+from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
 
@@ -31,6 +32,12 @@ class Recipe(Strict):
     )
     stages: dict[str, StageSpec] = Field(
         ..., description="Ordered mapping: stage name -> stage spec (runs in this order)."
+    )
+    distributed: DistributedSpec | None = Field(
+        None,
+        description="Multi-process settings (backend, timeout, FSDP or DeepSpeed); used only when "
+        "launched on several processes (mlsteps run --nproc-per-node N, torchrun, accelerate "
+        "launch). See docs/distributed.md.",
     )
 
     @field_validator("name")
@@ -302,14 +309,13 @@ def check_data_files(recipe: Recipe) -> None:
                 continue
             if value.builtin:
                 _check_builtin(value, f"stages.{stage_name}.{field_name}")
-            if not value.files:
-                continue
-            for pattern in value.files:
+            patterns = list(value.files or []) + list((value.aligned or {}).values())
+            for pattern in patterns:
                 expanded = str(Path(pattern).expanduser())
                 if not glob.glob(expanded):
                     raise UserError(
                         f"data file '{pattern}' not found",
-                        where=f"stages.{stage_name}.{field_name}.files",
+                        where=f"stages.{stage_name}.{field_name}",
                         hint="check the path (relative paths start at the working directory)",
                     )
 

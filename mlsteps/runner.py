@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mlsteps import __version__
+from mlsteps import __version__, distributed
 from mlsteps.context import StageContext, StageResult
 from mlsteps.errors import (
     MlstepsError,
@@ -43,7 +42,9 @@ FINGERPRINT_VERSION = 1
 
 def rank() -> int:
     """Global rank under torchrun/accelerate (0 when not distributed)."""
-    return int(os.environ.get("RANK", "0"))
+    from mlsteps.distributed import rank as global_rank
+
+    return global_rank()
 
 
 def _now() -> str:
@@ -63,6 +64,10 @@ def _data_identity(spec: Any) -> list[Any]:
     for data in data_specs(spec):
         if data.files:
             for pattern in data.files:
+                for match in sorted(glob.glob(str(Path(pattern).expanduser()))):
+                    ident.append(_file_identity(Path(match)))
+        elif data.aligned:
+            for pattern in data.aligned.values():
                 for match in sorted(glob.glob(str(Path(pattern).expanduser()))):
                     ident.append(_file_identity(Path(match)))
         elif data.builtin:
@@ -178,10 +183,17 @@ def run_recipe(
     _select(recipe, from_stage, only)
     check_data_files(recipe)
     main = rank() == 0
-    _prepare_run_dir(run_dir)
+    quiet = quiet or not main  # rank 0 speaks for the run
+    distributed.configure(recipe.distributed)
+    distributed.init_process_group()  # no-op (and no torch import) in a single process
     lock = RunLock(run_dir)
-    if main:
+
+    def prepare_and_lock() -> None:
+        _prepare_run_dir(run_dir)
         lock.acquire()
+
+    # Only rank 0 prepares and locks; a refusal is raised on every rank (same exit code).
+    distributed.run_on_main(prepare_and_lock)
     try:
         return _run_locked(recipe, run_dir, from_stage, only, force, quiet, main)
     finally:
@@ -203,6 +215,8 @@ def _run_locked(
     state: dict[str, Any] = read_json(state_path, {}) or {}
     state.setdefault("stages", {})
     metrics: dict[str, Any] = read_json(metrics_path, {}) or {}
+    # Every rank has read the same state.json before rank 0 writes anything.
+    distributed.barrier()
     if main:
         atomic_write_text(
             run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False)
@@ -243,12 +257,17 @@ def _run_locked(
                     )
                 continue
             dependent = any(r in rerun for r in refs)
-            if (
-                up_to_date
-                and name not in forced
-                and not dependent
-                and _outputs_exist(run_dir, prev)
-            ):
+            # Rank 0 decides skip/resume (it sees the files); every rank follows its decision.
+            skip, fresh = distributed.broadcast_object(
+                (
+                    up_to_date
+                    and name not in forced
+                    and not dependent
+                    and _outputs_exist(run_dir, prev),
+                    prev.get("fingerprint") != fp or name in forced or dependent,
+                )
+            )
+            if skip:
                 result.stages[name] = {"status": "done", "skipped": True, **_timing(prev)}
                 if not quiet:
                     print(f"[{name}] up to date, skipped", file=sys.stderr)
@@ -259,10 +278,10 @@ def _run_locked(
                     hint="run the same command again to continue",
                 )
             stage_dir = run_dir / name
-            fresh = prev.get("fingerprint") != fp or name in forced or dependent
             if fresh and stage_dir.exists() and main:
                 # A different config must never resume from the old config's checkpoints.
                 shutil.rmtree(stage_dir)
+            distributed.barrier()  # nobody writes into the stage dir before it is cleared
             stage_dir.mkdir(parents=True, exist_ok=True)
             rerun.add(name)
             state["stages"][name] = {
@@ -323,6 +342,7 @@ def _run_locked(
                 atomic_write_json(run_dir / "env.json", environment_info())
             save_state()
             _safe_report(run_dir, report, main)
+            distributed.barrier()  # the next stage may read this one's outputs
             result.stages[name] = {
                 "status": "done",
                 "skipped": False,

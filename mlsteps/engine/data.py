@@ -149,8 +149,38 @@ def _diagnose_jsonl(path: Path, *, where: str) -> None:
                 raise UserError(f"{path}:{number}: expected a JSON object per line", where=where)
 
 
+def _load_aligned(aligned: dict[str, str], *, where: str) -> datasets.Dataset:
+    """Line-aligned text files, one per column (e.g. multi30k's train.en.gz / train.de.gz)."""
+    columns: dict[str, list[str]] = {}
+    for column, pattern in aligned.items():
+        paths = resolve_files([pattern], where=f"{where}.aligned.{column}")
+        if len(paths) != 1:
+            raise UserError(
+                f"'{pattern}' matches {len(paths)} files; an aligned column needs exactly one",
+                where=f"{where}.aligned.{column}",
+            )
+        check_text_file(paths[0], where=f"{where}.aligned.{column}")
+        with _open_bytes(paths[0]) as fh:
+            text = fh.read().decode("utf-8-sig")
+        columns[column] = text.rstrip("\n").split("\n")
+    counts = {c: len(v) for c, v in columns.items()}
+    if len(set(counts.values())) > 1:
+        raise UserError(
+            "aligned files have different line counts: "
+            + ", ".join(f"{c} {n}" for c, n in counts.items()),
+            where=f"{where}.aligned",
+            hint="row i must be line i of every file",
+        )
+    return datasets.Dataset.from_dict(columns)
+
+
 def _load_files(
-    files: list[Path], fmt: str, *, where: str, cache_dir: Path | None
+    files: list[Path],
+    fmt: str,
+    *,
+    where: str,
+    cache_dir: Path | None,
+    column_names: list[str] | None = None,
 ) -> datasets.Dataset:
     if fmt == "json":
         parts = [_load_json_array(p, where=where) for p in files]
@@ -163,6 +193,8 @@ def _load_files(
         "tsv": ("csv", {"sep": "\t", "quoting": 3}),
         "parquet": ("parquet", {}),
     }[fmt]
+    if column_names and fmt in ("csv", "tsv"):
+        kwargs = {**kwargs, "column_names": column_names, "header": None}
     try:
         ds = datasets.load_dataset(
             builder,
@@ -220,7 +252,7 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
                     raise UserError(f"{path} is empty", where=where)
             else:
                 check_text_file(path, where=where)
-        ds = _load_files(files, fmt, where=where, cache_dir=cache_dir)
+        ds = _load_files(files, fmt, where=where, cache_dir=cache_dir, column_names=spec.columns)
         origin = ", ".join(p.name for p in files[:3])
     elif spec.hub:
         try:
@@ -239,6 +271,8 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
         if not isinstance(loaded, datasets.Dataset):
             raise UserError(f"hub dataset {spec.hub!r} did not give a single split", where=where)
         ds, origin = loaded, spec.hub
+    elif spec.aligned:
+        ds, origin = _load_aligned(spec.aligned, where=where), ", ".join(spec.aligned.values())
     else:
         assert spec.builtin is not None
         ds, origin = _load_builtin(spec.builtin, spec.split, where=where), f"builtin:{spec.builtin}"

@@ -29,7 +29,7 @@ class Strict(BaseModel):
 class DataSpec(Strict):
     """Where a stage's rows come from: local files, a hub dataset, or the project's builtin data.
 
-    Exactly one of ``files``, ``hub`` or ``builtin`` is set. A plain string is accepted as a
+    Exactly one of ``files``, ``hub``, ``builtin`` or ``aligned`` is set. A plain string is accepted as a
     shorthand: ``builtin:NAME`` for builtin data, otherwise a file path or glob.
     """
 
@@ -43,6 +43,16 @@ class DataSpec(Strict):
     builtin: str | None = Field(
         None,
         description="A builtin data set of mlsteps, e.g. 'toy/translate' (see `mlsteps data list`).",
+    )
+    aligned: dict[str, str] | None = Field(
+        None,
+        description="Line-aligned plain-text files, one per column (.gz allowed), e.g. "
+        "{source: train.en.gz, target: train.de.gz}: row i is line i of every file.",
+    )
+    columns: list[str] | None = Field(
+        None,
+        description="Column names for csv/tsv files without a header row (the first line is "
+        "then data, not names).",
     )
     split: str = Field(
         "train",
@@ -70,10 +80,10 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> DataSpec:
-        given = [k for k in ("files", "hub", "builtin") if getattr(self, k)]
+        given = [k for k in ("files", "hub", "builtin", "aligned") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of 'files', 'hub' or 'builtin'"
+                "give exactly one of 'files', 'hub', 'builtin' or 'aligned'"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self

@@ -173,3 +173,33 @@ def _jsonl(tmp_path: Path) -> Path:
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
     return path
+
+
+def test_aligned_files_pair_lines(tmp_path, shared_data):
+    from mlsteps.engine.data import load_rows
+    from mlsteps.specs.common import DataSpec
+
+    multi30k = shared_data / "multi30k"
+    spec = DataSpec(aligned={"source": str(multi30k / "val.en.gz"), "target": str(multi30k / "val.de.gz")})
+    rows = load_rows(spec, where="stages.ft.data")
+    assert rows.num_rows == 1014 and rows.column_names == ["source", "target"]
+    assert rows[0]["source"].startswith("A group of men") and rows[0]["target"].startswith("Eine Gruppe")
+    short = tmp_path / "short.txt"
+    short.write_text("one line\n")
+    bad = DataSpec(aligned={"source": str(multi30k / "val.en.gz"), "target": str(short)})
+    with pytest.raises(UserError, match=r"stages.ft.data.aligned: aligned files have different line counts: source 1014, target 1"):
+        load_rows(bad, where="stages.ft.data")
+
+
+def test_headerless_tsv_with_column_names(shared_data):
+    from mlsteps.engine.data import load_rows
+    from mlsteps.specs.common import DataSpec
+
+    spec = DataSpec(
+        files=[str(shared_data / "tatoeba_cmn_eng" / "cmn.txt")],
+        format="tsv",
+        columns=["source", "target", "attribution"],
+    )
+    rows = load_rows(spec, where="stages.ft.data")
+    assert rows.num_rows == 29155  # the first line is data, not a header
+    assert rows[0]["source"] == "Hi." and rows[0]["target"] == "嗨。"
