@@ -18,6 +18,9 @@ from mlsteps.specs.common import SAFE_NAME_RE, DataSpec, Strict
 from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
+# Files at the top of a run directory; a stage directory of the same name would clobber them.
+RESERVED_NAMES = frozenset({"state.json", "metrics.json", "report.md", "env.json", "recipe.yaml"})
+
 
 class Recipe(Strict):
     """A multi-step training recipe: named stages run in order, each handing its model on."""
@@ -55,6 +58,10 @@ class Recipe(Strict):
         if not value:
             raise ValueError("a recipe needs at least one stage")
         for name in value:
+            if name in RESERVED_NAMES:
+                raise ValueError(
+                    f"stage name '{name}' is reserved for the run directory's own files"
+                )
             if not SAFE_NAME_RE.match(name):
                 raise ValueError(
                     f"stage name '{name}' must be one path component of letters, digits, '_', '-', '.'"
@@ -104,6 +111,9 @@ def apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_DATA_KEYS = ("data", "validation")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=VALUE` (VALUE parsed as YAML) and `~a.b.c` (remove) to the raw recipe."""
     out = copy.deepcopy(raw)
@@ -124,6 +134,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise UserError(f"override '{item}' has an empty key")
         node: Any = out
         for depth, part in enumerate(parts[:-1]):
+            if (
+                isinstance(node, dict)
+                and isinstance(node.get(part), str | list)
+                and part in _DATA_KEYS
+            ):
+                # Reaching below a data shorthand ('builtin:x', 'file.txt'): use its mapping form.
+                node[part] = DataSpec.model_validate(node[part]).model_dump(exclude_defaults=True)
             if isinstance(node, list) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -212,6 +213,10 @@ def _run_locked(
     from mlsteps import report
 
     state_path, metrics_path = run_dir / "state.json", run_dir / "metrics.json"
+    if main:
+        # Temp files of atomic writes cut short by a kill; only the lock holder writes them.
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     state: dict[str, Any] = read_json(state_path, {}) or {}
     state.setdefault("stages", {})
     metrics: dict[str, Any] = read_json(metrics_path, {}) or {}
@@ -310,24 +315,23 @@ def _run_locked(
                 entry.update(
                     status="failed", finished_at=_now(), duration_s=round(time.monotonic() - t0, 3)
                 )
+                exc = _disk_error(exc, name, run_dir)
                 if isinstance(exc, StageInterrupted | KeyboardInterrupt):
                     entry.update(interrupted=True, error=f"interrupted: {exc}")
-                    save_state()
-                    _safe_report(run_dir, report, main)
+                    _record_failure(save_state, run_dir, report, main)
                     if isinstance(exc, KeyboardInterrupt):
                         raise StageInterrupted(
                             f"stage '{name}' aborted", hint="run the same command again to resume"
                         ) from exc
-                    raise
+                    raise exc
                 entry["error"] = (
                     str(exc) if isinstance(exc, MlstepsError) else f"{type(exc).__name__}: {exc}"
                 )
                 if not isinstance(exc, MlstepsError):
                     entry["traceback"] = traceback.format_exc()
-                save_state()
-                _safe_report(run_dir, report, main)
+                _record_failure(save_state, run_dir, report, main)
                 if isinstance(exc, MlstepsError):
-                    raise
+                    raise exc
                 raise StageFailed(f"stage '{name}' failed: {type(exc).__name__}: {exc}") from exc
             entry.update(
                 status="done",
@@ -354,6 +358,37 @@ def _run_locked(
                 f"interrupted by {signals.received}", hint="run the same command again to continue"
             )
     return result
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _disk_error(exc: BaseException, stage: str, run_dir: Path) -> BaseException:
+    """A full or read-only disk is the user's to fix: say where and how, keep the cause."""
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return exc
+    assert isinstance(cause, OSError)
+    what = "no space left on the device" if cause.errno != errno.EROFS else "read-only file system"
+    failed = StageFailed(
+        f"{what} while writing {cause.filename or run_dir}",
+        where=f"stages.{stage}",
+        hint=f"free space for {run_dir} (or pass another --run-dir), then run the same command "
+        "again to resume from the last complete checkpoint",
+    )
+    failed.__cause__ = exc
+    return failed
+
+
+def _record_failure(save_state: Any, run_dir: Path, report: Any, main: bool) -> None:
+    """Write the failed state; if even that fails (full disk), the stage's error still wins."""
+    try:
+        save_state()
+        _safe_report(run_dir, report, main)
+    except OSError as exc:
+        print(f"warning: could not record the failure in state.json: {exc}", file=sys.stderr)
 
 
 def _relative_outputs(run_dir: Path, outputs: dict[str, str]) -> dict[str, str]:

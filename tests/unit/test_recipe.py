@@ -180,3 +180,19 @@ def test_missing_local_model_directory_is_caught_at_validation(write_recipe):
         "recipe.yaml:3 (stages.ev.models.0): model directory './nowhere/model' not found"
         in error_of(write_recipe, text)
     )
+
+
+@pytest.mark.parametrize(
+    "name", ["state.json", "report.md", "recipe.yaml", "metrics.json", "env.json"]
+)
+def test_stage_names_of_run_files_are_reserved(write_recipe, name):
+    text = f"name: x\nstages:\n  {name}: {{kind: tokenizer, from: a/b}}\n"
+    assert f"stage name '{name}' is reserved" in error_of(write_recipe, text)
+
+
+def test_overrides_reach_below_a_data_shorthand(write_recipe):
+    recipe = load(
+        write_recipe, overrides=["stages.pre.data.max_samples=5", "stages.pre.data.split=test"]
+    )
+    data = recipe.stages["pre"].data
+    assert (data.builtin, data.max_samples, data.split) == ("toy/corpus", 5, "test")

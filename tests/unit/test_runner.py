@@ -123,6 +123,8 @@ def test_user_error_in_stage_is_exit_2(write_recipe, tmp_path):
     fake_stages.BEHAVIOUR["pre"] = "user_error"
     with pytest.raises(UserError, match="stages.pre.data: column 'text' not found"):
         go(write_recipe, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["stages"]["pre"]["status"] == "failed" and state["stages"]["tok"]["status"] == "done"
 
 
 def test_lock_refuses_a_second_run(write_recipe, tmp_path):
@@ -216,3 +218,31 @@ def test_builtin_names_and_splits_are_checked_before_work(write_recipe, tmp_path
     ):
         go(write_recipe, tmp_path / "run", ["stages.pre.data={builtin: toy/corpus, split: dev}"])
     assert not (tmp_path / "run").exists()
+
+
+def test_stale_temp_files_of_killed_writes_are_removed(write_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    go(write_recipe, run_dir)
+    (run_dir / ".state.json.abc123.tmp").write_text("{half")
+    go(write_recipe, run_dir)
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_full_disk_is_a_clear_stage_failure(write_recipe, tmp_path, monkeypatch):
+    import errno
+
+    real_run = fake_stages.run
+
+    def full(spec, ctx):
+        if ctx.stage == "pre":
+            raise OSError(errno.ENOSPC, "No space left on device", str(ctx.stage_dir / "x"))
+        return real_run(spec, ctx)
+
+    monkeypatch.setattr(fake_stages, "run", full)
+    with pytest.raises(
+        StageFailed,
+        match=r"stages.pre: no space left on the device while writing .*pre/x \(free space",
+    ):
+        go(write_recipe, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["stages"]["pre"]["status"] == "failed" and state["stages"]["tok"]["status"] == "done"
