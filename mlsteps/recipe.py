@@ -307,10 +307,11 @@ def data_specs(spec: BaseModel) -> list[Any]:
     found: list[Any] = []
     for name in type(spec).model_fields:
         value = getattr(spec, name)
-        if isinstance(value, DataSpec):
-            found.append(value)
-        elif isinstance(value, BaseModel):
-            found.extend(data_specs(value))
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, DataSpec):
+                found.append(item)
+            elif isinstance(item, BaseModel):
+                found.extend(data_specs(item))
     return found
 
 
@@ -322,19 +323,22 @@ def check_data_files(recipe: Recipe) -> None:
     for stage_name, spec in recipe.stages.items():
         for field_name in type(spec).model_fields:
             value = getattr(spec, field_name)
-            if not isinstance(value, DataSpec):
-                continue
-            if value.builtin:
-                _check_builtin(value, f"stages.{stage_name}.{field_name}")
-            patterns = list(value.files or []) + list((value.aligned or {}).values())
-            for pattern in patterns:
-                expanded = str(Path(pattern).expanduser())
-                if not glob.glob(expanded):
-                    raise UserError(
-                        f"data file '{pattern}' not found",
-                        where=f"stages.{stage_name}.{field_name}",
-                        hint="check the path (relative paths start at the working directory)",
-                    )
+            items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+            for index, data in items:
+                if not isinstance(data, DataSpec):
+                    continue
+                where = f"stages.{stage_name}.{field_name}" + (
+                    f".{index}" if index is not None else ""
+                )
+                if data.builtin:
+                    _check_builtin(data, where)
+                for pattern in list(data.files or []) + list((data.aligned or {}).values()):
+                    if not glob.glob(str(Path(pattern).expanduser())):
+                        raise UserError(
+                            f"data file '{pattern}' not found",
+                            where=where,
+                            hint="check the path (relative paths start at the working directory)",
+                        )
 
 
 def _check_builtin(data: DataSpec, where: str) -> None:

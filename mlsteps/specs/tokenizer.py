@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlsteps.specs.common import DataSpec, PositiveInt, Strict
 
@@ -21,8 +21,16 @@ class TokenizerSpec(Strict):
         description="Wrap an existing tokenizer (earlier stage, local directory or hub id) "
         "instead of training one.",
     )
-    data: DataSpec | None = Field(None, description="Text to train on (required unless 'from').")
-    text_column: str = Field("text", description="Column holding the text (jsonl/csv/tsv/parquet).")
+    data: list[DataSpec] | None = Field(
+        None,
+        description="Text to train on (required unless 'from'): one data source, or a list of "
+        "sources (e.g. [builtin:toy/corpus, {builtin: toy/translate}]) trained on together.",
+    )
+    text_column: str | list[str] = Field(
+        "text",
+        description="Column(s) holding the text; with a list, every listed column a source has "
+        "is used (e.g. [text, source, target]).",
+    )
     algorithm: Literal["bpe", "wordpiece", "unigram"] = Field(
         "bpe",
         description="bpe: byte-level BPE (GPT-2 style); wordpiece: BERT style; unigram: "
@@ -42,6 +50,22 @@ class TokenizerSpec(Strict):
         "(clm: bos/eos/pad/unk; mlm: cls/sep/mask/pad/unk; seq2seq: pad/eos/unk/bos).",
     )
     max_lines: PositiveInt | None = Field(None, description="Train on at most N lines/rows.")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        # A list of mappings or builtin: names is several sources; a list of paths is one.
+        if value is None or not isinstance(value, list):
+            return None if value is None else [value]
+        if any(
+            isinstance(v, dict) or (isinstance(v, str) and v.startswith("builtin:")) for v in value
+        ):
+            return value
+        return [value]
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
 
     @model_validator(mode="after")
     def _data_or_from(self) -> TokenizerSpec:

@@ -24,8 +24,11 @@ FINAL_FILES = {"tokenizer.json", "tokenizer_config.json"}
 def run(
     tmp_path: Path, data: Path | None = WIKI, rows: int = 300, **fields: Any
 ) -> tuple[dict, Any]:
+    sources = fields.pop("sources", None)
     spec: dict[str, Any] = {"kind": "tokenizer", "vocab_size": 400, **fields}
-    if data is not None:
+    if sources is not None:
+        spec["data"] = sources
+    elif data is not None:
         spec["data"] = {"files": [str(data)], "max_samples": rows}
     ctx = StageContext(run_dir=tmp_path, stage="tok", kind="tokenizer", seed=0, quiet=True)
     result = tokenizer.run(TokenizerSpec.model_validate(spec), ctx)
@@ -140,3 +143,14 @@ def test_unusable_settings(tmp_path: Path) -> None:
 def _lines(path: Path, n: int) -> list[str]:
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines[:n]
+
+
+def test_several_sources_and_columns(tmp_path: Path) -> None:
+    sources = ["builtin:toy/corpus", {"builtin": "toy/translate", "max_samples": 500}]
+    columns = ["text", "source", "target"]
+    metrics, both = run(tmp_path / "a", None, sources=sources, text_column=columns)
+    # corpus rows (text) + translate rows (source and target columns)
+    assert metrics["training_rows"] == 4000 + 2 * 500
+    _, corpus_only = run(tmp_path / "b", None, sources="builtin:toy/corpus")
+    target = "Na benon ro vuka naku kigom."  # a toy/translate target sentence
+    assert len(both(target)["input_ids"]) < len(corpus_only(target)["input_ids"])
