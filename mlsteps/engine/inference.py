@@ -187,12 +187,22 @@ def load_for_inference(
     from transformers import AutoTokenizer
 
     info = inspect_source(source, trust_remote_code=trust_remote_code, where=where)
-    model = _model_class(info.kind).from_pretrained(
-        info.model_source,
-        trust_remote_code=trust_remote_code,
-        dtype=torch.float32,
-        **_adapter_head_config(info, trust_remote_code),
-    )
+    try:
+        model = _model_class(info.kind).from_pretrained(
+            info.model_source,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+            use_safetensors=True,  # never unpickle a pytorch_model.bin
+            **_adapter_head_config(info, trust_remote_code),
+        )
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load model weights from {info.model_source!r}: {first}",
+            where=where,
+            hint="mlsteps loads weights only from safetensors files; convert a pickled checkpoint "
+            "with save_pretrained(..., safe_serialization=True)",
+        ) from exc
     if info.adapter_source is not None:
         from peft import PeftModel
 

@@ -199,7 +199,8 @@ def load_model(
             hint="give an earlier stage, a directory with config.json, or a hub id",
         ) from exc
     try:
-        return auto.from_pretrained(source, config=config, **remote, **kwargs)
+        # Weights only from safetensors: a pickled pytorch_model.bin can run code when loaded.
+        return auto.from_pretrained(source, config=config, use_safetensors=True, **remote, **kwargs)
     except ValueError as exc:
         raise UserError(
             f"{source!r} is a {config.model_type} model, which cannot do {task}: {_first_line(exc)}",
@@ -207,7 +208,10 @@ def load_model(
         ) from exc
     except OSError as exc:
         raise UserError(
-            f"cannot load model weights from {source!r}: {_first_line(exc)}", where=where
+            f"cannot load model weights from {source!r}: {_first_line(exc)}",
+            where=where,
+            hint="mlsteps loads weights only from safetensors files; convert a pickled checkpoint "
+            "with save_pretrained(..., safe_serialization=True)",
         ) from exc
 
 
