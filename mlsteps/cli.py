@@ -65,20 +65,56 @@ def run(
         bool, typer.Option(help="Re-run every stage, ignoring earlier results.")
     ] = False,
     as_json: JsonOpt = False,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc-per-node",
+            help="Launch N processes on this node through torchrun (one per GPU; gloo on CPU).",
+        ),
+    ] = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Number of nodes (multi-node).")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
+    master_addr: Annotated[
+        str | None, typer.Option("--master-addr", help="Address of node 0 (multi-node).")
+    ] = None,
+    master_port: Annotated[
+        int | None, typer.Option("--master-port", help="Free port on node 0 (multi-node).")
+    ] = None,
 ) -> None:
     """Run a recipe; finished, unchanged stages are skipped and interrupted ones resume."""
-    from mlsteps.recipe import load_recipe
+    from mlsteps.recipe import check_data_files, load_recipe
 
     _STATE["json"] = as_json
     spec = load_recipe(recipe, overrides or [])
+    from mlsteps.distributed import inside_launcher
+
+    if nproc_per_node is not None and not inside_launcher():
+        # Validate here (exit 2 before any process starts), then re-run this command on every
+        # process through torchrun's engine.
+        from mlsteps.distributed import LaunchOptions, launch
+
+        check_data_files(spec)
+        child = ["--debug"] if _STATE["debug"] else []
+        child += ["run", str(recipe)]
+        for flag, value in (("--run-dir", run_dir), ("--from", from_stage), ("--only", only)):
+            if value is not None:
+                child += [flag, str(value)]
+        child += ["--force"] if force else []
+        child += ["--json"] if as_json else []
+        child += ["--", *(overrides or [])]
+        opts = LaunchOptions(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+        raise typer.Exit(launch(opts, child))
     _execute(spec, run_dir, from_stage=from_stage, only=only, force=force, as_json=as_json)
 
 
 def _execute(spec: Any, run_dir: Path | None, *, as_json: bool, **kwargs: Any) -> None:
+    from mlsteps.distributed import is_main
     from mlsteps.runner import run_recipe
 
     target = run_dir or Path("runs") / spec.name
     result = run_recipe(spec, target, **kwargs)
+    if not is_main():
+        return  # rank 0 reports for the whole run
     if as_json:
         _emit(result.to_json())
     else:

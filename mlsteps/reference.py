@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 
 from mlsteps.specs import SPEC_BY_KIND
 from mlsteps.specs.common import ArchSpec, DataSpec, GenerationSpec, LoraSpec, TrainSpec
+from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
 from mlsteps.specs.evaluate import PerplexitySpec
 
 
@@ -101,7 +102,8 @@ def recipe_reference() -> str:
             model_table(model),
             "",
         ]
-    for model in (DataSpec, TrainSpec, ArchSpec, LoraSpec, GenerationSpec, PerplexitySpec):
+    shared = (DataSpec, TrainSpec, ArchSpec, LoraSpec, GenerationSpec, PerplexitySpec)
+    for model in (*shared, DistributedSpec, FsdpSpec, DeepSpeedSpec):
         doc = " ".join((model.__doc__ or "").split())
         parts += [f"## {model.__name__}", "", doc, "", model_table(model), ""]
     return "\n".join(parts).rstrip() + "\n"

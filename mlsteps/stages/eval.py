@@ -27,6 +27,13 @@ import os
 from typing import Any
 
 from mlsteps.context import StageContext, StageResult
+from mlsteps.distributed import (
+    all_gather_object,
+    is_distributed,
+    is_main,
+    map_sharded,
+    shard_indices,
+)
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.specs.common import GenerationSpec
 from mlsteps.specs.evaluate import METRICS, EvalSpec
@@ -160,16 +167,7 @@ def _score_model(
     out: dict[str, Any] = {}
     ppl = spec.perplexity
     if "perplexity" in metrics:
-        res = perplexity.causal_lm_perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            data["text"],
-            window_tokens=ppl.window,
-            stride_tokens=ppl.stride,
-            mode=ppl.mode,
-            batch_size=ppl.batch_size,
-            where=where,
-        )
+        res = _causal_perplexity(spec, loaded, data["text"], where)
         out.update(
             perplexity=res.perplexity,
             bits_per_byte=res.bits_per_byte,
@@ -204,7 +202,7 @@ def _score_model(
     if gen:
         inputs = _inputs(spec, rows, loaded.prompter, f"stages.{ctx.stage}.data")
         ctx.log(f"generating {len(inputs)} outputs")
-        preds = generate_for(loaded, inputs, spec.generation, ctx)
+        preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
         post = getattr(loaded.prompter, "postprocess", None)
         preds = [post(p) for p in preds] if post else preds
         refs = data["references"]
@@ -276,23 +274,65 @@ def _predict_labels(
     batch = spec.generation.batch_size
     if loaded.kind == "classification":
         texts = require_text(rows, spec.input_column, f"stages.{ctx.stage}.data", "input_column")
-        return texts, predict_labels(loaded, texts, batch_size=batch)
+        return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
     from mlsteps.engine.prompt_scoring import rank_classify
 
     prompter = loaded.prompter
     prompts = _inputs(spec, rows, prompter, f"stages.{ctx.stage}.data")
-    predicted = rank_classify(
-        loaded.model,
-        loaded.tokenizer,
+    predicted = map_sharded(
+        lambda xs: rank_classify(
+            loaded.model,
+            loaded.tokenizer,
+            xs,
+            prompter.verbalizer,
+            answer_prefix=getattr(prompter, "answer_prefix", " "),
+            batch_size=batch,
+        ),
         prompts,
-        prompter.verbalizer,
-        answer_prefix=getattr(prompter, "answer_prefix", " "),
-        batch_size=batch,
     )
     return prompts, predicted
 
 
+def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str) -> Any:
+    """Corpus perplexity; in a multi-process run each rank scores a disjoint shard of the rows
+    (document mode) and the sums are added, so every row is scored exactly once."""
+    from mlsteps.metrics.perplexity import PerplexityResult, causal_lm_perplexity
+
+    ppl = spec.perplexity
+
+    def score(rows: list[str]) -> PerplexityResult:
+        return causal_lm_perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            rows,
+            window_tokens=ppl.window,
+            stride_tokens=ppl.stride,
+            mode=ppl.mode,
+            batch_size=ppl.batch_size,
+            where=where,
+        )
+
+    docs = [t for t in texts if t.strip()]
+    if not is_distributed() or ppl.mode != "document" or not docs:
+        return score(texts)  # stream mode joins rows: every rank scores the whole stream
+    local = [docs[i] for i in shard_indices(len(docs))]
+    parts = [p for p in all_gather_object(score(local) if local else None) if p is not None]
+    total = sum(p.scored_tokens for p in parts)
+    if not total:
+        raise UserError("no tokens to score", where=where, hint="the text column is empty or blank")
+    first = parts[0]
+    return PerplexityResult(
+        nll_sum_nats=sum(p.nll_sum_nats for p in parts),
+        scored_tokens=total,
+        utf8_bytes=sum(p.utf8_bytes for p in parts),
+        words=sum(p.words for p in parts),
+        convention=first.convention.replace(f"/{first.scored_tokens} tokens", f"/{total} tokens"),
+    )
+
+
 def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
+    if not is_main():
+        return  # every rank holds the gathered records; rank 0 writes them
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:

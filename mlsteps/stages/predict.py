@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlsteps.context import StageContext, StageResult
+from mlsteps.distributed import map_sharded
 from mlsteps.errors import UserError
 from mlsteps.specs.evaluate import PredictSpec
 from mlsteps.stages.eval import generate_for, require_text, write_jsonl
@@ -52,7 +53,8 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
         info.source, trust_remote_code=spec.trust_remote_code, where=f"{where}.model"
     )
     ctx.log(f"generating {len(inputs)} outputs with {spec.model}")
-    preds = generate_for(loaded, inputs, spec.generation, ctx)
+    # Each rank generates a disjoint shard; every rank gets all outputs back in input order.
+    preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
     post = getattr(prompter, "postprocess", None)
     if post is not None:
         preds = [post(p) for p in preds]

@@ -15,6 +15,7 @@ import datasets
 from transformers import set_seed
 
 from mlsteps.context import StageContext, StageResult
+from mlsteps.distributed import main_process_first
 from mlsteps.engine import lm_data
 from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.engine.modeling import (
@@ -123,10 +124,12 @@ def _pack(
 def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     """Pretrain, evaluate token-weighted validation perplexity, write ``final/``."""
     where = f"stages.{ctx.stage}"
-    train_rows, val_rows = _load_text(spec, ctx, where)
+    with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
+        train_rows, val_rows = _load_text(spec, ctx, where)
     tokenizer, model = _load_tokenizer_and_model(spec, ctx, where)
-    train_blocks = _pack(spec, train_rows, tokenizer, ctx, train_split=True)
-    val_blocks = _pack(spec, val_rows, tokenizer, ctx, train_split=False) if val_rows else None
+    with main_process_first():
+        train_blocks = _pack(spec, train_rows, tokenizer, ctx, train_split=True)
+        val_blocks = _pack(spec, val_rows, tokenizer, ctx, train_split=False) if val_rows else None
     n_params = count_parameters(model)
     ctx.log(
         f"{spec.objective}: {len(train_blocks)} training blocks of {spec.max_seq_len} tokens, "
