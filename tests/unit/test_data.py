@@ -180,14 +180,21 @@ def test_aligned_files_pair_lines(tmp_path, shared_data):
     from mlsteps.specs.common import DataSpec
 
     multi30k = shared_data / "multi30k"
-    spec = DataSpec(aligned={"source": str(multi30k / "val.en.gz"), "target": str(multi30k / "val.de.gz")})
+    spec = DataSpec(
+        aligned={"source": str(multi30k / "val.en.gz"), "target": str(multi30k / "val.de.gz")}
+    )
     rows = load_rows(spec, where="stages.ft.data")
     assert rows.num_rows == 1014 and rows.column_names == ["source", "target"]
-    assert rows[0]["source"].startswith("A group of men") and rows[0]["target"].startswith("Eine Gruppe")
+    assert rows[0]["source"].startswith("A group of men") and rows[0]["target"].startswith(
+        "Eine Gruppe"
+    )
     short = tmp_path / "short.txt"
     short.write_text("one line\n")
     bad = DataSpec(aligned={"source": str(multi30k / "val.en.gz"), "target": str(short)})
-    with pytest.raises(UserError, match=r"stages.ft.data.aligned: aligned files have different line counts: source 1014, target 1"):
+    with pytest.raises(
+        UserError,
+        match=r"stages.ft.data.aligned: aligned files have different line counts: source 1014, target 1",
+    ):
         load_rows(bad, where="stages.ft.data")
 
 
