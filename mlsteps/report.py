@@ -1,16 +1,47 @@
-"""metrics.json + state.json + metrics.jsonl -> report.md (+ PNG curves); rich tables for the CLI."""
+"""state.json + metrics.json + recipe.yaml + metrics.jsonl -> report.md (+ PNG curves); rich tables.
+
+report.md: a run summary (recipe, time, device, versions), the stage ladder of every eval stage
+(best value per metric in bold), then one section per stage: what it did (kind and key settings
+from recipe.yaml, the full stage config folded away), its metrics with their conventions, its loss
+and learning-rate curves, and links to final/ and predictions. ``mlsteps report`` prints the same
+in the terminal, ending with the ladder and the report's path.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mlsteps.report_plots import plot_comparison, plot_curves, read_metrics_log
+from mlsteps.report_text import describe_stage, headline, settings_line
 from mlsteps.rundir import atomic_write_text, read_json
+
+__all__ = [
+    "build_report", "is_ladder", "ladder_rows", "plot_curves", "print_report",
+    "read_metrics_log", "write_report",
+]  # fmt: skip
 
 # Keys that describe a number rather than being one; shown under the table, not as columns.
 _CONVENTION_SUFFIXES = ("_convention", "_signature", "_note", "_tokenizer")
+# Direction of each ladder metric, to mark the best model per column.
+HIGHER_IS_BETTER = frozenset(
+    {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "token_f1",
+     "accuracy", "f1", "macro_f1"}
+)  # fmt: skip
+LOWER_IS_BETTER = frozenset(
+    {"perplexity", "word_perplexity", "bits_per_byte", "ter", "masked_perplexity",
+     "pseudo_perplexity"}
+)  # fmt: skip
+# Ladder columns left out of the terminal table (still in report.md): detail, or a near-duplicate.
+_TERMINAL_HIDDEN = frozenset({"perplexity_tokens", "word_perplexity", "rougeLsum", "bits_per_byte"})
+_TERMINAL_NAMES = {"perplexity": "ppl", "exact_match": "EM", "token_f1": "tok F1"}
+# Per-stage files linked from the report, besides final/ and predictions*.jsonl.
+_EXTRA_FILES = ("prompts_preview.jsonl", "metrics.jsonl")
 
 
 def _is_convention(key: str) -> bool:
@@ -40,18 +71,40 @@ def is_ladder(stage_metrics: Any) -> bool:
     )
 
 
-def ladder_rows(stage_metrics: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
-    """Header, rows and convention notes of a stage-ladder table."""
+def _best(stage_metrics: dict[str, Any], column: str) -> float | None:
+    values = [
+        v.get(column)
+        for v in stage_metrics.values()
+        if isinstance(v.get(column), int | float) and not isinstance(v.get(column), bool)
+    ]
+    values = [v for v in values if math.isfinite(v)]
+    if len(set(values)) < 2 or column not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+        return None  # nothing to compare, or every model ties
+    return max(values) if column in HIGHER_IS_BETTER else min(values)
+
+
+def ladder_rows(
+    stage_metrics: dict[str, Any], *, hide: frozenset[str] = frozenset()
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, rows and convention notes of a stage-ladder table (``hide``: columns left out).
+
+    A convention shared by every model is noted once, without a model name.
+    """
     columns: list[str] = []
-    notes: list[str] = []
+    conventions: dict[str, dict[str, Any]] = {}
     for model, values in stage_metrics.items():
         for key, value in values.items():
             if _is_convention(key):
-                note = f"{model}: {key} = {value}"
-                if note not in notes:
-                    notes.append(note)
-            elif key not in columns:
+                conventions.setdefault(key, {})[model] = value
+            elif key not in columns and key not in hide:
                 columns.append(key)
+    notes: list[str] = []
+    for key, per_model in conventions.items():
+        distinct = {json.dumps(v, default=str) for v in per_model.values()}
+        if len(distinct) == 1 and len(per_model) == len(stage_metrics):
+            notes.append(f"{key} = {next(iter(per_model.values()))}")
+        else:
+            notes += [f"{model}: {key} = {value}" for model, value in per_model.items()]
     rows = [
         [model, *(_fmt(values.get(c, "")) for c in columns)]
         for model, values in stage_metrics.items()
@@ -59,72 +112,93 @@ def ladder_rows(stage_metrics: dict[str, Any]) -> tuple[list[str], list[list[str
     return ["model", *columns], rows, notes
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def best_cells(stage_metrics: dict[str, Any], header: list[str]) -> set[tuple[int, int]]:
+    """(row, column) positions of the best value of each directed metric column."""
+    marked: set[tuple[int, int]] = set()
+    for col, name in enumerate(header[1:], start=1):
+        best = _best(stage_metrics, name)
+        if best is None:
+            continue
+        for row, values in enumerate(stage_metrics.values()):
+            if values.get(name) == best:
+                marked.add((row, col))
+    return marked
+
+
+def _md_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]] = set()) -> str:  # noqa: B006 - read only
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    for r, row in enumerate(rows):
+        cells = [f"**{c}**" if (r, k) in bold else c for k, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows; a torn last line (killed mid-write) is ignored."""
-    rows: list[dict[str, Any]] = []
+def _load_recipe(run_dir: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError):
-        return rows
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def plot_curves(stage_dir: Path) -> list[str]:
-    """Write loss.png and lr.png for a training stage; returns the file names written."""
-    log = read_metrics_log(stage_dir / "metrics.jsonl")
-    train = [r for r in log if "loss" in r and "step" in r]
-    evals = [r for r in log if "val_loss" in r and "step" in r]
-    lrs = [r for r in log if "lr" in r and "step" in r]
-    if not train and not evals:
-        return []
-    import matplotlib
+def _parse_time(text: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    written = []
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if evals:
-        ax.plot(
-            [r["step"] for r in evals],
-            [r["val_loss"] for r in evals],
-            "o-",
-            label="validation loss",
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{stage_dir.name}: loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(stage_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    written.append("loss.png")
-    if lrs:
-        fig, ax = plt.subplots(figsize=(6, 2.5))
-        ax.plot([r["step"] for r in lrs], [r["lr"] for r in lrs])
-        ax.set_xlabel("step")
-        ax.set_ylabel("learning rate")
-        ax.set_title(f"{stage_dir.name}: learning rate")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(stage_dir / "lr.png", dpi=100)
-        plt.close(fig)
-        written.append("lr.png")
-    return written
+def _summary(run_dir: Path, state: dict[str, Any], env: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) pairs of the run summary."""
+    stages = state.get("stages", {})
+    device = env.get("device", {}) or {}
+    pk = env.get("packages", {}) or {}
+    done = sum(s.get("status") == "done" for s in stages.values())
+    starts = [t for s in stages.values() if (t := _parse_time(s.get("started_at")))]
+    ends = [t for s in stages.values() if (t := _parse_time(s.get("finished_at")))]
+    total = sum(s.get("duration_s") or 0 for s in stages.values())
+    when = f"{min(starts):%Y-%m-%d %H:%M:%S %Z}".strip() if starts else "not started"
+    span = f", {(max(ends) - min(starts)).total_seconds():.0f} s first start to last finish"
+    dev = device.get("name") or device.get("type", "unknown")
+    if device.get("threads"):
+        dev += f", {device['threads']} threads"
+    versions = ", ".join(
+        f"{name} {pk.get(name)}"
+        for name in ("mlsteps", "torch", "transformers", "datasets", "tokenizers", "peft")
+        if pk.get(name)
+    )
+    return [
+        ("recipe", f"{state.get('name', run_dir.name)} ([recipe.yaml](recipe.yaml))"),
+        ("run directory", f"`{run_dir}`"),
+        ("stages", f"{len(stages)} ({done} done)"),
+        ("started", when),
+        ("time", f"{total:.1f} s in stages" + (span if starts and ends else "")),
+        ("device", f"{dev} ({env.get('hostname', '?')}, {env.get('cpu_count', '?')} CPUs)"),
+        ("versions", f"python {env.get('python')}, {versions}"),
+        ("git", f"`{env['git_sha'][:12]}`" if env.get("git_sha") else "not a git checkout"),
+    ]
+
+
+def _ladders(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: m for name, m in metrics.items() if is_ladder(m)}
+
+
+def _ladder_md(name: str, ladder: dict[str, Any]) -> list[str]:
+    header, rows, notes = ladder_rows(ladder)
+    out = [_md_table(header, rows, best_cells(ladder, header)), ""]
+    if notes:
+        out += ["Conventions:", ""] + [f"- `{n}`" for n in notes] + [""]
+    return out
+
+
+def _links(run_dir: Path, name: str) -> list[str]:
+    stage_dir = run_dir / name
+    links = []
+    if (stage_dir / "final").exists():
+        links.append(f"[final/]({name}/final)")
+    links += [f"[{p.name}]({name}/{p.name})" for p in sorted(stage_dir.glob("predictions*.jsonl"))]
+    links += [f"[{f}]({name}/{f})" for f in _EXTRA_FILES if (stage_dir / f).exists()]
+    return links
 
 
 def build_report(run_dir: Path, *, plots: bool = True) -> str:
@@ -132,53 +206,95 @@ def build_report(run_dir: Path, *, plots: bool = True) -> str:
     state = read_json(run_dir / "state.json", {}) or {}
     metrics = read_json(run_dir / "metrics.json", {}) or {}
     env = read_json(run_dir / "env.json", {}) or {}
-    stages = state.get("stages", {})
+    recipe = _load_recipe(run_dir)
+    specs: dict[str, Any] = recipe.get("stages") or {}
+    stages: dict[str, Any] = state.get("stages", {})
     out = [f"# mlsteps run: {state.get('name', run_dir.name)}", ""]
-    device = env.get("device", {})
-    pk = env.get("packages", {})
-    total = sum(s.get("duration_s") or 0 for s in stages.values())
-    out += [
-        f"- run directory: `{run_dir}`",
-        f"- stages: {len(stages)} ({sum(s.get('status') == 'done' for s in stages.values())} done)",
-        f"- time in stages: {total:.1f} s",
-        f"- device: {device.get('name') or device.get('type', 'unknown')}",
-        f"- versions: python {env.get('python')}, mlsteps {pk.get('mlsteps')}, torch {pk.get('torch')}, "
-        f"transformers {pk.get('transformers')}, peft {pk.get('peft')}",
-        "",
-        "| stage | kind | status | duration (s) |",
-        "|---|---|---|---|",
-    ]
+    if recipe.get("description"):
+        out += [f"> {str(recipe['description']).strip()}", ""]
+    out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary(run_dir, state, env)]
+    out += ["", "| stage | kind | status | time (s) | result |", "|---|---|---|---|---|"]
     for name, s in stages.items():
+        result = headline(s.get("kind"), metrics.get(name))
         out.append(
-            f"| [{name}](#{name}) | {s.get('kind')} | {s.get('status')} | {_fmt(s.get('duration_s'))} |"
+            f"| [{name}](#{name}) | {s.get('kind')} | {s.get('status')} | "
+            f"{_fmt(s.get('duration_s'))} | {result} |"
         )
     out.append("")
+    for name, ladder in _ladders(metrics).items():
+        out += [f"## Stage ladder ({name})", ""]
+        data = specs.get(name, {}).get("data")
+        out += [f"Every model scored on {settings_line('data', data)}; best value in bold.", ""]
+        out += _ladder_md(name, ladder)
+    by_kind: dict[str, list[str]] = {}
     for name, s in stages.items():
-        out += [f"## {name}", "", f"kind `{s.get('kind')}`, status **{s.get('status')}**", ""]
-        if s.get("error"):
-            out += [f"> error: {s['error']}", ""]
-        m = metrics.get(name)
-        if isinstance(m, dict) and is_ladder(m):
-            header, rows, notes = ladder_rows(m)
-            out += ["Stage ladder (one row per model):", "", _md_table(header, rows), ""]
-            out += [f"- {n}" for n in notes] + ([""] if notes else [])
-        elif isinstance(m, dict) and m:
-            values = [[k, _fmt(v)] for k, v in m.items() if not _is_convention(k)]
-            out += [_md_table(["metric", "value"], values), ""]
-            out += [f"- {k}: `{v}`" for k, v in m.items() if _is_convention(k)]
-            out.append("")
-        stage_dir = run_dir / name
-        images = plot_curves(stage_dir) if plots and s.get("status") in ("done", "failed") else []
-        for img in images:
-            out += [f"![{name} {img}]({name}/{img})", ""]
-        links = []
-        if (stage_dir / "final").exists():
-            links.append(f"[final/]({name}/final)")
-        for extra in sorted(stage_dir.glob("predictions*.jsonl")):
-            links.append(f"[{extra.name}]({name}/{extra.name})")
-        if links:
-            out += ["Outputs: " + ", ".join(links), ""]
+        if s.get("status") in ("done", "failed"):
+            by_kind.setdefault(str(s.get("kind")), []).append(name)
+    for kind, names in by_kind.items():
+        image = plot_comparison(run_dir, kind, names) if plots and len(names) > 1 else None
+        if image:
+            out += [f"## {kind} stages compared", "", f"![{kind} loss curves]({image})", ""]
+    for name, s in stages.items():
+        out += _stage_section(run_dir, name, s, specs.get(name), metrics.get(name), plots)
+    out += ["## Files", ""]
+    out += [
+        f"- [{f}]({f})"
+        for f in ("recipe.yaml", "state.json", "metrics.json", "env.json")
+        if (run_dir / f).exists()
+    ]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _prune(value: Any) -> Any:
+    """A config without its null fields (unset options), for reading."""
+    if isinstance(value, dict):
+        return {k: _prune(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _stage_section(
+    run_dir: Path,
+    name: str,
+    s: dict[str, Any],
+    spec: dict[str, Any] | None,
+    m: Any,
+    plots: bool,
+) -> list[str]:
+    out = [f"## {name}", "", f"kind `{s.get('kind')}`, status **{s.get('status')}**", ""]
+    if s.get("duration_s") is not None:
+        out[-2] += f", {s['duration_s']:.1f} s"
+    if s.get("error"):
+        out += [f"> error: {s['error']}", ""]
+    if spec:
+        out += [describe_stage(spec), ""]
+        body = yaml.safe_dump({name: _prune(spec)}, sort_keys=False, allow_unicode=True).rstrip()
+        out += ["<details><summary>stage config (recipe.yaml, unset fields left out)</summary>", ""]
+        out += ["```yaml", body, "```", "", "</details>", ""]
+    if isinstance(m, dict) and is_ladder(m):
+        out += [f"One row per model: see [the stage ladder](#stage-ladder-{name}).", ""]
+        out += _ladder_md(name, m)
+    elif isinstance(m, dict) and m:
+        values = [[k, _fmt(v)] for k, v in m.items() if not _is_convention(k)]
+        out += [_md_table(["metric", "value"], values), ""]
+        conventions = [f"- {k}: `{v}`" for k, v in m.items() if _is_convention(k)]
+        out += conventions + ([""] if conventions else [])
+    stage_dir = run_dir / name
+    images = plot_curves(stage_dir) if plots and s.get("status") in ("done", "failed") else []
+    for img in images:
+        out += [f"![{name} {img}]({name}/{img})", ""]
+    links = _links(run_dir, name)
+    if links:
+        out += ["Outputs: " + ", ".join(links), ""]
+    return out
+
+
+def _short(cell: str) -> str:
+    """A ladder number with at most 3 significant digits (the terminal is narrow)."""
+    try:
+        value = float(cell.replace(",", ""))
+    except ValueError:
+        return cell
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
 def write_report(run_dir: Path) -> Path:
@@ -188,36 +304,55 @@ def write_report(run_dir: Path) -> Path:
 
 
 def print_report(run_dir: Path) -> None:
-    """Show the run in the terminal with rich tables (same content as report.md)."""
+    """Show the run in the terminal with rich tables (same content as report.md), ending with
+    the stage ladder and where report.md is."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     state = read_json(run_dir / "state.json", {}) or {}
     metrics = read_json(run_dir / "metrics.json", {}) or {}
-    table = Table(title=f"run {state.get('name', run_dir.name)} — {run_dir}")
-    for col in ("stage", "kind", "status", "duration (s)"):
-        table.add_column(col)
+    env = read_json(run_dir / "env.json", {}) or {}
+    specs: dict[str, Any] = _load_recipe(run_dir).get("stages") or {}
+    for label, value in _summary(run_dir, state, env):
+        if label not in ("recipe", "run directory"):
+            console.print(f"[dim]{label}:[/dim] {value.replace('`', '')}", highlight=False)
+    table = Table(title=f"run {state.get('name', run_dir.name)}: stages", title_justify="left")
+    table.add_column("stage", style="bold")
+    table.add_column("status")
+    table.add_column("time (s)", justify="right")
+    table.add_column("what it did / result", overflow="fold")
     for name, s in state.get("stages", {}).items():
-        table.add_row(name, str(s.get("kind")), str(s.get("status")), _fmt(s.get("duration_s")))
+        status = str(s.get("status"))
+        style = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "")
+        what = describe_stage(specs[name], short=True) if name in specs else str(s.get("kind"))
+        result = headline(s.get("kind"), metrics.get(name))
+        table.add_row(
+            name,
+            f"[{style}]{status}[/{style}]" if style else status,
+            _fmt(s.get("duration_s")),
+            f"[dim]{escape(what)}[/dim]" + (f"\n{escape(result)}" if result else ""),
+        )
     console.print(table)
-    for name, m in metrics.items():
-        if isinstance(m, dict) and is_ladder(m):
-            header, rows, notes = ladder_rows(m)
-            t = Table(title=f"{name}: stage ladder")
-            for h in header:
-                t.add_column(h)
-            for r in rows:
-                t.add_row(*r)
-            console.print(t)
-            for n in notes:
-                console.print(f"  [dim]{n}[/dim]")
-        elif isinstance(m, dict) and m:
-            t = Table(title=name)
-            t.add_column("metric")
-            t.add_column("value")
-            for k, v in m.items():
-                if not _is_convention(k):
-                    t.add_row(k, _fmt(v))
-            console.print(t)
-    console.print(f"report: {run_dir / 'report.md'}")
+    for name, ladder in _ladders(metrics).items():
+        header, rows, notes = ladder_rows(ladder, hide=_TERMINAL_HIDDEN)
+        bold = best_cells(ladder, header)
+        data = settings_line("data", specs.get(name, {}).get("data"))
+        t = Table(title=f"stage ladder ({name}): {data}", title_justify="left")
+        for k, h in enumerate(header):
+            if k == 0:
+                t.add_column(h, no_wrap=True)
+            else:
+                t.add_column(_TERMINAL_NAMES.get(h, h), justify="right", no_wrap=True)
+        for r, row in enumerate(rows):
+            cells = [c if k == 0 else _short(c) for k, c in enumerate(row)]
+            t.add_row(
+                *(f"[bold green]{c}[/]" if (r, k) in bold else c for k, c in enumerate(cells))
+            )
+        console.print(t)
+        console.print(
+            "  [dim]best per column in bold green (ppl = perplexity, EM = exact match); "
+            "conventions in report.md[/dim]"
+        )
+    console.print(f"report: {run_dir / 'report.md'}", highlight=False)
