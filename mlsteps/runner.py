@@ -361,6 +361,7 @@ def _run_locked(
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_FULL_DISK_BYTES = 1 << 20  # under 1 MiB free, a failed write was a full disk
 
 
 def _disk_error(exc: BaseException, stage: str, run_dir: Path) -> BaseException:
@@ -369,17 +370,41 @@ def _disk_error(exc: BaseException, stage: str, run_dir: Path) -> BaseException:
     while cause is not None and not (isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS):
         cause = cause.__cause__ or cause.__context__
     if cause is None:
-        return exc
-    assert isinstance(cause, OSError)
-    what = "no space left on the device" if cause.errno != errno.EROFS else "read-only file system"
+        # torch and safetensors report a full disk in their own words ("unexpected pos",
+        # SafetensorError): ask the disk itself.
+        try:
+            full = shutil.disk_usage(run_dir).free < _FULL_DISK_BYTES
+        except OSError:
+            full = False
+        if not full or isinstance(exc, StageInterrupted | KeyboardInterrupt | UserError):
+            return exc
+        what, filename = "disk full (No space left on device)", None
+    else:
+        assert isinstance(cause, OSError)
+        what = (
+            "disk full (No space left on device)" if cause.errno != errno.EROFS else "read-only file system"
+        )
+        filename = cause.filename
+    _drop_incomplete_checkpoints(run_dir / stage)
     failed = StageFailed(
-        f"{what} while writing {cause.filename or run_dir}",
+        f"{what} while writing {filename or run_dir}",
         where=f"stages.{stage}",
         hint=f"free space for {run_dir} (or pass another --run-dir), then run the same command "
         "again to resume from the last complete checkpoint",
     )
     failed.__cause__ = exc
     return failed
+
+
+def _drop_incomplete_checkpoints(stage_dir: Path) -> None:
+    """A checkpoint cut short by the full disk is never resumed from; deleting it now frees the
+    space the run needs to record its failure."""
+    from mlsteps.engine.checkpoints import COMPLETE_MARKER
+
+    for ckpt in (stage_dir / "checkpoints").glob("checkpoint-*"):
+        if ckpt.is_dir() and not (ckpt / COMPLETE_MARKER).exists():
+            shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(stage_dir / "final.tmp", ignore_errors=True)
 
 
 def _record_failure(save_state: Any, run_dir: Path, report: Any, main: bool) -> None:

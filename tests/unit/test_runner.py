@@ -241,7 +241,7 @@ def test_full_disk_is_a_clear_stage_failure(write_recipe, tmp_path, monkeypatch)
     monkeypatch.setattr(fake_stages, "run", full)
     with pytest.raises(
         StageFailed,
-        match=r"stages.pre: no space left on the device while writing .*pre/x \(free space",
+        match=r"stages.pre: disk full \(No space left on device\) while writing .*pre/x \(free space",
     ):
         go(write_recipe, tmp_path / "run")
     state = json.loads((tmp_path / "run" / "state.json").read_text())
