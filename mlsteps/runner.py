@@ -382,7 +382,9 @@ def _disk_error(exc: BaseException, stage: str, run_dir: Path) -> BaseException:
     else:
         assert isinstance(cause, OSError)
         what = (
-            "disk full (No space left on device)" if cause.errno != errno.EROFS else "read-only file system"
+            "disk full (No space left on device)"
+            if cause.errno != errno.EROFS
+            else "read-only file system"
         )
         filename = cause.filename
     _drop_incomplete_checkpoints(run_dir / stage)

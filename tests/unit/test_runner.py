@@ -124,7 +124,9 @@ def test_user_error_in_stage_is_exit_2(write_recipe, tmp_path):
     with pytest.raises(UserError, match="stages.pre.data: column 'text' not found"):
         go(write_recipe, tmp_path / "run")
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["stages"]["pre"]["status"] == "failed" and state["stages"]["tok"]["status"] == "done"
+    assert (
+        state["stages"]["pre"]["status"] == "failed" and state["stages"]["tok"]["status"] == "done"
+    )
 
 
 def test_lock_refuses_a_second_run(write_recipe, tmp_path):
@@ -245,4 +247,6 @@ def test_full_disk_is_a_clear_stage_failure(write_recipe, tmp_path, monkeypatch)
     ):
         go(write_recipe, tmp_path / "run")
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["stages"]["pre"]["status"] == "failed" and state["stages"]["tok"]["status"] == "done"
+    assert (
+        state["stages"]["pre"]["status"] == "failed" and state["stages"]["tok"]["status"] == "done"
+    )
