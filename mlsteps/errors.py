@@ -60,3 +60,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """Return 'did you mean X?' for the closest choice, or None when nothing is close."""
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean '{matches[0]}'?" if matches else None
+
+
+def first_line(exc: BaseException) -> str:
+    """First line of an exception's message (its type name when the message is empty): library
+    errors are often pages long, and user errors are one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -49,7 +49,7 @@ def fsync_dir(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some filesystems do not support fsync on directories
     finally:
         os.close(fd)
 

@@ -17,6 +17,8 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from mlsteps.rundir import fsync_dir
+
 COMPLETE_MARKER = "COMPLETE"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -39,20 +41,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames/creations inside it survive a power loss."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
     finally:
         os.close(fd)
 

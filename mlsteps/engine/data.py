@@ -17,7 +17,7 @@ from typing import Any
 
 import datasets
 
-from mlsteps.errors import UserError, did_you_mean
+from mlsteps.errors import UserError, did_you_mean, first_line
 from mlsteps.specs.common import DataSpec
 
 _EXTENSIONS = {
@@ -210,7 +210,7 @@ def _load_files(
         names = ", ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else "")
         cause = exc.__cause__ or exc
         raise UserError(
-            f"cannot read {fmt} data from {names}: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}",
+            f"cannot read {fmt} data from {names}: {first_line(cause)}",
             where=where,
             hint="all files must be valid and share the same columns",
         ) from exc
@@ -265,7 +265,7 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
         except Exception as exc:  # network, unknown id, unknown split: all user-fixable
             raise UserError(
                 f"cannot load hub dataset {spec.hub!r} (config {spec.hub_config}, split {spec.split}): "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                f"{first_line(exc)}",
                 where=where,
             ) from exc
         if not isinstance(loaded, datasets.Dataset):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, first_line
 
 ModelKind = Literal["clm", "mlm", "seq2seq", "classification"]
 WHERE = "models"
@@ -100,7 +100,7 @@ def _auto_config(source: str, trust_remote_code: bool, where: str) -> Any:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"cannot load model '{source}': {str(exc).splitlines()[0]}",
+            f"cannot load model '{source}': {first_line(exc)}",
             where=where,
             hint="give an earlier stage, a model directory or a reachable hub id",
         ) from None
@@ -196,7 +196,7 @@ def load_for_inference(
             **_adapter_head_config(info, trust_remote_code),
         )
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(
             f"cannot load model weights from {info.model_source!r}: {first}",
             where=where,

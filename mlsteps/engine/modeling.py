@@ -26,7 +26,7 @@ from transformers import (
     T5Config,
 )
 
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, first_line
 from mlsteps.specs.common import ArchSpec
 
 # Stage tasks -> Auto classes. "causal_lm" is the finetune spelling of "clm".
@@ -68,7 +68,7 @@ def load_tokenizer(
         return AutoTokenizer.from_pretrained(source, **_remote_kwargs(trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
-            f"cannot load a tokenizer from {source!r}: {_first_line(exc)}",
+            f"cannot load a tokenizer from {source!r}: {first_line(exc)}",
             where=where,
             hint="give an earlier tokenizer stage, a directory with tokenizer.json, or a hub id",
         ) from exc
@@ -194,7 +194,7 @@ def load_model(
         config = AutoConfig.from_pretrained(source, **remote, **config_kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
-            f"cannot load a model from {source!r}: {_first_line(exc)}",
+            f"cannot load a model from {source!r}: {first_line(exc)}",
             where=where,
             hint="give an earlier stage, a directory with config.json, or a hub id",
         ) from exc
@@ -203,12 +203,12 @@ def load_model(
         return auto.from_pretrained(source, config=config, use_safetensors=True, **remote, **kwargs)
     except ValueError as exc:
         raise UserError(
-            f"{source!r} is a {config.model_type} model, which cannot do {task}: {_first_line(exc)}",
+            f"{source!r} is a {config.model_type} model, which cannot do {task}: {first_line(exc)}",
             where=where,
         ) from exc
     except OSError as exc:
         raise UserError(
-            f"cannot load model weights from {source!r}: {_first_line(exc)}",
+            f"cannot load model weights from {source!r}: {first_line(exc)}",
             where=where,
             hint="mlsteps loads weights only from safetensors files; convert a pickled checkpoint "
             "with save_pretrained(..., safe_serialization=True)",
@@ -261,8 +261,3 @@ def count_parameters(model: torch.nn.Module) -> int:
             seen.add(id(param))
             total += param.numel()
     return total
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

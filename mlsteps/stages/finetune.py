@@ -46,7 +46,7 @@ from mlsteps.engine.modeling import (
     max_positions,
 )
 from mlsteps.engine.training import save_final, train
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, first_line
 from mlsteps.specs.finetune import FinetuneSpec
 
 # Model types without a causal-LM head worth training: AutoModelForCausalLM would give them a
@@ -386,7 +386,7 @@ def load_config(source: str, *, where: str, **kwargs: Any) -> Any:
         return AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
-            f"cannot load a model from {source!r}: {str(exc).strip().splitlines()[0]}",
+            f"cannot load a model from {source!r}: {first_line(exc)}",
             where=where,
             hint="give an earlier stage, a directory with config.json, or a hub id",
         ) from exc

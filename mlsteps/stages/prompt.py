@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsteps.context import StageContext, StageResult
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, first_line
 from mlsteps.prompting import (
     PROMPT_FILE,
     SOFT_METHODS,
@@ -118,7 +118,7 @@ def _load_config(source: str, spec: PromptSpec, where: str) -> Any:
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(
             f"cannot load a model from {spec.from_!r}: {first}",
             where=f"{where}.from",
