@@ -201,9 +201,29 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(p for p in parts if "[" not in p)
 
 
+def _as_written(path: str, raw: Any) -> str:
+    """Drop list indexes the recipe did not write: a single data source is validated as a list
+    of one (``data.0.split``), but the user wrote ``data.split``."""
+    kept: list[str] = []
+    node = raw
+    for part in path.split(".") if path else []:
+        if part.isdigit() and not isinstance(node, list):
+            continue
+        kept.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            node = None
+    return ".".join(kept)
+
+
 def _format_error(err: Any, doc: LoadedYaml | None, source: str) -> UserError:
     loc = tuple(err["loc"])
     path = _dotted(loc)
+    if doc is not None:
+        path = _as_written(path, doc.data)
     where = doc.where(path) if doc else (f"{source} ({path})" if path else source)
     etype = err["type"]
     value = err.get("input")
@@ -315,6 +335,10 @@ def data_specs(spec: BaseModel) -> list[Any]:
     return found
 
 
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
 def check_data_files(recipe: Recipe) -> None:
     """Fail before any work if a local data file or glob matches nothing, or a builtin set or
     split does not exist (both checks are pure Python: no torch)."""
@@ -323,7 +347,10 @@ def check_data_files(recipe: Recipe) -> None:
     for stage_name, spec in recipe.stages.items():
         for field_name in type(spec).model_fields:
             value = getattr(spec, field_name)
-            items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+            # A single source is held as a list of one; its place is named without an index,
+            # as it was written.
+            several = isinstance(value, list) and len(value) > 1
+            items = list(enumerate(value)) if several else [(None, v) for v in _as_list(value)]
             for index, data in items:
                 if not isinstance(data, DataSpec):
                     continue

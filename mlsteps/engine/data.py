@@ -334,3 +334,34 @@ def split_validation(
     n_val = max(1, min(ds.num_rows - 1, round(ds.num_rows * fraction)))
     parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
+
+
+# The one column of ``load_text``'s result (a name no user column is likely to have).
+TEXT_COLUMN = "__mlsteps_text__"
+
+
+def load_text(
+    sources: list[DataSpec],
+    columns: list[str],
+    *,
+    where: str,
+    column_where: str,
+    cache_dir: Path | None = None,
+) -> datasets.Dataset:
+    """Every listed column of every source, one after another, as one ``TEXT_COLUMN`` dataset.
+
+    Columns are concatenated whole (all of source 1's first column, then its second, ...), never
+    interleaved row by row: two columns of one row (a sentence and its translation) do not end
+    up side by side. A source must have at least one of ``columns`` (``column_where`` names the
+    field in that error); ``where`` is the data field, indexed when there are several sources.
+    """
+    parts = []
+    for index, source in enumerate(sources):
+        place = where + (f".{index}" if len(sources) > 1 else "")
+        ds = load_rows(source, where=place, cache_dir=cache_dir)
+        present = [c for c in columns if c in ds.column_names]
+        if not present:
+            require_columns(ds, columns[:1], column_where)
+        for column in present:
+            parts.append(ds.select_columns([column]).rename_column(column, TEXT_COLUMN))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -48,6 +48,12 @@ def _flat_ids(tokenized: datasets.Dataset) -> np.ndarray:
     return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
 
 
+def seen_token_ids(blocks: datasets.Dataset, vocab_size: int) -> np.ndarray:
+    """The distinct token ids below ``vocab_size`` that occur in ``blocks`` (sorted)."""
+    ids = _flat_ids(blocks)
+    return np.unique(ids[(ids >= 0) & (ids < vocab_size)])
+
+
 def _from_blocks(values: np.ndarray, offsets: np.ndarray) -> datasets.Dataset:
     array = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
     return datasets.Dataset(InMemoryTable(pa.table({"input_ids": array})))

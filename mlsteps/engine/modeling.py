@@ -261,3 +261,28 @@ def count_parameters(model: torch.nn.Module) -> int:
             seen.add(id(param))
             total += param.numel()
     return total
+
+
+def freeze_unseen_embeddings(model: torch.nn.Module, trainable_ids: Any) -> int:
+    """Zero the gradient of every embedding row (input, and output when untied) whose token id
+    is not in ``trainable_ids``; returns how many rows are frozen.
+
+    Why: a token that never occurs in the training text still gets a gradient through the
+    softmax ("never predict me"), and Adam turns that small, steady push into full-size steps.
+    With tied embeddings all such rows drift into one shared direction (measured on the
+    quickstart: mean cosine 0.0 -> 0.85 in 100 steps), and a later stage whose text needs them
+    (a template's ':' or newline) then starts worse than a random model. Frozen rows get no Adam
+    state and stay where they started.
+    """
+    lm: Any = model  # a PreTrainedModel; nn.Module's typing does not know its embedding getters
+    weights = [lm.get_input_embeddings().weight]
+    output = lm.get_output_embeddings()
+    if output is not None and output.weight is not weights[0]:
+        weights.append(output.weight)
+    rows = weights[0].shape[0]
+    frozen = torch.ones(rows, dtype=torch.bool)
+    frozen[torch.as_tensor(trainable_ids, dtype=torch.long)] = False
+    for weight in weights:
+        mask = frozen.to(weight.device)[:, None]
+        weight.register_hook(lambda grad, mask=mask: grad.masked_fill(mask, 0.0))
+    return int(frozen.sum())

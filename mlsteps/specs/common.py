@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -87,6 +87,30 @@ class DataSpec(Strict):
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self
+
+
+def _as_sources(value: Any) -> Any:
+    """One data source or a list of them -> a list of sources.
+
+    A list of mappings or ``builtin:`` names is several sources; a list of plain paths stays one
+    source with several files (the DataSpec shorthand).
+    """
+    if isinstance(value, list) and any(
+        isinstance(v, dict) or (isinstance(v, str) and v.startswith("builtin:")) for v in value
+    ):
+        return value
+    return [value]
+
+
+# A field that takes one DataSpec or a list of them (trained on together); always a list after
+# validation. Overrides still reach below a single source (``data.max_samples=5``): they apply
+# to the recipe text, before this runs.
+DataSources = Annotated[list[DataSpec], BeforeValidator(_as_sources), Field(min_length=1)]
+
+
+def column_list(value: str | list[str]) -> list[str]:
+    """A ``text_column`` field (one name or a list) as a list."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 class TrainSpec(Strict):

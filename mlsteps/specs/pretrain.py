@@ -6,7 +6,15 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import ArchSpec, DataSpec, Fraction, PositiveInt, Strict, TrainSpec
+from mlsteps.specs.common import (
+    ArchSpec,
+    DataSources,
+    Fraction,
+    PositiveInt,
+    Strict,
+    TrainSpec,
+    column_list,
+)
 
 
 class PretrainSpec(Strict):
@@ -31,15 +39,24 @@ class PretrainSpec(Strict):
         description="Tokenizer source (earlier stage, local directory or hub id); defaults to "
         "the one saved with 'from'.",
     )
-    data: DataSpec = Field(..., description="Training text.")
-    validation: DataSpec | None = Field(
-        None, description="Validation text (else a held-out fraction)."
+    data: DataSources = Field(
+        ...,
+        description="Training text: one data source, or a list of sources trained on together "
+        "(e.g. [builtin:toy/corpus, {builtin: toy/translate}]).",
+    )
+    validation: DataSources | None = Field(
+        None,
+        description="Validation text, one source or a list (else a held-out fraction of 'data').",
     )
     validation_fraction: Fraction = Field(
         0.05,
         description="Fraction of documents held out for validation when 'validation' is unset.",
     )
-    text_column: str = Field("text", description="Column holding the text.")
+    text_column: str | list[str] = Field(
+        "text",
+        description="Column(s) holding the text; with a list, every listed column a source has "
+        "is used, each row of each column one document (e.g. [text, source, target]).",
+    )
     max_seq_len: PositiveInt = Field(128, description="Tokens per packed training block.")
     keep_remainder: bool = Field(
         False,
@@ -49,10 +66,24 @@ class PretrainSpec(Strict):
         0.15, gt=0, lt=1, description="Fraction of tokens selected for masking (80/10/10 rule)."
     )
     whole_word_mask: bool = Field(False, description="Mask whole words instead of single tokens.")
+    freeze_unseen_tokens: bool = Field(
+        True,
+        description="Keep the embeddings of token ids that never occur in the training text "
+        "(special tokens excepted) where they start. Otherwise, under Adam, they all drift into "
+        "one shared direction, and a later stage that needs them (a template's ':' or newline, "
+        "the other language of a translation) starts worse than from a random model. The cost: "
+        "held-out text full of tokens the training text lacks scores a worse perplexity early "
+        "on, since those tokens keep their untrained logits.",
+    )
     trust_remote_code: bool = Field(
         False, description="Allow custom model code from a hub repository (security risk)."
     )
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+
+    @property
+    def text_columns(self) -> list[str]:
+        """``text_column`` as a list."""
+        return column_list(self.text_column)
 
     @model_validator(mode="after")
     def _model_source(self) -> PretrainSpec:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from mlsteps.specs.common import DataSpec, PositiveInt, Strict
+from mlsteps.specs.common import DataSources, PositiveInt, Strict, column_list
 
 
 class TokenizerSpec(Strict):
@@ -21,7 +21,7 @@ class TokenizerSpec(Strict):
         description="Wrap an existing tokenizer (earlier stage, local directory or hub id) "
         "instead of training one.",
     )
-    data: list[DataSpec] | None = Field(
+    data: DataSources | None = Field(
         None,
         description="Text to train on (required unless 'from'): one data source, or a list of "
         "sources (e.g. [builtin:toy/corpus, {builtin: toy/translate}]) trained on together.",
@@ -51,21 +51,10 @@ class TokenizerSpec(Strict):
     )
     max_lines: PositiveInt | None = Field(None, description="Train on at most N lines/rows.")
 
-    @field_validator("data", mode="before")
-    @classmethod
-    def _sources(cls, value: Any) -> Any:
-        # A list of mappings or builtin: names is several sources; a list of paths is one.
-        if value is None or not isinstance(value, list):
-            return None if value is None else [value]
-        if any(
-            isinstance(v, dict) or (isinstance(v, str) and v.startswith("builtin:")) for v in value
-        ):
-            return value
-        return [value]
-
     @property
     def text_columns(self) -> list[str]:
-        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+        """``text_column`` as a list."""
+        return column_list(self.text_column)
 
     @model_validator(mode="after")
     def _data_or_from(self) -> TokenizerSpec:

@@ -14,15 +14,17 @@ from typing import Any
 import datasets
 from transformers import set_seed
 
+from mlsteps import distributed
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
 from mlsteps.engine import lm_data
-from mlsteps.engine.data import load_rows, require_columns, split_validation
+from mlsteps.engine.data import TEXT_COLUMN, load_text, split_validation
 from mlsteps.engine.modeling import (
     build_model,
     check_compatible,
     count_parameters,
     ensure_pad_token,
+    freeze_unseen_embeddings,
     load_model,
     load_tokenizer,
     max_positions,
@@ -38,12 +40,18 @@ _EVAL_MASK_SEED_OFFSET = 7919
 def _load_text(
     spec: PretrainSpec, ctx: StageContext, where: str
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
-    require_columns(rows, [spec.text_column], f"{where}.text_column")
+    def text(sources: list[Any], field: str) -> datasets.Dataset:
+        return load_text(
+            sources,
+            spec.text_columns,
+            where=f"{where}.{field}",
+            column_where=f"{where}.text_column",
+            cache_dir=ctx.cache_dir,
+        )
+
+    rows = text(spec.data, "data")
     if spec.validation is not None:
-        val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
-        require_columns(val, [spec.text_column], f"{where}.text_column")
-        return rows, val
+        return rows, text(spec.validation, "validation")
     return split_validation(
         rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
     )
@@ -109,7 +117,7 @@ def _pack(
     else:
         end_id = tokenizer.sep_token_id
         wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id)
-    tokenized = lm_data.tokenize_documents(ds, tokenizer, spec.text_column, end_id=end_id)
+    tokenized = lm_data.tokenize_documents(ds, tokenizer, TEXT_COLUMN, end_id=end_id)
     return lm_data.pack_blocks(
         tokenized,
         spec.max_seq_len,
@@ -131,11 +139,16 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         train_blocks = _pack(spec, train_rows, tokenizer, ctx, train_split=True)
         val_blocks = _pack(spec, val_rows, tokenizer, ctx, train_split=False) if val_rows else None
     n_params = count_parameters(model)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    seen = lm_data.seen_token_ids(train_blocks, vocab_size)
     ctx.log(
         f"{spec.objective}: {len(train_blocks)} training blocks of {spec.max_seq_len} tokens, "
         f"{len(val_blocks) if val_blocks is not None else 0} validation blocks, "
-        f"{n_params:,} parameters"
+        f"{n_params:,} parameters; {len(seen):,} of {vocab_size:,} token ids occur in the "
+        "training text"
     )
+    if spec.freeze_unseen_tokens:
+        _freeze_unseen(model, tokenizer, seen, ctx)
 
     collator: Any
     evaluator = None
@@ -179,6 +192,9 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     metrics["parameters"] = n_params
     metrics["train_blocks"] = len(train_blocks)
     metrics["train_tokens_per_epoch"] = sum(len(b) for b in train_blocks["input_ids"])
+    # Token ids that never occur in training learn nothing about their meaning (see
+    # freeze_unseen_tokens): a later stage that needs many of them is better served by more data.
+    metrics["train_vocab_coverage"] = len(seen) / vocab_size
     initial = outcome.initial_metrics
     if "val_perplexity" in initial:
         metrics["initial_val_loss"] = initial["val_loss"]
@@ -192,6 +208,19 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         tokenizer.model_max_length = limit
     final = save_final(model, tokenizer, ctx)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+def _freeze_unseen(model: Any, tokenizer: Any, seen: Any, ctx: StageContext) -> None:
+    conf = distributed.settings() if distributed.is_distributed() else None
+    if conf is not None and (conf.fsdp is not None or conf.deepspeed is not None):
+        # Sharded engines flatten parameters: a hook on the original weight would not fire.
+        ctx.log("freeze_unseen_tokens: not applied under FSDP/DeepSpeed")
+        return
+    # Special tokens stay trainable: MLM's mask token only appears once the collator masks.
+    trainable = sorted({int(i) for i in seen} | set(tokenizer.all_special_ids))
+    frozen = freeze_unseen_embeddings(model, trainable)
+    if frozen:
+        ctx.log(f"{frozen:,} embedding rows of token ids absent from the training text are frozen")
 
 
 def _convention(spec: PretrainSpec) -> str:

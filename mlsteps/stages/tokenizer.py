@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mlsteps.context import StageContext, StageResult
 from mlsteps.engine.checkpoints import write_dir_atomically
-from mlsteps.engine.data import load_rows, require_columns
+from mlsteps.engine.data import TEXT_COLUMN, load_text
 from mlsteps.engine.modeling import load_tokenizer
 from mlsteps.errors import UserError
 from mlsteps.specs.tokenizer import TokenizerSpec
@@ -180,23 +180,15 @@ def run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
     return run_on_main(lambda: _run(spec, ctx))
 
 
-_TEXT = "__mlsteps_text__"
-
-
 def _training_text(spec: TokenizerSpec, ctx: StageContext, where: str) -> Any:
     """One text column made of every listed column of every data source, in order."""
-    import datasets
-
-    parts = []
-    for index, source in enumerate(spec.data or []):
-        place = f"{where}.data" + (f".{index}" if len(spec.data or []) > 1 else "")
-        ds = load_rows(source, where=place, cache_dir=ctx.cache_dir)
-        present = [c for c in spec.text_columns if c in ds.column_names]
-        if not present:
-            require_columns(ds, spec.text_columns[:1], f"{where}.text_column")
-        for column in present:
-            parts.append(ds.select_columns([column]).rename_column(column, _TEXT))
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    ds = load_text(
+        spec.data or [],
+        spec.text_columns,
+        where=f"{where}.data",
+        column_where=f"{where}.text_column",
+        cache_dir=ctx.cache_dir,
+    )
     if spec.max_lines is not None and spec.max_lines < len(ds):
         ds = ds.select(range(spec.max_lines))
     return ds
@@ -224,7 +216,9 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
             )
         tok, trainer = build_untrained(spec)
         try:
-            tok.train_from_iterator(_texts(ds, _TEXT, f"{where}.data"), trainer, length=len(ds))
+            tok.train_from_iterator(
+                _texts(ds, TEXT_COLUMN, f"{where}.data"), trainer, length=len(ds)
+            )
         except Exception as exc:  # the Rust trainers raise plain Exception
             if "not large enough" not in str(exc):
                 raise
@@ -244,7 +238,7 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
                 f"vocabulary has {len(wrapped)} tokens (asked for {spec.vocab_size}): the text is small"
             )
     if ds is not None:
-        metrics.update(_text_metrics(wrapped, ds, _TEXT, f"{where}.data"))
+        metrics.update(_text_metrics(wrapped, ds, TEXT_COLUMN, f"{where}.data"))
     final = write_dir_atomically(ctx.final_dir, wrapped.save_pretrained)
     ctx.log(f"saved a {metrics['vocab_size']}-token tokenizer to {final}")
     return StageResult(metrics=metrics, outputs={"final": str(final)})

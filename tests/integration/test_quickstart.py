@@ -22,8 +22,6 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 SHORT = [
     "stages.pretrain.train.max_steps=30",
     "stages.pretrain.train.eval_every_steps=30",
-    "stages.pretrain_toy.train.max_steps=5",
-    "stages.pretrain_toy.train.eval_every_steps=5",
     "stages.translate.train.max_steps=40",
     "stages.translate.train.eval_every_steps=40",
     "stages.translate.validation_max_samples=4",
@@ -39,7 +37,7 @@ SHORT = [
     "stages.predict.data.max_samples=6",
     "stages.predict.generation.max_new_tokens=32",
 ]
-TRAINED = ("tok", "pretrain", "pretrain_toy", "translate", "translate_scratch", "prompt_tuning")
+TRAINED = ("tok", "pretrain", "translate", "translate_scratch", "prompt_tuning")
 PROMPTED = ("zero_shot", "few_shot", "prompt_tuning")
 
 
@@ -72,7 +70,7 @@ def test_recipe_is_the_documented_pipeline():
     assert {"zero_shot", "few_shot", "prompt_tuning"} <= methods
     # The compounding check: the same fine-tune from a random model of the pretrained shape.
     tuned, scratch = recipe.stages["translate"], recipe.stages["translate_scratch"]
-    assert tuned.from_ == "pretrain_toy" and scratch.from_ is None
+    assert tuned.from_ == "pretrain" and scratch.from_ is None
     assert scratch.model == recipe.stages["pretrain"].model
     assert scratch.train == tuned.train
     assert recipe.stages["eval"].models[-2:] == ["translate_scratch", "translate"]

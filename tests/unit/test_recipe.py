@@ -194,5 +194,14 @@ def test_overrides_reach_below_a_data_shorthand(write_recipe):
     recipe = load(
         write_recipe, overrides=["stages.pre.data.max_samples=5", "stages.pre.data.split=test"]
     )
-    data = recipe.stages["pre"].data
+    (data,) = recipe.stages["pre"].data  # one source, held as a list of one
     assert (data.builtin, data.max_samples, data.split) == ("toy/corpus", 5, "test")
+
+
+def test_data_source_errors_name_the_place_as_written(write_recipe):
+    head = "name: x\nstages:\n  tok: {kind: tokenizer, data: a.txt}\n  pre:\n    kind: pretrain\n"
+    head += "    tokenizer: tok\n    model: {family: gpt2}\n"
+    one = head + "    data: {builtin: toy/corpus, max_samples: 0}\n"
+    assert "recipe.yaml:8 (stages.pre.data.max_samples)" in error_of(write_recipe, one)
+    several = head + "    data: [builtin:toy/corpus, {builtin: toy/corpus, max_samples: 0}]\n"
+    assert "recipe.yaml:8 (stages.pre.data.1.max_samples)" in error_of(write_recipe, several)
