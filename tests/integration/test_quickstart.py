@@ -2,7 +2,7 @@
 `make test`: the run directory has every file the README promises, the metrics move the right
 way (with margins that hold on the short budget), the report shows the ladder, and a second run
 skips every stage. The full-length targets (BLEU, 10x perplexity, time) are measured by hand:
-see the comment at the top of the recipe.
+see the comment at the top of the recipe and docs/quickstart.md.
 """
 
 from __future__ import annotations
@@ -111,6 +111,12 @@ def test_metrics_move_the_right_way(quick_run: tuple[Path, Any, Any]):
     # demonstrations do not teach the task (measured: chrF 6.1 vs 4.2 on 16 rows).
     assert tuned["chrf"] > few["chrf"], (tuned, few)
     assert tuned["bleu"] >= few["bleu"], (tuned, few)
+    # The steps compound: the same 40-step fine-tune does better from the pretrained model than
+    # from a random one (measured, seeds 42/1/2: validation loss 3.12/2.97/2.91 against
+    # 3.34/3.33/3.31; test chrF 15.8/11.6/14.4 against 9.6/5.7/5.0).
+    pretrained, scratch = metrics["translate"], metrics["translate_scratch"]
+    assert pretrained["val_loss"] < scratch["val_loss"], (pretrained, scratch)
+    assert tuned["chrf"] > ladder["translate_scratch"]["chrf"], ladder
     # Both fine-tunes learn: the last logged training loss is below the first.
     for stage in ("translate", "translate_scratch"):
         losses = [
