@@ -170,6 +170,15 @@ def build_model(
     if num_labels is not None:
         config.num_labels = num_labels
     model = _auto_class(task).from_config(config)
+    return _name_causal_loss(model, task)
+
+
+def _name_causal_loss(model: Any, task: str) -> Any:
+    """transformers 5 derives a loss name from the class name and finds none for
+    GPT2LMHeadModel-style names; it then falls back to the causal-LM loss with a warning on
+    every run. Naming it for causal LMs is the same loss, said explicitly."""
+    if task in ("clm", "causal_lm") and getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
     return model
 
 
@@ -200,7 +209,10 @@ def load_model(
         ) from exc
     try:
         # Weights only from safetensors: a pickled pytorch_model.bin can run code when loaded.
-        return auto.from_pretrained(source, config=config, use_safetensors=True, **remote, **kwargs)
+        model = auto.from_pretrained(
+            source, config=config, use_safetensors=True, **remote, **kwargs
+        )
+        return _name_causal_loss(model, task)
     except ValueError as exc:
         raise UserError(
             f"{source!r} is a {config.model_type} model, which cannot do {task}: {first_line(exc)}",
