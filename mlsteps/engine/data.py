@@ -12,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,7 @@ def _load_files(
     where: str,
     cache_dir: Path | None,
     column_names: list[str] | None = None,
+    txt_unit: str = "line",
 ) -> datasets.Dataset:
     if fmt == "json":
         parts = [_load_json_array(p, where=where) for p in files]
@@ -193,6 +195,8 @@ def _load_files(
         "tsv": ("csv", {"sep": "\t", "quoting": 3}),
         "parquet": ("parquet", {}),
     }[fmt]
+    if fmt == "txt" and txt_unit != "line":
+        kwargs = {"sample_by": "document"}  # split into paragraphs below, on any blank line
     if column_names and fmt in ("csv", "tsv"):
         kwargs = {**kwargs, "column_names": column_names, "header": None}
     try:
@@ -216,14 +220,21 @@ def _load_files(
         ) from exc
     assert isinstance(ds, datasets.Dataset)
     if fmt == "txt":
-        # One pass: drop blank lines (paragraph breaks carry no text) and byte-order marks.
-        ds = ds.map(
-            lambda batch: {
-                "text": [t.lstrip("\ufeff") for t in batch["text"] if t.lstrip("\ufeff").strip()]
-            },
-            batched=True,
-        )
+        # One pass: cut into the rows asked for, drop blank ones and byte-order marks.
+        ds = ds.map(lambda batch: {"text": _txt_rows(batch["text"], txt_unit)}, batched=True)
     return ds
+
+
+_BLANK_LINE = re.compile(r"\n[ \t\r\u3000]*\n")
+
+
+def _txt_rows(texts: list[str], unit: str) -> list[str]:
+    out: list[str] = []
+    for text in texts:
+        text = text.lstrip("\ufeff")
+        pieces = _BLANK_LINE.split(text) if unit == "paragraph" else [text]
+        out.extend(p.strip("\n") for p in pieces if p.strip())
+    return out
 
 
 def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> datasets.Dataset:
@@ -252,7 +263,14 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
                     raise UserError(f"{path} is empty", where=where)
             else:
                 check_text_file(path, where=where)
-        ds = _load_files(files, fmt, where=where, cache_dir=cache_dir, column_names=spec.columns)
+        ds = _load_files(
+            files,
+            fmt,
+            where=where,
+            cache_dir=cache_dir,
+            column_names=spec.columns,
+            txt_unit=spec.txt_unit,
+        )
         origin = ", ".join(p.name for p in files[:3])
     elif spec.hub:
         try:
@@ -278,6 +296,14 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
         ds, origin = _load_builtin(spec.builtin, spec.split, where=where), f"builtin:{spec.builtin}"
     if ds.num_rows == 0:
         raise UserError(f"no rows in {origin}", where=where)
+    if spec.rows is not None:
+        kept = spec.row_range(ds.num_rows)
+        if not kept:
+            raise UserError(
+                f"rows '{spec.rows}' keeps none of the {ds.num_rows} rows of {origin}",
+                where=f"{where}.rows",
+            )
+        ds = ds.select(kept)
     if spec.max_samples is not None and spec.max_samples < ds.num_rows:
         ds = ds.select(range(spec.max_samples))
     return ds

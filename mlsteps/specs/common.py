@@ -61,8 +61,21 @@ class DataSpec(Strict):
     format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
         "auto", description="File format; 'auto' infers it from the file extension."
     )
+    txt_unit: Literal["line", "paragraph", "file"] = Field(
+        "line",
+        description="What one row of a .txt file is: a line (blank lines dropped), a paragraph "
+        "(lines up to a blank line, joined with newlines: hard-wrapped prose), or the whole "
+        "file.",
+    )
+    rows: str | None = Field(
+        None,
+        description="Keep a slice of the rows, Python style, by count or percent: '0:1000', "
+        "':90%', '90%:', '-500:'. Applied after reading, before max_samples; lets one file give "
+        "both a training and a held-out part.",
+        pattern=r"^\s*-?\d*%?\s*:\s*-?\d*%?\s*$",
+    )
     max_samples: PositiveInt | None = Field(
-        None, description="Keep only the first N rows (after reading, before any split)."
+        None, description="Keep only the first N rows (after reading and 'rows', before any split)."
     )
 
     @model_validator(mode="before")
@@ -77,6 +90,22 @@ class DataSpec(Strict):
         if isinstance(value, dict) and isinstance(value.get("files"), str):
             return {**value, "files": [value["files"]]}
         return value
+
+    def row_range(self, n_rows: int) -> range:
+        """The rows ``rows`` keeps out of ``n_rows`` (all of them when unset)."""
+        if self.rows is None:
+            return range(n_rows)
+
+        def bound(text: str, default: int) -> int:
+            text = text.strip()
+            if not text:
+                return default
+            if text.endswith("%"):
+                return round(n_rows * int(text[:-1]) / 100)
+            return int(text)
+
+        start, _, stop = self.rows.partition(":")
+        return range(n_rows)[slice(bound(start, 0), bound(stop, n_rows))]
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> DataSpec:

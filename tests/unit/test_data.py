@@ -38,6 +38,53 @@ def test_txt_one_row_per_nonempty_line_bom_stripped(tmp_path: Path) -> None:
     assert rows(str(path), tmp_path) == [{"text": "line one"}, {"text": "line two"}]
 
 
+def test_txt_paragraphs_and_whole_files(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    # Blank lines may hold spaces, CR or a full-width space; runs of them are one break.
+    path.write_bytes(
+        "\ufeffone a\none b\n\ntwo\r\n \r\n\n\nthree a\nthree b\n\u3000\nfour".encode()
+    )
+    paragraphs = rows({"files": [str(path)], "txt_unit": "paragraph"}, tmp_path)
+    assert [r["text"] for r in paragraphs] == ["one a\none b", "two", "three a\nthree b", "four"]
+    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("\n\nbee one\nbee two\n\n")
+    files = rows({"files": [str(path), str(tmp_path / "b.txt.gz")], "txt_unit": "file"}, tmp_path)
+    assert len(files) == 2 and files[0]["text"].startswith("one a\n")
+    assert files[1]["text"] == "bee one\nbee two"
+
+
+def test_txt_paragraphs_of_hard_wrapped_chinese(shared_data: Path, tmp_path: Path) -> None:
+    path = shared_data / "luxun" / "野草.txt"
+    lines = rows(str(path), tmp_path)
+    paragraphs = rows({"files": [str(path)], "txt_unit": "paragraph"}, tmp_path)
+    assert 1 < len(paragraphs) < len(lines)
+    # Nothing is lost: the paragraphs hold exactly the non-blank lines, in order.
+    joined = [line for p in paragraphs for line in p["text"].split("\n") if line.strip()]
+    assert joined == [r["text"] for r in lines]
+
+
+@pytest.mark.parametrize(
+    ("rows_slice", "expected"),
+    [(None, range(10)), (":90%", range(9)), ("90%:", range(9, 10)), ("-3:", range(7, 10)),
+     ("2:5", range(2, 5)), (" : ", range(10)), ("50%:-1", range(5, 9))],
+)  # fmt: skip
+def test_row_range(rows_slice: str | None, expected: range) -> None:
+    assert DataSpec(builtin="toy/corpus", rows=rows_slice).row_range(10) == expected
+
+
+def test_rows_split_one_file_into_train_and_held_out(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(20)))
+    train = rows({"files": [str(path)], "rows": ":90%"}, tmp_path)
+    held = rows({"files": [str(path)], "rows": "90%:", "max_samples": 1}, tmp_path)
+    assert [r["i"] for r in train] == list(range(18)) and held == [{"i": 18}]
+    assert "rows '30:' keeps none of the 20 rows" in error(
+        {"files": [str(path)], "rows": "30:"}, tmp_path
+    )
+    with pytest.raises(ValueError, match="rows"):
+        DataSpec(files=[str(path)], rows="first half")
+
+
 def test_real_wikitext_slice_and_max_samples(tmp_path: Path) -> None:
     got = rows({"files": [str(WIKI)], "max_samples": 50}, tmp_path)
     nonempty = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()]
