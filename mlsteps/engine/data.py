@@ -296,6 +296,8 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
         ds, origin = _load_builtin(spec.builtin, spec.split, where=where), f"builtin:{spec.builtin}"
     if ds.num_rows == 0:
         raise UserError(f"no rows in {origin}", where=where)
+    if spec.shuffle_seed is not None:
+        ds = ds.shuffle(seed=spec.shuffle_seed)
     if spec.rows is not None:
         kept = spec.row_range(ds.num_rows)
         if not kept:

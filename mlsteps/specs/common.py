@@ -67,11 +67,17 @@ class DataSpec(Strict):
         "(lines up to a blank line, joined with newlines: hard-wrapped prose), or the whole "
         "file.",
     )
+    shuffle_seed: int | None = Field(
+        None,
+        description="Shuffle the rows with this seed first, before 'rows' and max_samples. The "
+        "same seed gives the same order in every stage, so two stages can take disjoint parts of "
+        "one file (rows ':95%' and '95%:').",
+    )
     rows: str | None = Field(
         None,
         description="Keep a slice of the rows, Python style, by count or percent: '0:1000', "
-        "':90%', '90%:', '-500:'. Applied after reading, before max_samples; lets one file give "
-        "both a training and a held-out part.",
+        "':90%', '90%:', '-500:'. Applied after reading and shuffle_seed, before max_samples; "
+        "lets one file give both a training and a held-out part.",
         pattern=r"^\s*-?\d*%?\s*:\s*-?\d*%?\s*$",
     )
     max_samples: PositiveInt | None = Field(

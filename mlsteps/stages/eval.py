@@ -377,9 +377,11 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     if set(metrics) & LABELS:
         require_columns(rows, [spec.label_column], where_data)
         data["labels"] = _require_labels(rows, spec.label_column, where_data)
-    for info in infos.values():
-        if info.prompter is not None:
-            info.prompter.check_columns(rows.column_names, where=where_data)
+    if set(metrics) & (GENERATION | LABELS):
+        # Only these render prompts; perplexity scores text_column as is, prompted model or not.
+        for info in infos.values():
+            if info.prompter is not None:
+                info.prompter.check_columns(rows.column_names, where=where_data)
 
     ladder: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []

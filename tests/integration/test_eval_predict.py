@@ -440,6 +440,25 @@ def test_prompted_model_generation(tmp_path, model_dirs, data):
     )
 
 
+def test_prompted_model_perplexity_needs_no_template_columns(tmp_path, model_dirs, data):
+    """Perplexity scores text_column as is: a model carrying an SFT/prompt template is scored
+    on plain text without that template's columns, and equals its base model's score."""
+    prompting = pytest.importorskip("mlsteps.prompting")
+    prompter = prompting.Prompter(
+        method="zero_shot", template="English: {source} German:", base_model=str(model_dirs["clm"])
+    )
+    final = tmp_path / "prompted"
+    final.mkdir()
+    prompting.save_prompter(prompter, final)
+    spec = _eval(data["sentiment"], ["perplexity"], [str(final), "clm"], text_column="sentence")
+    ladder = eval_stage.run(spec, _ctx(tmp_path, model_dirs)).metrics
+    assert ladder[str(final)]["perplexity"] == pytest.approx(ladder["clm"]["perplexity"])
+    # Generation does render the template, so there the missing column is still an error.
+    bleu = _eval(data["sentiment"], ["bleu"], [str(final)], reference_column="sentence")
+    with pytest.raises(UserError, match="source"):
+        eval_stage.run(bleu, _ctx(tmp_path / "b", model_dirs))
+
+
 def _bad(tmp_path, model_dirs, spec, match: str) -> None:
     with pytest.raises(UserError, match=match) as err:
         eval_stage.run(spec, _ctx(tmp_path, model_dirs))

@@ -83,6 +83,11 @@ def test_rows_split_one_file_into_train_and_held_out(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="rows"):
         DataSpec(files=[str(path)], rows="first half")
+    # A shared shuffle seed: the two parts are disjoint, together all rows, not in file order.
+    head = rows({"files": [str(path)], "shuffle_seed": 7, "rows": ":75%"}, tmp_path)
+    tail = rows({"files": [str(path)], "shuffle_seed": 7, "rows": "75%:"}, tmp_path)
+    got = [r["i"] for r in head + tail]
+    assert sorted(got) == list(range(20)) and got != list(range(20)) and len(head) == 15
 
 
 def test_real_wikitext_slice_and_max_samples(tmp_path: Path) -> None:
