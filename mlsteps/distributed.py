@@ -154,12 +154,18 @@ def all_sum(value: float) -> float:
 
 @contextmanager
 def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. fills a cache); the others wait, then run it."""
+    """Rank 0 runs the block first (e.g. fills a cache); the others wait, then run it.
+
+    If the block fails on rank 0 the others are still released: they run it too and, with the
+    same data, fail with the same error instead of waiting at the barrier until the timeout.
+    """
     if not is_main():
         barrier()
-    yield
-    if is_main():
-        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
 
 
 def _error_payload(exc: BaseException) -> tuple[str, str, str | None, str | None]:

@@ -33,6 +33,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from mlsteps.context import StageContext, StageResult
+from mlsteps.distributed import main_process_first
 from mlsteps.engine import finetune_data as fd
 from mlsteps.engine import finetune_eval as fe
 from mlsteps.engine import lora
@@ -71,7 +72,8 @@ class _Prepared:
 def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     """Fine-tune per ``spec``; returns train/validation metrics and the final/ path."""
     where = f"stages.{ctx.stage}"
-    train_rows, val_rows, explicit_val = _load_rows(spec, ctx, where)
+    with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
+        train_rows, val_rows, explicit_val = _load_rows(spec, ctx, where)
     source = ctx.resolve_source(spec.from_) if spec.from_ else None
     tok_source = ctx.resolve_source(spec.tokenizer) if spec.tokenizer else source
     assert tok_source is not None  # the spec validator guarantees 'from' or 'tokenizer'
@@ -91,14 +93,15 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     if spec.task == "seq2seq":
         check_compatible(model, tokenizer, max_seq_len=spec.max_target_len, where=where)
 
-    if label2id is not None:
-        prep = _prepare_classification(
-            spec, train_rows, val_rows, explicit_val, tokenizer, label2id, where
-        )
-    elif spec.task == "seq2seq":
-        prep = _prepare_seq2seq(spec, train_rows, val_rows, tokenizer, where)
-    else:
-        prep = _prepare_sft(spec, train_rows, val_rows, tokenizer, where)
+    with main_process_first():
+        if label2id is not None:
+            prep = _prepare_classification(
+                spec, train_rows, val_rows, explicit_val, tokenizer, label2id, where
+            )
+        elif spec.task == "seq2seq":
+            prep = _prepare_seq2seq(spec, train_rows, val_rows, tokenizer, where)
+        else:
+            prep = _prepare_sft(spec, train_rows, val_rows, tokenizer, where)
     if spec.task == "causal_lm":
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsteps.context import StageContext, StageResult
+from mlsteps.distributed import main_process_first
 from mlsteps.errors import UserError, first_line
 from mlsteps.prompting import (
     PROMPT_FILE,
@@ -53,7 +54,8 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
         num_virtual_tokens=spec.num_virtual_tokens if spec.method in SOFT_METHODS else 0,
     )
     template_fields(spec.template, spec.template_format, where=f"{where}.template")  # syntax
-    rows, val_rows = _load_data(spec, ctx, prompter, where)
+    with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
+        rows, val_rows = _load_data(spec, ctx, prompter, where)
     from mlsteps.engine.inference import kind_from_config
     from mlsteps.engine.modeling import ensure_pad_token, load_tokenizer
 

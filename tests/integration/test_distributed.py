@@ -47,6 +47,19 @@ stages:
     max_seq_len: 32
     train: {{max_steps: {steps}, lr: 3e-3, batch_size: 4, log_every_steps: 1,
              save_every_steps: {save}, precision: fp32, fused_adamw: false}}
+  ft:
+    kind: finetune
+    task: causal_lm
+    from: pre
+    # 8 rows: a multiple of the global batch, so no rank pads its last batch with a repeat.
+    data: {{files: [{ft_data}]}}
+    validation_fraction: 0
+    template: "{{source}} =>"
+    response_column: target
+    max_seq_len: 32
+    # Random order, not length groups: the length sampler's groups depend on the per-rank batch.
+    train: {{max_steps: 3, lr: 3e-3, batch_size: 4, log_every_steps: 1, save_every_steps: 100,
+             precision: fp32, fused_adamw: false, group_by_length: false}}
   ev:
     kind: eval
     models: [{model}]
@@ -130,7 +143,8 @@ def _worker(local: int, world: int, port: int, root: str, what: str) -> None:
         if local == 0:
             (base / "helpers2.json").write_text(json.dumps(results))
     else:
-        recipe = load_recipe(base / "recipe.yaml", ["stages.pre.train.batch_size=2"])
+        half = ["stages.pre.train.batch_size=2", "stages.ft.train.batch_size=2"]
+        recipe = load_recipe(base / "recipe.yaml", half)
         run_recipe(recipe, base / "run2", quiet=True)
     torch.distributed.destroy_process_group()
 
@@ -153,6 +167,7 @@ def _write_recipe(root: Path, steps: int = 5, save: int = 100) -> Path:
     path.write_text(
         RECIPE.format(
             tok=root / "model", model=root / "model", data=root / "eval.jsonl",
+            ft_data=root / "ft.jsonl",
             steps=steps, save=save,
         ),
         encoding="utf-8",
@@ -189,6 +204,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save_pretrained(root / "model")
     rows = [{"text": t, "source": t, "target": " ".join(reversed(t.split()))} for t in _texts(7)]
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = [{"source": t, "target": " ".join(reversed(t.split()))} for t in _texts(8)]
+    (root / "ft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     _write_recipe(root)
     return root
 
@@ -218,8 +235,8 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [r for r in _jsonl(run_dir / "pre" / "metrics.jsonl") if "loss" in r]
+def _losses(run_dir: Path, stage: str = "pre") -> dict[int, float]:
+    records = [r for r in _jsonl(run_dir / stage / "metrics.jsonl") if "loss" in r]
     steps = [r["step"] for r in records]
     assert len(steps) == len(set(steps)), "rank 0 alone writes metrics.jsonl: each step once"
     return {r["step"]: r["loss"] for r in records}
@@ -291,6 +308,15 @@ def test_two_ranks_reproduce_the_single_process_loss_curve(runs: Path) -> None:
     assert m1["global_batch_size"] == m2["global_batch_size"] == 4
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_reproduce_the_single_process_finetune(runs: Path) -> None:
+    """SFT from the pretrained stage: data prepared rank-0-first, the same loss curve."""
+    one, two = _losses(runs / "run1", "ft"), _losses(runs / "run2", "ft")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
 
 
 @pytest.mark.slow
