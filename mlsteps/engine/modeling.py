@@ -182,6 +182,28 @@ def _name_causal_loss(model: Any, task: str) -> Any:
     return model
 
 
+def load_config(
+    source: str,
+    *,
+    trust_remote_code: bool = False,
+    where: str | None = None,
+    shown: str | None = None,
+    **kwargs: Any,
+) -> PretrainedConfig:
+    """A model's config (stage final dir, directory, hub id); UserError when there is none.
+
+    ``shown`` is the name the recipe used (a stage name), when it differs from ``source``.
+    """
+    try:
+        return AutoConfig.from_pretrained(source, **_remote_kwargs(trust_remote_code), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"cannot load a model from {shown or source!r}: {first_line(exc)}",
+            where=where,
+            hint="give an earlier stage, a directory with config.json, or a hub id",
+        ) from exc
+
+
 _CONFIG_KWARGS = ("num_labels", "id2label", "label2id", "problem_type")
 
 
@@ -199,14 +221,7 @@ def load_model(
     # transformers 5 hands extra kwargs to the model constructor once a config is given, so
     # config attributes (a classifier's label map) must go into the config itself.
     config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KWARGS}
-    try:
-        config = AutoConfig.from_pretrained(source, **remote, **config_kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(
-            f"cannot load a model from {source!r}: {first_line(exc)}",
-            where=where,
-            hint="give an earlier stage, a directory with config.json, or a hub id",
-        ) from exc
+    config = load_config(source, trust_remote_code=trust_remote_code, where=where, **config_kwargs)
     try:
         # Weights only from safetensors: a pickled pytorch_model.bin can run code when loaded.
         model = auto.from_pretrained(

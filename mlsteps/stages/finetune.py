@@ -25,7 +25,6 @@ from typing import Any
 
 import datasets
 from transformers import (
-    AutoConfig,
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     set_seed,
@@ -42,12 +41,13 @@ from mlsteps.engine.modeling import (
     build_model,
     check_compatible,
     ensure_pad_token,
+    load_config,
     load_model,
     load_tokenizer,
     max_positions,
 )
 from mlsteps.engine.training import save_final, train
-from mlsteps.errors import UserError, first_line
+from mlsteps.errors import UserError
 from mlsteps.specs.finetune import FinetuneSpec
 
 # Model types without a causal-LM head worth training: AutoModelForCausalLM would give them a
@@ -336,8 +336,9 @@ def _model(
             model.config.id2label, model.config.label2id = kwargs["id2label"], label2id
     else:
         assert source is not None
-        remote = {"trust_remote_code": True} if spec.trust_remote_code else {}
-        config = load_config(source, where=f"{where}.from", **remote)
+        config = load_config(
+            source, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
+        )
         # Checked on the config, before any weights are downloaded or read.
         _check_task(spec, config, where)
         # A checkpoint already fine-tuned on other classes has a head of another shape.
@@ -382,17 +383,6 @@ def _check_task(spec: FinetuneSpec, config: Any, where: str) -> None:
             where=f"{where}.from",
             hint="use an encoder (bert, roberta), a decoder (gpt2, llama) or t5/bart",
         )
-
-
-def load_config(source: str, *, where: str, **kwargs: Any) -> Any:
-    try:
-        return AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(
-            f"cannot load a model from {source!r}: {first_line(exc)}",
-            where=where,
-            hint="give an earlier stage, a directory with config.json, or a hub id",
-        ) from exc
 
 
 # ---------------------------------------------------------------- final/

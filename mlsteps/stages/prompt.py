@@ -14,7 +14,7 @@ from typing import Any
 
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
-from mlsteps.errors import UserError, first_line
+from mlsteps.errors import UserError
 from mlsteps.prompting import (
     PROMPT_FILE,
     SOFT_METHODS,
@@ -57,9 +57,14 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
         rows, val_rows = _load_data(spec, ctx, prompter, where)
     from mlsteps.engine.inference import kind_from_config
-    from mlsteps.engine.modeling import ensure_pad_token, load_tokenizer
+    from mlsteps.engine.modeling import ensure_pad_token, load_config, load_tokenizer
 
-    config = _load_config(source, spec, where)
+    config = load_config(
+        source,
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.from",
+        shown=spec.from_,
+    )
     kind = kind_from_config(config)
     if kind not in ("clm", "seq2seq"):
         raise UserError(
@@ -112,20 +117,6 @@ def _check_source(source: str, ref: str, where: str) -> None:
             where=f"{where}.from",
             hint="write a merged model in that finetune stage (merge: true)",
         )
-
-
-def _load_config(source: str, spec: PromptSpec, where: str) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        first = first_line(exc)
-        raise UserError(
-            f"cannot load a model from {spec.from_!r}: {first}",
-            where=f"{where}.from",
-            hint="give an earlier stage, a directory with config.json, or a hub id",
-        ) from exc
 
 
 def _as_text(value: Any, column: str, index: int, where: str) -> str:

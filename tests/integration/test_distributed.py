@@ -394,7 +394,7 @@ def test_killed_rank_fails_fast_and_rerun_resumes(assets: Path, tmp_path: Path) 
     (tmp_path / "model").symlink_to(assets / "model")
     (tmp_path / "eval.jsonl").symlink_to(assets / "eval.jsonl")
     args = ["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--nproc-per-node", "2",
-            "stages.pre.train.batch_size=2", "~stages.ev"]  # fmt: skip
+            "stages.pre.train.batch_size=2", "~stages.ft", "~stages.ev"]  # fmt: skip
     launcher = _mlsteps(*args)
     checkpoints = tmp_path / "run" / "pre" / "checkpoints"
     deadline = time.monotonic() + 240

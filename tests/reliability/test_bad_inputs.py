@@ -249,6 +249,8 @@ RUNTIME_CASES = [
          append="  bad:\n    kind: eval\n    models: [./nowhere/model]\n    data: {builtin: toy/corpus, max_samples: 4}\n    metrics: [perplexity]\n"),
     Case("finetune-from-tokenizer-dir", 2, ("stages.bad.from", "cannot load a model"),
          append="  bad:\n    kind: finetune\n    task: causal_lm\n    from: tok\n    data: {builtin: toy/translate, max_samples: 8}\n    prompt_column: source\n    response_column: target\n"),
+    Case("prompt-from-tokenizer-dir", 2, ("stages.bad.from", "cannot load a model from 'tok'"),
+         append="  bad:\n    kind: prompt\n    method: zero_shot\n    from: tok\n    template: '{source} ='\n"),
     Case("template-unknown-column", 2, ("stages.bad", "nope"),
          append="  bad:\n    kind: prompt\n    method: few_shot\n    from: pre\n    data: {builtin: toy/translate, max_samples: 8}\n    template: '{nope} ='\n"),
     Case("corrupt-state-json", 2, ("state.json", "corrupt", "delete it"),
