@@ -21,22 +21,35 @@ def _num(value: Any) -> str:
 
 
 def data_text(data: Any) -> str:
-    """A DataSpec dict as one short phrase: builtin:toy/translate (test), files, hub:id."""
+    """A DataSpec dict (or a list of them) as one short phrase: builtin:toy/translate (test),
+    files, hub:id, aligned files; with the row selection in parentheses."""
+    if isinstance(data, list):
+        return " + ".join(data_text(d) for d in data) if data else "?"
     if not isinstance(data, dict):
         return str(data) if data else "?"
-    if data.get("builtin"):
-        text = f"builtin:{data['builtin']}"
-    elif data.get("hub"):
-        text = f"hub:{data['hub']}" + (f"/{data['hub_config']}" if data.get("hub_config") else "")
+    details = []
+    if data.get("builtin") or data.get("hub"):
+        if data.get("builtin"):
+            text = f"builtin:{data['builtin']}"
+        else:
+            text = f"hub:{data['hub']}" + (
+                f"/{data['hub_config']}" if data.get("hub_config") else ""
+            )
+        details.append(data.get("split", "train"))
+    elif data.get("aligned"):
+        text = "aligned " + ", ".join(f"{col}={path}" for col, path in data["aligned"].items())
     else:
         files = [str(f) for f in data.get("files") or []]
         text = ", ".join(files[:3]) + (f" (+{len(files) - 3})" if len(files) > 3 else "")
-        return text + (f", first {data['max_samples']:,} rows" if data.get("max_samples") else "")
-    split = data.get("split", "train")
-    text += f" ({split}" + (
-        f", first {data['max_samples']:,} rows)" if data.get("max_samples") else ")"
-    )
-    return text
+        if data.get("txt_unit") not in (None, "line"):
+            details.append(f"one row per {data['txt_unit']}")
+    if data.get("shuffle_seed") is not None:
+        details.append(f"shuffled with seed {data['shuffle_seed']}")
+    if data.get("rows"):
+        details.append(f"rows {data['rows']}")
+    if data.get("max_samples"):
+        details.append(f"first {data['max_samples']:,} rows")
+    return text + (f" ({', '.join(details)})" if details else "")
 
 
 def model_text(spec: dict[str, Any]) -> str:
