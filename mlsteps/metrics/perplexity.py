@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -182,11 +182,16 @@ def causal_lm_perplexity(
     mode: Literal["document", "stream"] = "document",
     batch_size: int = 8,
     where: str = "metrics.perplexity",
+    shard: Callable[[int], Sequence[int]] | None = None,
 ) -> PerplexityResult:
     """Corpus perplexity of a causal LM over ``texts`` (see the module docstring).
 
     Blank rows are skipped. ``window_tokens`` defaults to the model's maximum positions (at most
     ``DEFAULT_MAX_WINDOW``) and ``stride_tokens`` to the window.
+
+    ``shard(n_windows)`` picks which of the windows to score here (several processes: each
+    scores its share, and their NLL sums and token counts add up to the whole). Byte and word
+    counts always cover all of ``texts``.
     """
     limit = max_positions(model)
     window = window_tokens or (min(limit, DEFAULT_MAX_WINDOW) if limit else None)
@@ -229,6 +234,8 @@ def causal_lm_perplexity(
     windows = [w for w in windows if any(w.scored)]
     if not windows:
         raise UserError("no tokens to score", where=where, hint="the text column is empty or blank")
+    if shard is not None:
+        windows = [windows[i] for i in shard(len(windows))]
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll_sum = 0.0

@@ -294,39 +294,37 @@ def _predict_labels(
 
 
 def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str) -> Any:
-    """Corpus perplexity; in a multi-process run each rank scores a disjoint shard of the rows
-    (document mode) and the sums are added, so every row is scored exactly once."""
+    """Corpus perplexity; in a multi-process run each rank scores a disjoint share of the
+    windows (document and stream mode alike) and the sums are added, so every window is scored
+    exactly once."""
     from mlsteps.metrics.perplexity import PerplexityResult, causal_lm_perplexity
 
     ppl = spec.perplexity
 
-    def score(rows: list[str]) -> PerplexityResult:
+    def score(shard: Any) -> PerplexityResult:
         return causal_lm_perplexity(
             loaded.model,
             loaded.tokenizer,
-            rows,
+            texts,
             window_tokens=ppl.window,
             stride_tokens=ppl.stride,
             mode=ppl.mode,
             batch_size=ppl.batch_size,
             where=where,
+            shard=shard,
         )
 
-    docs = [t for t in texts if t.strip()]
-    if not is_distributed() or ppl.mode != "document" or not docs:
-        return score(texts)  # stream mode joins rows: every rank scores the whole stream
-    local = [docs[i] for i in shard_indices(len(docs))]
-    parts = [p for p in all_gather_object(score(local) if local else None) if p is not None]
-    total = sum(p.scored_tokens for p in parts)
-    if not total:
-        raise UserError("no tokens to score", where=where, hint="the text column is empty or blank")
-    first = parts[0]
+    if not is_distributed():
+        return score(None)
+    mine = score(shard_indices)  # shard_indices(n): this rank's share of n windows
+    sums = all_gather_object((mine.nll_sum_nats, mine.scored_tokens))
+    total = sum(tokens for _, tokens in sums)
     return PerplexityResult(
-        nll_sum_nats=sum(p.nll_sum_nats for p in parts),
+        nll_sum_nats=sum(nll for nll, _ in sums),
         scored_tokens=total,
-        utf8_bytes=sum(p.utf8_bytes for p in parts),
-        words=sum(p.words for p in parts),
-        convention=first.convention.replace(f"/{first.scored_tokens} tokens", f"/{total} tokens"),
+        utf8_bytes=mine.utf8_bytes,  # every rank counted all of the text
+        words=mine.words,
+        convention=mine.convention.replace(f"/{mine.scored_tokens} tokens", f"/{total} tokens"),
     )
 
 

@@ -118,11 +118,15 @@ def _helper_results(root: Path) -> dict[str, Any]:
         scores = map_sharded(lambda xs: per_example_nll(model, tok, xs), texts)
         with torch.no_grad():
             ppl = _causal_perplexity(spec, loaded, texts, "test")  # type: ignore[arg-type]
+            spec.perplexity.mode = "stream"  # rows joined: sharded by window, not by row
+            stream = _causal_perplexity(spec, loaded, texts, "test")  # type: ignore[arg-type]
+            spec.perplexity.mode = "document"
         out[str(n)] = {
             "scores": scores,
             "perplexity": ppl.perplexity,
             "tokens": ppl.scored_tokens,
             "bytes": ppl.utf8_bytes,
+            "stream": [stream.perplexity, stream.scored_tokens, stream.utf8_bytes, stream.words],
         }
         out["rank_sizes"][str(n)] = distributed.all_gather_object(len(shard_indices(n)))
     return out
@@ -291,6 +295,8 @@ def test_sharded_scores_equal_the_single_process_ones(helpers: Path) -> None:
             assert b == pytest.approx(a, rel=1e-5, abs=1e-5)
         assert two[n]["tokens"] == one[n]["tokens"] and two[n]["bytes"] == one[n]["bytes"]
         assert two[n]["perplexity"] == pytest.approx(one[n]["perplexity"], rel=1e-6)
+        assert two[n]["stream"][1:] == one[n]["stream"][1:]  # tokens, bytes, words
+        assert two[n]["stream"][0] == pytest.approx(one[n]["stream"][0], rel=1e-6)
 
 
 # The recipe runs below take 1.5-2.5 min on the shared 2-core CI box (two spawned ranks importing the

@@ -197,6 +197,27 @@ def test_stream_mode_scores_the_same_tokens_with_eos_separators_as_context(clm, 
     assert "stream" in stream.convention
 
 
+@pytest.mark.parametrize("mode", ["document", "stream"])
+def test_shards_of_the_windows_add_up_to_the_whole(clm, wiki, mode):
+    """What each of 3 processes scores (shard of the windows) sums to the one-process result."""
+    from mlsteps.distributed import shard_indices
+
+    model, tok = clm
+    docs = _docs(tok, wiki, 3 * WINDOW, 10)
+    whole = ppl.causal_lm_perplexity(model, tok, docs, mode=mode, stride_tokens=8)
+    parts = [
+        ppl.causal_lm_perplexity(
+            model, tok, docs, mode=mode, stride_tokens=8,
+            shard=lambda n, r=r: shard_indices(n, r, 3),
+        )
+        for r in range(3)
+    ]  # fmt: skip
+    assert all(p.scored_tokens > 0 for p in parts)  # every process got work
+    assert sum(p.scored_tokens for p in parts) == whole.scored_tokens
+    assert sum(p.nll_sum_nats for p in parts) == pytest.approx(whole.nll_sum_nats, rel=1e-9)
+    assert all(p.utf8_bytes == whole.utf8_bytes for p in parts)
+
+
 def test_chinese_words_and_bytes(clm):
     model, tok = clm
     lines = (DATA / "luxun" / "野草.txt").read_text(encoding="utf-8").splitlines()
