@@ -174,9 +174,11 @@ def build_model(
 
 
 def _name_causal_loss(model: Any, task: str) -> Any:
-    """transformers 5 derives a loss name from the class name and finds none for
-    GPT2LMHeadModel-style names; it then falls back to the causal-LM loss with a warning on
-    every run. Naming it for causal LMs is the same loss, said explicitly."""
+    """Name the causal-LM loss on models whose class name transformers 5 cannot map to one
+    (GPT2LMHeadModel). The loss itself falls back to the right function either way, but the
+    Trainer only counts tokens the causal way (``labels[..., 1:]``) when the name maps to it:
+    unnamed, it divides by every label and reports 127/128 of the true mean loss of a packed
+    128-token block (and warns "loss_type=None" on every run)."""
     if task in ("clm", "causal_lm") and getattr(model, "loss_type", "") is None:
         model.loss_type = "ForCausalLM"
     return model

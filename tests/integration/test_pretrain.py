@@ -168,6 +168,31 @@ def test_embeddings_of_unseen_tokens_stay_where_they_started(
     assert off.freeze_unseen_tokens is False
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_trainer_counts_the_tokens_a_causal_loss_scores(
+    tmp_path: Path, toks: dict[str, Path], family: str
+) -> None:
+    """transformers 5 finds no loss name for GPT2LMHeadModel; its Trainer then divides the summed
+    NLL by every label, position 0 included, so the reported loss of a packed 128-token block
+    was 127/128 of the true mean. Naming the loss (modeling._name_causal_loss) fixes the count."""
+    from transformers import Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(toks["clm"])
+    arch = ArchSpec(family=family, n_layers=1, hidden_size=32, n_heads=2)
+    model = build_model(arch, tok, "clm")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    labels = torch.tensor([[5, 6, 7, 8], [9, 10, -100, -100]])
+    counted = trainer._get_num_items_in_batch([{"input_ids": labels, "labels": labels}], "cpu")
+    assert int(counted) == 4  # 3 + 1 predicted positions, not the 6 labels
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    tok.save_pretrained(saved)
+    from mlsteps.engine.modeling import load_model
+
+    assert load_model(str(saved), "clm").loss_type == "ForCausalLM"
+
+
 def test_continued_pretraining(tmp_path: Path, toks: dict[str, Path], gpt2_run: tuple) -> None:
     base_ctx, _ = gpt2_run
     spec = make_spec(
