@@ -113,7 +113,7 @@ def test_metrics_move_the_right_way(quick_run: tuple[Path, Any, Any]):
     assert tuned["bleu"] >= few["bleu"], (tuned, few)
     # The steps compound: the same 40-step fine-tune does better from the pretrained model than
     # from a random one (measured, seeds 42/1/2: validation loss 3.12/2.97/2.91 against
-    # 3.34/3.33/3.31; test chrF 15.8/11.6/14.4 against 9.6/5.7/5.0).
+    # 3.34/3.33/3.31; test chrF 16.0/11.6/14.4 against 9.6/5.7/5.0).
     pretrained, scratch = metrics["translate"], metrics["translate_scratch"]
     assert pretrained["val_loss"] < scratch["val_loss"], (pretrained, scratch)
     assert tuned["chrf"] > ladder["translate_scratch"]["chrf"], ladder
