@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -18,6 +25,8 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 # Stage and run names become directory names: keep them to one safe path component.
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# DataSpec.rows: START:END, each an optional (negative) row number or a percent.
+_ROWS_RE = re.compile(r"^\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*$")
 
 
 class Strict(BaseModel):
@@ -78,7 +87,6 @@ class DataSpec(Strict):
         description="Keep a slice of the rows, Python style, by count or percent: '0:1000', "
         "':90%', '90%:', '-500:'. Applied after reading and shuffle_seed, before max_samples; "
         "lets one file give both a training and a held-out part.",
-        pattern=r"^\s*-?\d*%?\s*:\s*-?\d*%?\s*$",
     )
     max_samples: PositiveInt | None = Field(
         None, description="Keep only the first N rows (after reading and 'rows', before any split)."
@@ -95,6 +103,16 @@ class DataSpec(Strict):
             return {"files": value}
         if isinstance(value, dict) and isinstance(value.get("files"), str):
             return {**value, "files": [value["files"]]}
+        return value
+
+    @field_validator("rows")
+    @classmethod
+    def _rows_is_a_slice(cls, value: str | None) -> str | None:
+        if value is not None and not _ROWS_RE.match(value):
+            raise ValueError(
+                f"rows {value!r} is not a slice START:END of row numbers or percents "
+                "(e.g. ':90%', '90%:', '100:200', '-500:')"
+            )
         return value
 
     def row_range(self, n_rows: int) -> range:
