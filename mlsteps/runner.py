@@ -357,7 +357,20 @@ def _run_locked(
             raise StageInterrupted(
                 f"interrupted by {signals.received}", hint="run the same command again to continue"
             )
+        if not rerun and _report_stale(run_dir):
+            # Nothing ran, but the last report write was lost (killed mid-write, deleted).
+            _safe_report(run_dir, report, main)
     return result
+
+
+def _report_stale(run_dir: Path) -> bool:
+    """report.md is missing or older than the state and metrics it shows."""
+    report_path = run_dir / "report.md"
+    if not report_path.exists():
+        return True
+    written = report_path.stat().st_mtime
+    sources = [run_dir / "state.json", run_dir / "metrics.json"]
+    return any(p.exists() and p.stat().st_mtime > written for p in sources)
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}

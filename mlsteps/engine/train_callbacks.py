@@ -87,6 +87,18 @@ class JsonlWriter:
         self.path = path
         self.history: list[dict[str, Any]] = []
 
+    def forget_evaluation_at(self, step: int) -> None:
+        """Drop the evaluation records of ``step`` (it is about to be evaluated again)."""
+        self.previous = [
+            r
+            for r in self.previous
+            if not (r.get("step") == step and any(k.startswith("val_") for k in r))
+        ]
+        self.path.write_text(
+            "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.previous),
+            encoding="utf-8",
+        )
+
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: _finite_or_none(v) for k, v in record.items()}
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -184,9 +196,12 @@ class MlstepsCallback(TrainerCallback):
         if checkpoint.is_dir():
             # Collators with their own randomness (MLM masking) key it on a batch counter; the
             # next batch to train is number `batches_consumed`, whatever the loader prefetched.
-            (checkpoint / RESUME_STATE_FILE).write_text(
-                json.dumps({"batches_consumed": self.shared.batches_consumed}), encoding="utf-8"
-            )
+            # The last step's loss: a run resumed from its final checkpoint reports it as is.
+            resume_state = {
+                "batches_consumed": self.shared.batches_consumed,
+                "last_step_loss": self.shared.last_step_loss,
+            }
+            (checkpoint / RESUME_STATE_FILE).write_text(json.dumps(resume_state), encoding="utf-8")
             ckpt.mark_complete(checkpoint, state.global_step)
             ckpt.rotate_checkpoints(checkpoints_dir, self.spec.keep_checkpoints)
 
@@ -194,12 +209,18 @@ class MlstepsCallback(TrainerCallback):
         self.progress.stop()
 
 
+def read_resume_state(checkpoint: Path) -> dict[str, Any]:
+    """What mlsteps stored next to a checkpoint (batches consumed, last step loss); {} if none."""
+    state_file = checkpoint / RESUME_STATE_FILE
+    if not state_file.is_file():
+        return {}
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    return state if isinstance(state, dict) else {}
+
+
 def restore_collator_state(checkpoint: Path, collator: Any) -> int:
     """Micro-batches trained before ``checkpoint``; sets ``collator.batch_serial`` to it."""
-    state_file = checkpoint / RESUME_STATE_FILE
-    consumed = 0
-    if state_file.is_file():
-        consumed = int(json.loads(state_file.read_text(encoding="utf-8"))["batches_consumed"])
+    consumed = int(read_resume_state(checkpoint).get("batches_consumed", 0))
     if hasattr(collator, "batch_serial"):
         collator.batch_serial = consumed
     return consumed

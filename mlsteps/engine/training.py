@@ -20,6 +20,7 @@ The Trainer loads optimizer/scheduler/scaler/RNG files with ``torch.load(weights
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import time
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.utils import logging as hf_logging
 
 from mlsteps import distributed
@@ -46,6 +47,7 @@ from mlsteps.engine.train_callbacks import (
     count_tokens,
     flops_per_token,
     peak_flops,
+    read_resume_state,
     rename_metric,
     restore_collator_state,
 )
@@ -266,7 +268,10 @@ def train(
         trainer.evaluate()
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        if resume is not None and _training_complete(resume) and not (args.fsdp or args.deepspeed):
+            _restore_finished(trainer, resume, shared, writer, ctx)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except pickle.UnpicklingError as exc:
         # torch.load(weights_only=True) refused an object: a tampered or foreign checkpoint.
         # Only name the offending object: torch's own text suggests weights_only=False, the
@@ -301,7 +306,8 @@ def train(
     metrics["global_batch_size"] = (
         args.per_device_train_batch_size * world * args.gradient_accumulation_steps
     )
-    train_logs = [r for r in writer.history if r.get("loss") is not None]
+    # The last training log of the whole run, records from before a resume included.
+    train_logs = [r for r in writer.previous + writer.history if r.get("loss") is not None]
     if train_logs:
         metrics["train_loss"] = train_logs[-1]["loss"]
     elif shared.step_losses:
@@ -332,7 +338,33 @@ def train(
     )
 
 
-_TIMING_SUFFIXES = ("_runtime", "_per_second")
+_TIMING_SUFFIXES = ("_runtime", "_per_second", "_preparation_time")
+
+
+def _training_complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is the run's last step (killed after training, before final/)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        return 0 < int(state["max_steps"]) <= int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _restore_finished(
+    trainer: Any, checkpoint: Path, shared: Shared, writer: JsonlWriter, ctx: StageContext
+) -> None:
+    """Load a final-step checkpoint instead of training: the Trainer, resumed at max_steps,
+    would run one step more than the uninterrupted run."""
+    ctx.log(f"{checkpoint.name} is the last step: training was complete, loading it")
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    loss = read_resume_state(checkpoint).get("last_step_loss")
+    if loss is not None:
+        shared.step_losses.append(float(loss))
+    # The final evaluation runs again after this (as after any training): its records at this
+    # step go, so metrics.jsonl ends as the uninterrupted run's did, and generation-based
+    # validation rewrites its predictions and conventions.
+    writer.forget_evaluation_at(trainer.state.global_step)
 
 
 def save_final(

@@ -178,6 +178,28 @@ def test_stop_and_resume_equals_uninterrupted(
     assert again.metrics["initial_val_perplexity"] == result["initial_val_perplexity"]
 
 
+def test_resume_from_the_last_step_trains_no_further(
+    tmp_path: Path, tok_dirs: dict[str, Path], references: dict
+) -> None:
+    """Stopped at the last step (checkpoint written, final/ not yet): the rerun loads that
+    checkpoint instead of training. The Trainer alone would run one step more (15 of 14)."""
+    spec = _case_spec("clm")
+    steps = spec.train.max_steps
+    assert steps is not None
+    full, result = references["clm"]
+    with pytest.raises(StageInterrupted, match=f"step {steps}"):
+        pretrain.run(spec, _ctx(tmp_path, tok_dirs["clm"], stop_at=steps))
+    resumed = _ctx(tmp_path, tok_dirs["clm"])
+    again = pretrain.run(spec, resumed).metrics
+    assert again["global_step"] == steps
+    _assert_same_run(full, resumed, steps)
+    for key in ("train_loss", "val_loss", "val_perplexity", "initial_val_perplexity"):
+        assert again[key] == pytest.approx(result[key], abs=1e-6), key
+    # The final evaluation is logged once, as in the uninterrupted run.
+    records = [json.loads(line) for line in resumed.metrics_path.read_text().splitlines()]
+    assert sum(1 for r in records if r["step"] == steps and "val_loss" in r) == 1
+
+
 def test_damaged_and_incomplete_checkpoints_are_skipped(
     tmp_path: Path, tok_dirs: dict[str, Path], references: dict
 ) -> None:

@@ -230,6 +230,28 @@ def test_stale_temp_files_of_killed_writes_are_removed(write_recipe, tmp_path):
     assert not list(run_dir.glob(".*.tmp"))
 
 
+def test_a_lost_report_is_written_again_when_nothing_runs(write_recipe, tmp_path):
+    """Killed while writing the last report.md: the rerun skips every stage and still leaves a
+    report that shows them all; an up-to-date report is left alone."""
+    import os
+
+    run_dir = tmp_path / "run"
+    go(write_recipe, run_dir)
+    report = run_dir / "report.md"
+    report.unlink()
+    assert go(write_recipe, run_dir) == []
+    assert "## ev\n" in report.read_text()
+    stamp = report.stat().st_mtime - 100
+    os.utime(run_dir / "state.json", (stamp - 10, stamp - 10))
+    os.utime(run_dir / "metrics.json", (stamp - 10, stamp - 10))
+    os.utime(report, (stamp, stamp))
+    go(write_recipe, run_dir)
+    assert report.stat().st_mtime == stamp  # newer than what it shows: not rewritten
+    os.utime(run_dir / "state.json", (stamp + 10, stamp + 10))  # an older report: rewritten
+    go(write_recipe, run_dir)
+    assert report.stat().st_mtime > stamp + 10
+
+
 def test_full_disk_is_a_clear_stage_failure(write_recipe, tmp_path, monkeypatch):
     import errno
 
