@@ -149,6 +149,11 @@ def tokenize_classification(
             "labels": [label2id[str(v)] for v in batch[label_col]],
         }
 
+    return _encode_rows(ds, encode)
+
+
+def _encode_rows(ds: datasets.Dataset, encode: Any) -> datasets.Dataset:
+    """``encode(batch, indices)`` over ``ds`` in batches, replacing its columns."""
     return ds.map(
         encode,
         batched=True,
@@ -202,14 +207,7 @@ def tokenize_seq2seq(
             "labels": [_ensure_eos(ids, eos_id, spec.max_target_len) for ids in tgt["input_ids"]],
         }
 
-    return ds.map(
-        encode,
-        batched=True,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        # In memory: no cache files keyed by an unhashable closure piling up in the run cache.
-        keep_in_memory=True,
-    )
+    return _encode_rows(ds, encode)
 
 
 # ---------------------------------------------------------------- causal LM (SFT)
@@ -307,14 +305,7 @@ def tokenize_sft(
             out["labels"].append([IGNORE_INDEX] * len(p) + r)
         return out
 
-    return ds.map(
-        encode,
-        batched=True,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        # In memory: no cache files keyed by an unhashable closure piling up in the run cache.
-        keep_in_memory=True,
-    )
+    return _encode_rows(ds, encode)
 
 
 def pack_sft(ds: datasets.Dataset, max_seq_len: int) -> datasets.Dataset:
