@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -344,3 +347,54 @@ def test_missing_columns_and_unfit_models_fail_before_any_model_loads(
         eval_stage.run(spec, ctx)  # the SFT template reads 'source'
     assert err.value.where == "stages.eval.data"
     assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())
+
+
+def _sharded(root: Path) -> dict[str, list[float]]:
+    from mlsteps.metrics.response_perplexity import sharded_response_perplexity
+
+    out = {}
+    for name in ("sft", "seq2seq"):
+        loaded = load_for_inference(str(root / name))
+        render = loaded.prompter.render if loaded.prompter else (lambda r: r["source"])
+        prompts = [render({"source": s}) for s in _sources(root)]
+        prefix = loaded.prompter.answer_prefix if loaded.prompter else ""
+        res = sharded_response_perplexity(
+            loaded.model, loaded.tokenizer, prompts, _refs(root), answer_prefix=prefix,
+            batch_size=3,
+        )  # fmt: skip
+        out[name] = [res.perplexity, res.scored_tokens, res.utf8_bytes]
+        out[name + "_convention"] = res.convention  # type: ignore[assignment]
+    return out
+
+
+def _rank(local: int, port: int, root: str) -> None:
+    os.environ.update(
+        RANK=str(local), LOCAL_RANK=str(local), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    result = _sharded(Path(root))
+    if local == 0:
+        (Path(root) / "two_ranks.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_add_up_to_the_single_process_result(root: Path) -> None:
+    import torch.multiprocessing as mp
+
+    one = _sharded(root)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    context = mp.spawn(_rank, args=(port, str(root)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail("ranks still running after 300 s (a hang)")
+    two = json.loads((root / "two_ranks.json").read_text())
+    for name in ("sft", "seq2seq"):
+        assert two[name][0] == pytest.approx(one[name][0], rel=1e-6)
+        assert two[name][1:] == one[name][1:]  # tokens and bytes: nothing scored twice
+        assert two[name + "_convention"] == one[name + "_convention"]
