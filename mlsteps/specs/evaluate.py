@@ -111,6 +111,30 @@ class EvalSpec(Strict):
                 raise ValueError(f"unknown metric '{name}' at metrics.{i}; {hint}")
         return self
 
+    @model_validator(mode="after")
+    def _builtin_columns(self) -> EvalSpec:
+        """Builtin data's columns are known without loading it, so `validate` checks them."""
+        from mlsteps.builtin import list_builtin
+
+        info = next((i for i in list_builtin() if i.name == self.data.builtin), None)
+        if info is None:
+            return self  # not builtin data, or an unknown set (check_data_files names it)
+        text = {"perplexity", "masked_perplexity", "pseudo_perplexity"}
+        labels = {"accuracy", "f1"}
+        wanted = [
+            ("text_column", self.text_column, set(self.metrics) & text),
+            ("reference_column", self.reference_column, set(self.metrics) - text - labels),
+            ("label_column", self.label_column, set(self.metrics) & labels),
+        ]
+        for option, column, needing in wanted:
+            if needing and column not in info.columns:
+                raise ValueError(
+                    f"column '{column}' not found in builtin:{info.name}, which has columns: "
+                    f"{', '.join(info.columns)}; set {option} ({', '.join(sorted(needing))} "
+                    "reads it) to one of them"
+                )
+        return self
+
 
 class PredictSpec(Strict):
     """Generate outputs for every row with batched decoding; written in input order."""
