@@ -130,8 +130,8 @@ class EvalSpec(Strict):
             if needing and column not in info.columns:
                 raise ValueError(
                     f"column '{column}' not found in builtin:{info.name}, which has columns: "
-                    f"{', '.join(info.columns)}; set {option} ({', '.join(sorted(needing))} "
-                    "reads it) to one of them"
+                    f"{', '.join(info.columns)}; set {option} (read by "
+                    f"{', '.join(sorted(needing))}) to one of them"
                 )
         return self
 

@@ -26,7 +26,7 @@ def test_reference_column_missing_from_builtin_data_is_a_validation_error() -> N
 def test_each_metric_checks_only_the_columns_it_reads() -> None:
     # response_perplexity reads reference_column (+ the prompt), not text_column ('text').
     validate_recipe(_recipe(metrics=["response_perplexity", "bleu"]))
-    with pytest.raises(UserError, match="set text_column \\(perplexity reads it\\)"):
+    with pytest.raises(UserError, match="set text_column \\(read by perplexity\\)"):
         validate_recipe(_recipe(metrics=["perplexity"]))
     validate_recipe(_recipe(metrics=["perplexity"], text_column="target"))
     with pytest.raises(UserError, match="column 'label' not found.*set label_column"):
