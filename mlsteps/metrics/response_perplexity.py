@@ -143,13 +143,11 @@ def _seq2seq_items(
 
 
 @torch.no_grad()
-def _score(
-    model: Any, tokenizer: Any, items: list[_Item], batch_size: int, seq2seq: bool
-) -> tuple[float, float]:
-    """(Σ weight * NLL of the scored targets, Σ weight * scored targets), NLL in float64."""
+def _score(model: Any, tokenizer: Any, items: list[_Item], batch_size: int, seq2seq: bool) -> float:
+    """Σ weight * NLL of the scored targets, accumulated in float64."""
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll_sum, tokens = 0.0, 0.0
+    nll_sum = 0.0
     for batch in _batches(items, batch_size, lambda it: len(it.input_ids) + len(it.target_ids)):
         ids, mask = _pad([it.input_ids for it in batch], pad_id, device)
         if seq2seq:
@@ -165,8 +163,7 @@ def _score(
             )
             keep = torch.tensor(it.scored, device=device)
             nll_sum += it.weight * float(nll[keep].double().sum())
-            tokens += it.weight * int(keep.sum())
-    return nll_sum, tokens
+    return nll_sum
 
 
 def response_perplexity(
@@ -231,7 +228,10 @@ def response_perplexity(
         )
     if shard is not None:
         items = [items[i] for i in shard(len(items))]
-    nll_sum, tokens = _score(model, tokenizer, items, batch_size, seq2seq)
+    nll_sum = _score(model, tokenizer, items, batch_size, seq2seq)
+    # Counted apart from the batches, correctly rounded: fractional weights (1/3 for three
+    # references) must not make the count depend on the batch order.
+    tokens = math.fsum(it.weight * sum(it.scored) for it in items)
     n_refs = sum(len(r) for r in refs)
     several = (
         f"; several references: mean over a row's references ({n_refs} references, "
