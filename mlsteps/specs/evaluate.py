@@ -10,6 +10,7 @@ from mlsteps.specs.common import DataSpec, GenerationSpec, PositiveInt, Strict
 
 METRICS = (
     "perplexity",
+    "response_perplexity",
     "masked_perplexity",
     "pseudo_perplexity",
     "bleu",
@@ -24,7 +25,7 @@ METRICS = (
 
 
 class PerplexitySpec(Strict):
-    """How causal-LM perplexity windows the text (see the metric conventions in the README)."""
+    """How causal-LM perplexity windows the text, also for response_perplexity (docs/metrics.md)."""
 
     window: PositiveInt | None = Field(
         None,
@@ -72,13 +73,20 @@ class EvalSpec(Strict):
     metrics: list[str] = Field(
         ..., min_length=1, description=f"Metrics, from: {', '.join(METRICS)}."
     )
-    text_column: str = Field("text", description="Column scored by perplexity metrics.")
+    text_column: str = Field(
+        "text",
+        description="Column scored as bare text by perplexity, masked_perplexity and "
+        "pseudo_perplexity.",
+    )
     input_column: str = Field(
-        "source", description="Column fed to the model for generation/classification."
+        "source",
+        description="Column fed to the model for generation/classification; also the prompt "
+        "response_perplexity conditions on (a prompted model renders its own template instead).",
     )
     reference_column: str = Field(
         "target",
-        description="Reference column (string, or list of strings for several references).",
+        description="Reference column (string, or list of strings for several references); "
+        "response_perplexity scores it given each model's prompt.",
     )
     label_column: str = Field("label", description="Gold label column for accuracy/F1.")
     target_lang: str | None = Field(
@@ -101,6 +109,30 @@ class EvalSpec(Strict):
             if name not in METRICS:
                 hint = did_you_mean(name, METRICS) or f"choose from {', '.join(METRICS)}"
                 raise ValueError(f"unknown metric '{name}' at metrics.{i}; {hint}")
+        return self
+
+    @model_validator(mode="after")
+    def _builtin_columns(self) -> EvalSpec:
+        """Builtin data's columns are known without loading it, so `validate` checks them."""
+        from mlsteps.builtin import list_builtin
+
+        info = next((i for i in list_builtin() if i.name == self.data.builtin), None)
+        if info is None:
+            return self  # not builtin data, or an unknown set (check_data_files names it)
+        text = {"perplexity", "masked_perplexity", "pseudo_perplexity"}
+        labels = {"accuracy", "f1"}
+        wanted = [
+            ("text_column", self.text_column, set(self.metrics) & text),
+            ("reference_column", self.reference_column, set(self.metrics) - text - labels),
+            ("label_column", self.label_column, set(self.metrics) & labels),
+        ]
+        for option, column, needing in wanted:
+            if needing and column not in info.columns:
+                raise ValueError(
+                    f"column '{column}' not found in builtin:{info.name}, which has columns: "
+                    f"{', '.join(info.columns)}; set {option} (read by "
+                    f"{', '.join(sorted(needing))}) to one of them"
+                )
         return self
 
 
