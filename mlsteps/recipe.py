@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.specs import SPEC_BY_KIND, StageSpec
-from mlsteps.specs.common import SAFE_NAME_RE, DataSpec, Strict
+from mlsteps.specs.common import SAFE_NAME_RE, STAGE_NAME_RE, DataSpec, Seed, Strict
 from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
@@ -26,7 +26,7 @@ class Recipe(Strict):
     """A multi-step training recipe: named stages run in order, each handing its model on."""
 
     name: str = Field(..., description="Run name; the run directory defaults to runs/<name>.")
-    seed: int = Field(42, description="Global seed for data order, initialisation and sampling.")
+    seed: Seed = Field(42, description="Global seed for data order, initialisation and sampling.")
     description: str | None = Field(None, description="Free text shown in the report.")
     defaults: dict[str, Any] = Field(
         default_factory=dict,
@@ -58,19 +58,38 @@ class Recipe(Strict):
         if not value:
             raise ValueError("a recipe needs at least one stage")
         for name in value:
-            if name in RESERVED_NAMES:
-                raise ValueError(
-                    f"stage name '{name}' is reserved for the run directory's own files"
-                )
-            if not SAFE_NAME_RE.match(name):
-                raise ValueError(
-                    f"stage name '{name}' must be one path component of letters, digits, '_', '-', '.'"
-                )
+            problem = stage_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         return value
 
     def resolved_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults applied) as plain data, using YAML key names."""
         return self.model_dump(mode="json", by_alias=True, exclude={"defaults"})
+
+
+def stage_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a stage name, or None. A stage name is a directory of the run and
+    the second part of every override key (stages.NAME.key): one path component, no dots."""
+    if name in RESERVED_NAMES:
+        return f"stage name '{name}' is reserved for the run directory's own files"
+    if not STAGE_NAME_RE.match(name):
+        return (
+            f"stage name '{name}' must be one path component of letters, digits, '_' and '-', "
+            "starting with a letter or digit (no '.': overrides address stages.NAME.key)"
+        )
+    return None
+
+
+def _check_stage_names(raw: dict[str, Any], doc: LoadedYaml | None, source: str) -> None:
+    """Stage-name errors at the line of the stage (the validator above only knows 'stages')."""
+    stages = raw.get("stages")
+    for name in stages if isinstance(stages, dict) else ():
+        problem = stage_name_problem(name)
+        if problem:
+            path = f"stages.{name}"
+            where = doc.where(path) if doc else f"{source} ({path})"
+            raise UserError(problem, where=where, hint="rename the stage, e.g. 'pretrain_2'")
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +133,11 @@ def apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 _DATA_KEYS = ("data", "validation")
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """An override as quoted in a message: a 10,000-character value would drown the line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=VALUE` (VALUE parsed as YAML) and `~a.b.c` (remove) to the raw recipe."""
     out = copy.deepcopy(raw)
@@ -123,7 +147,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             key, value = item[1:], None
         elif "=" in item:
             key, text = item.split("=", 1)
-            value = parse_scalar(text, where=f"override '{item}'")
+            value = parse_scalar(text, where=f"override '{_short(item)}'")
         else:
             raise UserError(
                 f"override '{item}' is not KEY=VALUE or ~KEY",
@@ -219,7 +243,26 @@ def _as_written(path: str, raw: Any) -> str:
     return ".".join(kept)
 
 
-def _format_error(err: Any, doc: LoadedYaml | None, source: str) -> UserError:
+def _collection_override(path: str, overrides: list[str]) -> str | None:
+    """The override KEY=VALUE that set ``path`` to a mapping or list, if one did: YAML reads
+    'a: b' as a mapping and '[x]' as a list, where the user usually meant text."""
+    for item in reversed(overrides):
+        key, eq, text = item.partition("=")
+        if eq and ".".join(p for p in key.strip().split(".") if p) == path:
+            value = parse_scalar(text, where=f"override '{_short(item)}'")
+            return item if isinstance(value, dict | list) else None
+    return None
+
+
+# A bound or finiteness check failed on a number: "quote it if you meant text" would mislead.
+_NUMBER_CHECKS = frozenset(
+    {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+)
+
+
+def _format_error(
+    err: Any, doc: LoadedYaml | None, source: str, overrides: list[str] | None = None
+) -> UserError:
     loc = tuple(err["loc"])
     path = _dotted(loc)
     if doc is not None:
@@ -249,7 +292,23 @@ def _format_error(err: Any, doc: LoadedYaml | None, source: str) -> UserError:
     msg = err["msg"].removeprefix("Value error, ")
     hint = None
     raw = doc.raw_scalars.get(path) if doc else None
-    if raw is not None:
+    override = _collection_override(path, overrides or [])
+    if etype == "bool_not_number":
+        said = f"'{raw}'" if raw is not None else json.dumps(value)
+        return UserError(
+            f"expected a number, got {said} (a boolean in YAML)",
+            where=where,
+            hint="write a number; YAML reads true/false/yes/no/on/off as booleans",
+        )
+    if override is not None:
+        key, _, text = override.partition("=")
+        kind = "mapping" if isinstance(value, dict) else "list"
+        return UserError(
+            f"{msg}: the override '{override}' was read as a YAML {kind}",
+            where=where,
+            hint=f"quote the value for text, in the shell \"{key}='{text}'\"",
+        )
+    if raw is not None and etype not in _NUMBER_CHECKS:
         hint = f"YAML read '{raw}' as {json.dumps(value)}; quote it (\"{raw}\") if you meant text"
     elif etype not in ("value_error", "assertion_error") and value is not None:
         msg = f"{msg}, got {json.dumps(value, default=str)[:80]}"
@@ -294,20 +353,66 @@ def check_references(recipe: Recipe, doc: LoadedYaml | None = None) -> None:
                     raise UserError(f"unknown stage '{ref}'", where=where, hint=suggestion)
 
 
-def validate_recipe(raw: Any, doc: LoadedYaml | None = None, source: str = "<recipe>") -> Recipe:
-    """Validate raw recipe data; raise UserError naming file:line and the dotted key path."""
+def _paths(node: Any, prefix: str = "") -> set[str]:
+    """Every dotted key path in nested mappings."""
+    out: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out |= {path} | _paths(value, path)
+    return out
+
+
+def check_ignored_fields(
+    recipe: Recipe, raw: dict[str, Any], doc: LoadedYaml | None = None, source: str = "<recipe>"
+) -> None:
+    """Refuse a field the recipe wrote that does nothing under the other fields' values
+    (``lora`` with method full, ``mlm_probability`` with objective clm ...). Fields that only
+    ``defaults`` put into a stage are exempt: defaults go to every stage that has the field."""
+    merged_stages = apply_defaults(raw).get("stages") or {}
+    own_stages = raw.get("stages") or {}
+    for name, spec in recipe.stages.items():
+        own = own_stages.get(name)
+        from_defaults = _paths(merged_stages.get(name)) - _paths(own)
+        for key, why, fix in spec.ignored_fields():
+            if key in from_defaults:
+                continue
+            path = f"stages.{name}.{key}"
+            where = doc.where(path) if doc else f"{source} ({path})"
+            raise UserError(
+                f"'{key.rpartition('.')[2]}' does nothing: {why}", where=where, hint=fix
+            )
+    if recipe.distributed is not None:
+        for key, why, fix in recipe.distributed.ignored_fields():
+            path = f"distributed.{key}"
+            where = doc.where(path) if doc else f"{source} ({path})"
+            raise UserError(
+                f"'{key.rpartition('.')[2]}' does nothing: {why}", where=where, hint=fix
+            )
+
+
+def validate_recipe(
+    raw: Any,
+    doc: LoadedYaml | None = None,
+    source: str = "<recipe>",
+    overrides: list[str] | None = None,
+) -> Recipe:
+    """Validate raw recipe data; raise UserError naming file:line and the dotted key path.
+    ``overrides`` (already applied to ``raw``) only improve the messages."""
     if not isinstance(raw, dict):
         kind = "a list" if isinstance(raw, list) else type(raw).__name__
         raise UserError(
             f"a recipe must be a mapping with 'name' and 'stages', not {kind}", where=source
         )
+    _check_stage_names(raw, doc, source)
     merged = apply_defaults(raw)
     try:
         recipe = Recipe.model_validate(merged)
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise _format_error(errors[0], doc, source) from None
+        raise _format_error(errors[0], doc, source, overrides or []) from None
     check_references(recipe, doc)
+    check_ignored_fields(recipe, raw, doc, source)
     return recipe
 
 
@@ -319,7 +424,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         if not isinstance(raw, dict):
             raise UserError("a recipe must be a mapping with 'name' and 'stages'", where=str(path))
         raw = apply_overrides(raw, overrides)
-    return validate_recipe(raw, doc, str(path))
+    return validate_recipe(raw, doc, str(path), overrides)
 
 
 def data_specs(spec: BaseModel) -> list[Any]:

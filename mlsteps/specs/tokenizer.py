@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import DataSources, PositiveInt, Strict, column_list
+from mlsteps.specs.common import Bool, DataSources, PositiveInt, Strict, Unused, column_list
 
 
 class TokenizerSpec(Strict):
@@ -38,7 +38,7 @@ class TokenizerSpec(Strict):
     )
     vocab_size: PositiveInt = Field(8000, description="Target vocabulary size.")
     min_frequency: PositiveInt = Field(2, description="Minimum pair/token frequency to merge.")
-    lowercase: bool = Field(False, description="Lowercase text before tokenizing.")
+    lowercase: Bool = Field(False, description="Lowercase text before tokenizing.")
     normalization: Literal["none", "nfc", "nfkc"] = Field(
         "nfc",
         description="Unicode normalisation applied before tokenizing (nfkc also folds full-width "
@@ -55,6 +55,18 @@ class TokenizerSpec(Strict):
     def text_columns(self) -> list[str]:
         """``text_column`` as a list."""
         return column_list(self.text_column)
+
+    def _ignored(self) -> list[Unused]:
+        if self.from_ is None:
+            return []
+        out = self._unused(
+            ("algorithm", "vocab_size", "min_frequency", "lowercase", "normalization", "target"),
+            "'from' wraps an existing tokenizer; nothing is trained",
+            "remove it, or remove 'from' to train a tokenizer",
+        )
+        if self.data is None:  # with 'from', data only measures the tokenizer on some text
+            out += self._unused(("text_column", "max_lines"), "there is no 'data'")
+        return out
 
     @model_validator(mode="after")
     def _data_or_from(self) -> TokenizerSpec:
