@@ -279,7 +279,7 @@ def _stage_command(kind: str, summary: str) -> None:
                 lines={f"stages.{name}.{k}": v for k, v in doc.lines.items()},
                 raw_scalars={f"stages.{name}.{k}": v for k, v in doc.raw_scalars.items()},
             )
-        spec = validate_recipe(raw, doc, source_name, full)
+        spec = validate_recipe(raw, doc, source_name, full, override_prefix=f"stages.{name}.")
         _execute(spec, run_dir, as_json=as_json, force=force)
 
     command.__doc__ = f"{summary} (one-stage recipe; same code path as `run`)."

@@ -231,31 +231,34 @@ def _paths(node: Any, prefix: str = "") -> set[str]:
 
 
 def check_ignored_fields(
-    recipe: Recipe, raw: dict[str, Any], doc: LoadedYaml | None = None, source: str = "<recipe>"
+    recipe: Recipe,
+    raw: dict[str, Any],
+    doc: LoadedYaml | None = None,
+    source: str = "<recipe>",
+    removal_prefix: str | None = None,
 ) -> None:
     """Refuse a field the recipe wrote that does nothing under the other fields' values
     (``lora`` with method full, ``mlm_probability`` with objective clm ...). Fields that only
-    ``defaults`` put into a stage are exempt: defaults go to every stage that has the field."""
+    ``defaults`` put into a stage are exempt: defaults go to every stage that has the field.
+    With ``removal_prefix`` (overrides were given) the fix also names the ``~KEY`` override that
+    removes the field, ``removal_prefix`` cut from its start."""
     merged_stages = apply_defaults(raw).get("stages") or {}
     own_stages = raw.get("stages") or {}
+    found = []
     for name, spec in recipe.stages.items():
-        own = own_stages.get(name)
-        from_defaults = _paths(merged_stages.get(name)) - _paths(own)
-        for key, why, fix in spec.ignored_fields():
-            if key in from_defaults:
-                continue
-            path = f"stages.{name}.{key}"
-            where = doc.where(path) if doc else f"{source} ({path})"
-            raise UserError(
-                f"'{key.rpartition('.')[2]}' does nothing: {why}", where=where, hint=fix
-            )
+        from_defaults = _paths(merged_stages.get(name)) - _paths(own_stages.get(name))
+        found += [
+            (f"stages.{name}.{key}", why, fix)
+            for key, why, fix in spec.ignored_fields()
+            if key not in from_defaults
+        ]
     if recipe.distributed is not None:
-        for key, why, fix in recipe.distributed.ignored_fields():
-            path = f"distributed.{key}"
-            where = doc.where(path) if doc else f"{source} ({path})"
-            raise UserError(
-                f"'{key.rpartition('.')[2]}' does nothing: {why}", where=where, hint=fix
-            )
+        found += [(f"distributed.{k}", w, f) for k, w, f in recipe.distributed.ignored_fields()]
+    for path, why, fix in found[:1]:
+        where = doc.where(path) if doc else f"{source} ({path})"
+        if removal_prefix is not None:
+            fix += f"; on the command line: ~{path.removeprefix(removal_prefix)}"
+        raise UserError(f"'{path.rpartition('.')[2]}' does nothing: {why}", where=where, hint=fix)
 
 
 def validate_recipe(
@@ -263,9 +266,11 @@ def validate_recipe(
     doc: LoadedYaml | None = None,
     source: str = "<recipe>",
     overrides: list[str] | None = None,
+    override_prefix: str = "",
 ) -> Recipe:
     """Validate raw recipe data; raise UserError naming file:line and the dotted key path.
-    ``overrides`` (already applied to ``raw``) only improve the messages."""
+    ``overrides`` (already applied to ``raw``; typed by the user without ``override_prefix``)
+    only improve the messages."""
     if not isinstance(raw, dict):
         kind = "a list" if isinstance(raw, list) else type(raw).__name__
         raise UserError(
@@ -279,7 +284,7 @@ def validate_recipe(
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         raise format_error(errors[0], doc, source, Recipe, overrides or []) from None
     check_references(recipe, doc)
-    check_ignored_fields(recipe, raw, doc, source)
+    check_ignored_fields(recipe, raw, doc, source, override_prefix if overrides else None)
     return recipe
 
 

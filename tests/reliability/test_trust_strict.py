@@ -233,6 +233,9 @@ STRICT_CASES = [
          replace=(("    metrics: [perplexity]\n", "    metrics: [pseudo_perplexity]\n    perplexity: {stride: 8}\n"),)),
     Case("fsdp-min-params-without-size-wrap", ("(distributed.fsdp.min_params)", "auto_wrap is transformer_layer"),
          replace=(("seed: 7\n", "seed: 7\ndistributed: {fsdp: {min_params: 5000}}\n"),)),
+    # an override can make a field of the file do nothing: the fix names the ~KEY that removes it
+    Case("override-max-steps-over-epochs", ("(stages.pre.train.epochs)", "max_steps is set", "on the command line: ~stages.pre.train.epochs"),
+         replace=((PRE_TRAIN, "    train: {epochs: 3}\n"),), args=("stages.pre.train.max_steps=5",)),
     # override values YAML reads as a mapping or list where text was meant
     Case("override-rows-mapping", ("(stages.tok.data.rows)", "read as a YAML mapping", "quote the value", "\"stages.tok.data.rows='90%:'\""),
          args=("stages.tok.data.rows=90%:",)),
@@ -283,11 +286,22 @@ def test_stage_config_file_errors_name_its_line(tmp_path: Path) -> None:
     assert_refused(res, case)
 
 
+def test_stage_command_names_the_override_that_removes_a_do_nothing_field(tmp_path: Path) -> None:
+    config = tmp_path / "tok.yaml"
+    config.write_text("from: gpt2\n")
+    res = cli("tokenizer", "--config", config, "vocab_size=100", "--run-dir", tmp_path / "run")
+    case = Case("config-ignored", ("(stages.tokenizer.vocab_size)", "'from' wraps", "~vocab_size"))
+    line = assert_refused(res, case)
+    assert "~stages.tokenizer" not in line  # the stage command's keys have no stages.NAME part
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- what must keep working
 VALID = [
     # exponent floats stay floats, ints count as floats, whole floats as ints
     ("lr-exponent-and-int-for-float", (), ("stages.pre.train.lr=1e-4", "~stages.pre.train.max_steps", "stages.pre.train.epochs=2")),
     ("max-steps-1e3", (), ("stages.pre.train.max_steps=1e3",)),
+    ("max-steps-replacing-epochs", ((PRE_TRAIN, "    train: {epochs: 3}\n"),), ("stages.pre.train.max_steps=5", "~stages.pre.train.epochs")),
     ("seed-bounds", (("seed: 7", "seed: 4294967295"),), ("stages.sft.generation.do_sample=true", "stages.sft.generation.seed=0")),
     # a field that does nothing is fine when only defaults put it there
     ("defaults-generation-sampling", (("defaults:\n", "defaults:\n  generation: {temperature: 0.7, top_p: 0.9}\n  mlm_probability: 0.3\n"),), ()),
