@@ -237,13 +237,18 @@ def check_ignored_fields(
     source: str = "<recipe>",
     removal_prefix: str | None = None,
 ) -> None:
-    """Refuse a field the recipe wrote that does nothing under the other fields' values
+    """Refuse a value that cannot work given the other fields (Strict._invalid), then a field
+    the recipe wrote that does nothing under the other fields' values
     (``lora`` with method full, ``mlm_probability`` with objective clm ...). Fields that only
     ``defaults`` put into a stage are exempt: defaults go to every stage that has the field.
     With ``removal_prefix`` (overrides were given) the fix also names the ``~KEY`` override that
     removes the field, ``removal_prefix`` cut from its start."""
     merged_stages = apply_defaults(raw).get("stages") or {}
     own_stages = raw.get("stages") or {}
+    for name, spec in recipe.stages.items():
+        for key, what, fix in spec.invalid_fields()[:1]:
+            path = f"stages.{name}.{key}"
+            raise UserError(what, where=doc.where(path) if doc else f"{source} ({path})", hint=fix)
     found = []
     for name, spec in recipe.stages.items():
         from_defaults = _paths(merged_stages.get(name)) - _paths(own_stages.get(name))

@@ -7,6 +7,7 @@ descriptions feed ``mlsteps schema`` and the recipe reference in the README.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
@@ -36,6 +37,8 @@ def _number(value: Any) -> Any:
         )
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)  # 1e3 is an exact whole number; 2.5 stays a float and is refused
+    if isinstance(value, numbers.Integral) and not isinstance(value, int):
+        return int(value)  # a numpy integer from code that builds a spec
     return value
 
 
@@ -44,6 +47,8 @@ def _not_bool(value: Any) -> Any:
         raise PydanticCustomError(
             "bool_not_number", "expected a number, got the boolean {value}", {"value": value}
         )
+    if isinstance(value, numbers.Real) and not isinstance(value, int | float):
+        return float(value)  # a numpy float32 from code that builds a spec
     return value
 
 
@@ -102,11 +107,24 @@ class Strict(BaseModel):
         """This model's own fields that do nothing under the values of other fields."""
         return []
 
+    def _invalid(self) -> list[Unused]:
+        """This model's own fields whose value cannot work given the other fields: (key, what,
+        fix). For checks that need a field's place in the recipe, which a model validator's
+        error does not name."""
+        return []
+
     def ignored_fields(self) -> list[Unused]:
         """Every given field, here and in nested models, that does nothing: (dotted key as
         written, why, how to fix). The recipe refuses them: a setting that silently has no
         effect is a misread recipe."""
-        found = self._ignored()
+        return self._walk("_ignored")
+
+    def invalid_fields(self) -> list[Unused]:
+        """Every field, here and in nested models, whose value cannot work (see _invalid)."""
+        return self._walk("_invalid")
+
+    def _walk(self, hook: str) -> list[Unused]:
+        found: list[Unused] = getattr(self, hook)()
         for name in sorted(self.model_fields_set):
             value = getattr(self, name)
             key = type(self).model_fields[name].alias or name
@@ -115,7 +133,7 @@ class Strict(BaseModel):
                 if isinstance(item, Strict):
                     # A single data source is held as a list of one but written without an index.
                     sub = f"{key}.{i}" if len(items) > 1 else key
-                    found += [(f"{sub}.{k}", why, fix) for k, why, fix in item.ignored_fields()]
+                    found += [(f"{sub}.{k}", why, fix) for k, why, fix in item._walk(hook)]
         return found
 
 

@@ -8,6 +8,13 @@ from pydantic import Field, model_validator
 
 from mlsteps.specs.common import Bool, DataSources, PositiveInt, Strict, Unused, column_list
 
+# Special-token roles per target, in id order (pad first: id 0 is what T5 and BERT expect).
+SPECIAL_ROLES = {
+    "clm": ("pad", "unk", "bos", "eos"),
+    "mlm": ("pad", "unk", "cls", "sep", "mask"),
+    "seq2seq": ("pad", "eos", "unk", "bos"),
+}
+
 
 class TokenizerSpec(Strict):
     """Train a tokenizer with the `tokenizers` library, or wrap an existing one."""
@@ -55,6 +62,24 @@ class TokenizerSpec(Strict):
     def text_columns(self) -> list[str]:
         """``text_column`` as a list."""
         return column_list(self.text_column)
+
+    def min_vocab_size(self) -> int:
+        """The smallest vocabulary the trainer can build: the special tokens, plus the 256 byte
+        tokens of byte-level BPE (plus two for the other algorithms' alphabets)."""
+        specials = len(SPECIAL_ROLES[self.target])
+        return 256 + specials if self.algorithm == "bpe" else specials + 2
+
+    def _invalid(self) -> list[Unused]:
+        if self.from_ is not None or self.vocab_size >= self.min_vocab_size():
+            return []
+        why = " (256 byte tokens + specials)" if self.algorithm == "bpe" else ""
+        return [
+            (
+                "vocab_size",
+                f"vocab_size {self.vocab_size} is too small for {self.algorithm}",
+                f"use at least {self.min_vocab_size()}{why}",
+            )
+        ]
 
     def _ignored(self) -> list[Unused]:
         if self.from_ is None:

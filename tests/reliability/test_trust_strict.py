@@ -160,6 +160,9 @@ NUMERIC_CASES = [
          replace=((PRE_TRAIN, "    train: {max_steps: 2.5}\n"),)),
     Case("timeout-past-timedelta", ("(distributed.timeout_s)", "less than or equal to 1000000000"),
          replace=(("seed: 7\n", "seed: 7\ndistributed: {timeout_s: 100000000000000}\n"),)),
+    # below what the tokenizer trainer can build: was refused only when the stage ran
+    Case("vocab-size-below-bpe-minimum", ("recipe.yaml:9 (stages.tok.vocab_size)", "too small for bpe", "at least 260"),
+         replace=((TOK_VOCAB, "    vocab_size: 20\n"),)),
     # numbers given as text are not numbers
     Case("vocab-size-as-text", ("(stages.tok.vocab_size)", "valid integer"),
          replace=((TOK_VOCAB, "    vocab_size: '300'\n"),)),
