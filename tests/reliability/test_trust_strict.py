@@ -197,6 +197,12 @@ STRICT_CASES = [
          replace=(("  tok:\n", "  yes:\n"),)),
     Case("stage-name-with-dot", ("recipe.yaml:6 (stages.tok.v2)", "no '.'", "rename the stage"),
          replace=(("  tok:\n", "  tok.v2:\n"), ("    tokenizer: tok\n", "    tokenizer: tok.v2\n"))),
+    # guards (refused before too): characters that break override keys or paths
+    *[
+        Case(f"stage-name-{label}", (f"(stages.{name})", "one path component", "rename the stage"),
+             replace=(("  tok:\n", f"  {name}:\n"), ("    tokenizer: tok\n", f"    tokenizer: '{name}'\n")))
+        for label, name in (("tilde", "~tok"), ("equals", "tok=1"), ("space", "my tok"), ("leading-dash", "-tok"))
+    ],
     # fields that do nothing under another field's value
     Case("lora-block-with-method-full", ("recipe.yaml:", "(stages.sft.lora)", "'lora' does nothing", "method is full", "method: lora"),
          replace=((SFT_GEN, SFT_GEN + "    lora: {r: 4}\n"),)),
