@@ -137,6 +137,17 @@ class Strict(BaseModel):
         return found
 
 
+def unused_without_validation(spec: Any, names: tuple[str, ...] = ()) -> list[Unused]:
+    """Fields of a training stage (and its ``train.eval_every_steps``) that do nothing when it
+    has no validation rows: no ``validation`` and ``validation_fraction: 0``."""
+    if spec.validation is not None or spec.validation_fraction > 0:
+        return []
+    why = "there are no validation rows (no 'validation', validation_fraction 0)"
+    found: list[Unused] = spec._unused(names, why)
+    found += [(f"train.{k}", w, f) for k, w, f in spec.train._unused(("eval_every_steps",), why)]
+    return found
+
+
 class DataSpec(Strict):
     """Where a stage's rows come from: local files, a hub dataset, or the project's builtin data.
 

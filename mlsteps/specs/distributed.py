@@ -175,6 +175,14 @@ class DistributedSpec(Strict):
         None, description="Shard training with DeepSpeed ZeRO (mutually exclusive with fsdp)."
     )
 
+    def _ignored(self) -> list[Unused]:
+        if self.fsdp is None and self.deepspeed is None:
+            return []
+        engine = "fsdp" if self.fsdp is not None else "deepspeed"
+        return self._unused(
+            ("find_unused_parameters",), f"it is a DDP setting and {engine} is used"
+        )
+
     @model_validator(mode="after")
     def _one_engine(self) -> DistributedSpec:
         if self.fsdp is not None and self.deepspeed is not None:

@@ -18,6 +18,7 @@ from mlsteps.specs.common import (
     Strict,
     TrainSpec,
     Unused,
+    unused_without_validation,
 )
 
 # {{ and }} are literal braces; any other text between single braces names a column (so that
@@ -154,7 +155,8 @@ class FinetuneSpec(Strict):
             out += self._unused(("lora",), "method is full", "remove it, or set method: lora")
         if self.validation is not None:
             out += self._unused(("validation_fraction",), "'validation' is given")
-        return out
+        generated = ("generation", "target_lang", "validation_max_samples")
+        return out + unused_without_validation(self, generated)
 
     @model_validator(mode="after")
     def _model_source(self) -> FinetuneSpec:

@@ -17,6 +17,7 @@ from mlsteps.specs.common import (
     TrainSpec,
     Unused,
     column_list,
+    unused_without_validation,
 )
 
 
@@ -98,7 +99,7 @@ class PretrainSpec(Strict):
             )
         if self.validation is not None:
             out += self._unused(("validation_fraction",), "'validation' is given")
-        return out
+        return out + unused_without_validation(self)
 
     @model_validator(mode="after")
     def _model_source(self) -> PretrainSpec:

@@ -14,6 +14,7 @@ from mlsteps.specs.common import (
     Strict,
     TrainSpec,
     Unused,
+    unused_without_validation,
 )
 
 
@@ -108,6 +109,7 @@ class PromptSpec(Strict):
         else:
             if self.validation is not None:
                 out += self._unused(("validation_fraction",), "'validation' is given")
+            out += unused_without_validation(self)
         if self.method != "few_shot":
             out += self._unused(
                 ("shots", "demo_separator"), f"method {self.method} shows no demonstrations"
