@@ -230,40 +230,54 @@ def _paths(node: Any, prefix: str = "") -> set[str]:
     return out
 
 
-def check_ignored_fields(
+def _defaults_only(raw: dict[str, Any], merged: dict[str, Any]) -> dict[str, set[str]]:
+    """Stage name -> the key paths that only ``defaults`` put into it."""
+    own, full = raw.get("stages"), merged.get("stages")
+    if not isinstance(own, dict) or not isinstance(full, dict):
+        return {}  # not a mapping of stages: validation names that error
+    return {name: _paths(stage) - _paths(own.get(name)) for name, stage in full.items()}
+
+
+def check_field_rules(
     recipe: Recipe,
     raw: dict[str, Any],
     doc: LoadedYaml | None = None,
     source: str = "<recipe>",
     removal_prefix: str | None = None,
 ) -> None:
-    """Refuse a value that cannot work given the other fields (Strict._invalid), then a field
-    the recipe wrote that does nothing under the other fields' values
-    (``lora`` with method full, ``mlm_probability`` with objective clm ...). Fields that only
-    ``defaults`` put into a stage are exempt: defaults go to every stage that has the field.
+    """Refuse a value that cannot work given the other fields (``Strict._invalid``), then a
+    field the recipe wrote that does nothing under the other fields' values (``lora`` with
+    method full, ``mlm_probability`` with objective clm ...). Fields that only ``defaults`` put
+    into a stage are exempt from the second: defaults go to every stage that has the field.
     With ``removal_prefix`` (overrides were given) the fix also names the ``~KEY`` override that
     removes the field, ``removal_prefix`` cut from its start."""
-    merged_stages = apply_defaults(raw).get("stages") or {}
-    own_stages = raw.get("stages") or {}
+    from_defaults = _defaults_only(raw, apply_defaults(raw))
+
+    def where(name: str, key: str) -> str:
+        path = f"stages.{name}.{key}"
+        if doc is None:
+            return f"{source} ({path})"
+        if key in from_defaults.get(name, set()):
+            return doc.where(f"defaults.{key}")[:-1] + f", merged into stages.{name})"
+        return doc.where(path)
+
     for name, spec in recipe.stages.items():
         for key, what, fix in spec.invalid_fields()[:1]:
-            path = f"stages.{name}.{key}"
-            raise UserError(what, where=doc.where(path) if doc else f"{source} ({path})", hint=fix)
-    found = []
-    for name, spec in recipe.stages.items():
-        from_defaults = _paths(merged_stages.get(name)) - _paths(own_stages.get(name))
-        found += [
-            (f"stages.{name}.{key}", why, fix)
-            for key, why, fix in spec.ignored_fields()
-            if key not in from_defaults
-        ]
+            raise UserError(what, where=where(name, key), hint=fix)
+    found = [
+        (f"stages.{name}.{key}", where(name, key), why, fix)
+        for name, spec in recipe.stages.items()
+        for key, why, fix in spec.ignored_fields()
+        if key not in from_defaults.get(name, set())
+    ]
     if recipe.distributed is not None:
-        found += [(f"distributed.{k}", w, f) for k, w, f in recipe.distributed.ignored_fields()]
-    for path, why, fix in found[:1]:
-        where = doc.where(path) if doc else f"{source} ({path})"
+        for key, why, fix in recipe.distributed.ignored_fields():
+            path = f"distributed.{key}"
+            found.append((path, doc.where(path) if doc else f"{source} ({path})", why, fix))
+    for path, place, why, fix in found[:1]:
         if removal_prefix is not None:
             fix += f"; on the command line: ~{path.removeprefix(removal_prefix)}"
-        raise UserError(f"'{path.rpartition('.')[2]}' does nothing: {why}", where=where, hint=fix)
+        raise UserError(f"'{path.rpartition('.')[2]}' does nothing: {why}", where=place, hint=fix)
 
 
 def validate_recipe(
@@ -287,9 +301,10 @@ def validate_recipe(
         recipe = Recipe.model_validate(merged)
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise format_error(errors[0], doc, source, Recipe, overrides or []) from None
+        given = _defaults_only(raw, merged)
+        raise format_error(errors[0], doc, source, Recipe, overrides or [], given) from None
     check_references(recipe, doc)
-    check_ignored_fields(recipe, raw, doc, source, override_prefix if overrides else None)
+    check_field_rules(recipe, raw, doc, source, override_prefix if overrides else None)
     return recipe
 
 

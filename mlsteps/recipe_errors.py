@@ -97,13 +97,22 @@ def format_error(
     source: str,
     root: type[BaseModel],
     overrides: list[str] | None = None,
+    from_defaults: dict[str, set[str]] | None = None,
 ) -> UserError:
-    """One pydantic error as a UserError: file:line (dotted.key), what, and the fix."""
+    """One pydantic error as a UserError: file:line (dotted.key), what, and the fix. A value
+    that ``defaults`` put into a stage (``from_defaults``: stage -> key paths) is named at its
+    line in ``defaults``."""
     loc = tuple(err["loc"])
     path = _dotted(loc)
     if doc is not None:
         path = _as_written(path, doc.data)
     where = doc.where(path) if doc else (f"{source} ({path})" if path else source)
+    written = path  # where the value was written: the stage, or defaults
+    parts = path.split(".", 2)
+    if doc is not None and len(parts) == 3 and parts[0] == "stages":
+        if parts[2] in (from_defaults or {}).get(parts[1], ()):
+            written = f"defaults.{parts[2]}"
+            where = doc.where(written)[:-1] + f", merged into stages.{parts[1]})"
     etype = err["type"]
     value = err.get("input")
     if etype == "extra_forbidden":
@@ -127,7 +136,7 @@ def format_error(
         return UserError(f"missing required key '{path.rpartition('.')[2]}'", where=where)
     msg = err["msg"].removeprefix("Value error, ")
     hint = None
-    raw = doc.raw_scalars.get(path) if doc else None
+    raw = doc.raw_scalars.get(written) if doc else None
     override = _collection_override(path, overrides or [])
     if etype == "bool_not_number":
         said = f"'{raw}'" if raw is not None else json.dumps(value)

@@ -140,6 +140,9 @@ NUMERIC_CASES = [
          replace=((SFT_GEN, "    generation: {do_sample: true, temperature: .inf}\n    train: {max_steps: 2}\n"),)),
     Case("lora-alpha-inf", ("(stages.sft.lora.alpha)", "finite number"),
          replace=((SFT_GEN, "    method: lora\n    lora: {alpha: .inf}\n" + SFT_GEN),)),
+    # a value from defaults is named at its line in defaults (it was named at the stage's line)
+    Case("lr-inf-in-defaults", ("recipe.yaml:4 (defaults.train.lr, merged into stages.pre)", "finite number"),
+         replace=(("lr: 1.0e-3}", "lr: .inf}"),)),
     # probabilities and fractions
     Case("mlm-probability-1", ("(stages.pre.mlm_probability)", "less than 1"),
          replace=(("    max_seq_len: 32\n", "    max_seq_len: 32\n    mlm_probability: 1.0\n"),)),
