@@ -47,13 +47,20 @@ def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | 
     return model if isinstance(model, type) else None
 
 
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "none"})
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     """Turn a pydantic location into the recipe's dotted path (drop the union tag)."""
     parts = [str(p) for p in loc]
     if len(parts) >= 3 and parts[0] == "stages" and parts[2] in SPEC_BY_KIND:
         parts.pop(2)
-    # Validators named like 'function-after[...]' are pydantic internals, not recipe keys.
-    return ".".join(p for p in parts if "[" not in p)
+    # Validators named like 'function-after[...]' are pydantic internals, not recipe keys; so is
+    # the member type a union error ends with (text_column: str | list[str] -> '.str').
+    parts = [p for p in parts if "[" not in p]
+    if len(parts) > 1 and parts[-1] in _UNION_MEMBERS:
+        parts.pop()
+    return ".".join(parts)
 
 
 def _as_written(path: str, raw: Any) -> str:
@@ -148,10 +155,13 @@ def format_error(
     if override is not None:
         key, _, text = override.partition("=")
         kind = "mapping" if isinstance(value, dict) else "list"
+        text_wanted = etype == "string_type"
         return UserError(
             f"{msg}: the override '{override}' was read as a YAML {kind}",
             where=where,
-            hint=f"quote the value for text, in the shell \"{key}='{text}'\"",
+            hint=f"quote the value for text, in the shell \"{key}='{text}'\""
+            if text_wanted
+            else "give a single value (YAML reads 'a: b' as a mapping and '[a]' as a list)",
         )
     if raw is not None and etype not in _NUMBER_CHECKS:
         hint = f"YAML read '{raw}' as {json.dumps(value)}; quote it (\"{raw}\") if you meant text"

@@ -259,6 +259,10 @@ STRICT_CASES = [
          args=("stages.tok.data.rows=90%:",)),
     Case("override-template-mapping", ("(stages.soft.template)", "read as a YAML mapping", "stages.soft.template='In: {source}'"),
          args=("stages.soft.template=In: {source}",)),
+    Case("override-union-field-mapping", ("(stages.pre.text_column)", "read as a YAML mapping", "stages.pre.text_column='a: b'"),
+         args=("stages.pre.text_column=a: b",)),
+    Case("override-number-list", ("(stages.pre.train.max_steps)", "read as a YAML list", "give a single value"),
+         args=("stages.pre.train.max_steps=[5]",)),
     Case("override-name-list", ("(name)", "read as a YAML list", "name='[a]'"),
          args=("name=[a]",)),
 ]  # fmt: skip
