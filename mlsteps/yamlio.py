@@ -57,10 +57,22 @@ def _mark(node: yaml.Node) -> str:
 
 # Aliases can expand exponentially ("billion laughs"); no real recipe comes near this.
 MAX_NODES = 200_000
+# PyYAML composes (and we convert) nested nodes recursively: 5,000 nested '[' would end in a
+# RecursionError (so would 600 aliases each nesting the last). No recipe nests beyond a handful
+# of levels.
+MAX_DEPTH = 50
 
 
-def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml) -> Any:
+def _convert(
+    node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml, depth: int = 0
+) -> Any:
     out.node_count += 1
+    if depth > MAX_DEPTH:  # only aliases get here: _prescan bounds the written nesting
+        raise UserError(
+            f"nested deeper than {MAX_DEPTH} levels through aliases",
+            where=f"{out.source}:{node.start_mark.line + 1}" + (f" ({path})" if path else ""),
+            hint="remove the nested aliases",
+        )
     if out.node_count > MAX_NODES:
         raise UserError(
             f"document expands to more than {MAX_NODES} values (alias bomb?)",
@@ -108,14 +120,14 @@ def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml)
                     hint="remove one of them",
                 )
             out.lines[child] = key_node.start_mark.line + 1
-            result[key] = _convert(value_node, loader, child, out)
+            result[key] = _convert(value_node, loader, child, out, depth + 1)
         return result
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, item in enumerate(node.value):
             child = f"{path}.{i}" if path else str(i)
             out.lines[child] = item.start_mark.line + 1
-            items.append(_convert(item, loader, child, out))
+            items.append(_convert(item, loader, child, out, depth + 1))
         return items
     assert isinstance(node, yaml.ScalarNode)
     if node.style is None:  # plain (unquoted) scalar
@@ -133,9 +145,6 @@ def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml)
     return loader.construct_object(node)
 
 
-# PyYAML composes (and we convert) nested nodes recursively: 5,000 nested '[' would end in a
-# RecursionError. No recipe nests beyond a handful of levels.
-MAX_DEPTH = 50
 _OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
          yaml.FlowSequenceStartToken)  # fmt: skip
 _CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)

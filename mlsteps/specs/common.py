@@ -52,19 +52,19 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-_Int = Annotated[int, BeforeValidator(_number), StrictMode()]
-Int = _Int  # a whole number, never a boolean; give it bounds where it is used
-_Float = Annotated[float, BeforeValidator(_not_bool), StrictMode(), Field(allow_inf_nan=False)]
+# A whole number, never a boolean or text; every alias below gives it bounds.
+Int = Annotated[int, BeforeValidator(_number), StrictMode()]
+# The shared float: finite, never a boolean or text (an int is fine).
+FiniteFloat = Annotated[float, BeforeValidator(_not_bool), StrictMode(), Field(allow_inf_nan=False)]
 
-PositiveInt = Annotated[_Int, Field(gt=0, le=INT64_MAX)]
-NonNegativeInt = Annotated[_Int, Field(ge=0, le=INT64_MAX)]
-Seed = Annotated[_Int, Field(ge=0, le=SEED_MAX)]
-FiniteFloat = _Float
-PositiveFloat = Annotated[_Float, Field(gt=0)]
-NonNegativeFloat = Annotated[_Float, Field(ge=0)]
-Fraction = Annotated[_Float, Field(ge=0, lt=1)]
-Probability = Annotated[_Float, Field(gt=0, lt=1)]
-PositiveFraction = Annotated[_Float, Field(gt=0, le=1)]
+PositiveInt = Annotated[Int, Field(gt=0, le=INT64_MAX)]
+NonNegativeInt = Annotated[Int, Field(ge=0, le=INT64_MAX)]
+Seed = Annotated[Int, Field(ge=0, le=SEED_MAX)]
+PositiveFloat = Annotated[FiniteFloat, Field(gt=0)]
+NonNegativeFloat = Annotated[FiniteFloat, Field(ge=0)]
+Fraction = Annotated[FiniteFloat, Field(ge=0, lt=1)]
+Probability = Annotated[FiniteFloat, Field(gt=0, lt=1)]
+PositiveFraction = Annotated[FiniteFloat, Field(gt=0, le=1)]
 Bool = Annotated[bool, StrictMode()]
 # An integer literal (zero_stage) must not take True as 1.
 NotBool = BeforeValidator(_not_bool)

@@ -174,6 +174,12 @@ NUMERIC_CASES = [
 # ---------------------------------------------------------------- part 5: strict means strict
 DEEP_LIST = "[" * 5000 + "]" * 5000
 DEEP_MAP = "{a: " * 3000 + "1" + "}" * 3000
+# 600 anchors, each a list holding the one before: shallow as written, 600 deep when read.
+DEEP_ALIASES = (
+    "x:\n"
+    + "\n".join(["- &a0 [x]"] + [f"- &a{i} [*a{i - 1}]" for i in range(1, 600)])
+    + "\ndescription: *a599"
+)
 STRICT_CASES = [
     # booleans are not numbers, numbers are not booleans
     Case("vocab-size-true", ("recipe.yaml:9 (stages.tok.vocab_size)", "expected a number", "'true'", "write a number"),
@@ -191,6 +197,8 @@ STRICT_CASES = [
          replace=(("name: strict", f"name: strict\ndeep: {DEEP_LIST}"),)),
     Case("deep-map-in-recipe", ("recipe.yaml:", "nested deeper than 50 levels"),
          replace=(("name: strict", f"name: strict\ndeep: {DEEP_MAP}"),)),
+    Case("deep-aliases", ("recipe.yaml:", "nested deeper than 50 levels through aliases", "remove the nested aliases"),
+         replace=(("name: strict", "name: strict\n" + DEEP_ALIASES),), args=("seed=3",)),  # overrides deep-copy: RecursionError
     Case("deep-list-in-override", ("override", "nested deeper than 50 levels"),
          args=(f"stages.tok.data={DEEP_LIST}",)),
     # stage names an override cannot reach, or keys YAML turns into something else
