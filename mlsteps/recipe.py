@@ -75,8 +75,8 @@ def stage_name_problem(name: str) -> str | None:
         return f"stage name '{name}' is reserved for the run directory's own files"
     if not STAGE_NAME_RE.match(name):
         return (
-            f"stage name '{name}' must be one path component of letters, digits, '_' and '-', "
-            "starting with a letter or digit (no '.': overrides address stages.NAME.key)"
+            f"stage name '{name}' must be one path component of at most 64 letters, digits, '_' "
+            "and '-', starting with a letter or digit (no '.': overrides address stages.NAME.key)"
         )
     return None
 
