@@ -241,7 +241,7 @@ def _stage_command(kind: str, summary: str) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         from mlsteps.recipe import apply_overrides, validate_recipe
-        from mlsteps.yamlio import load_yaml_file
+        from mlsteps.yamlio import LoadedYaml, load_yaml_file
 
         _STATE["json"] = as_json
         stage: dict[str, Any] = {}
@@ -265,14 +265,21 @@ def _stage_command(kind: str, summary: str) -> None:
         if data:
             stage["data"] = {"files": data} if not data[0].startswith("builtin:") else data[0]
         raw = {"name": name, "seed": seed, "stages": {name: stage}}
-        raw = apply_overrides(
-            raw,
-            [
-                f"stages.{name}.{o}" if not o.startswith("~") else f"~stages.{name}.{o[1:]}"
-                for o in overrides or []
-            ],
-        )
-        spec = validate_recipe(raw, None, source_name)
+        full = [
+            f"stages.{name}.{o}" if not o.startswith("~") else f"~stages.{name}.{o[1:]}"
+            for o in overrides or []
+        ]
+        raw = apply_overrides(raw, full)
+        if doc is not None:
+            # The config file holds one stage's fields: re-root its line numbers under
+            # stages.NAME so that errors name config.yaml:LINE.
+            doc = LoadedYaml(
+                data=raw,
+                source=doc.source,
+                lines={f"stages.{name}.{k}": v for k, v in doc.lines.items()},
+                raw_scalars={f"stages.{name}.{k}": v for k, v in doc.raw_scalars.items()},
+            )
+        spec = validate_recipe(raw, doc, source_name, full, override_prefix=f"stages.{name}.")
         _execute(spec, run_dir, as_json=as_json, force=force)
 
     command.__doc__ = f"{summary} (one-stage recipe; same code path as `run`)."

@@ -6,15 +6,15 @@ Nothing here imports torch or the HF stack: `mlsteps validate` must stay instant
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mlsteps.errors import UserError, did_you_mean
+from mlsteps.recipe_errors import field_keys, format_error, short
 from mlsteps.specs import SPEC_BY_KIND, StageSpec
-from mlsteps.specs.common import SAFE_NAME_RE, DataSpec, Strict
+from mlsteps.specs.common import SAFE_NAME_RE, STAGE_NAME_RE, DataSpec, Seed, Strict
 from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
@@ -26,7 +26,7 @@ class Recipe(Strict):
     """A multi-step training recipe: named stages run in order, each handing its model on."""
 
     name: str = Field(..., description="Run name; the run directory defaults to runs/<name>.")
-    seed: int = Field(42, description="Global seed for data order, initialisation and sampling.")
+    seed: Seed = Field(42, description="Global seed for data order, initialisation and sampling.")
     description: str | None = Field(None, description="Free text shown in the report.")
     defaults: dict[str, Any] = Field(
         default_factory=dict,
@@ -58,19 +58,38 @@ class Recipe(Strict):
         if not value:
             raise ValueError("a recipe needs at least one stage")
         for name in value:
-            if name in RESERVED_NAMES:
-                raise ValueError(
-                    f"stage name '{name}' is reserved for the run directory's own files"
-                )
-            if not SAFE_NAME_RE.match(name):
-                raise ValueError(
-                    f"stage name '{name}' must be one path component of letters, digits, '_', '-', '.'"
-                )
+            problem = stage_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         return value
 
     def resolved_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults applied) as plain data, using YAML key names."""
         return self.model_dump(mode="json", by_alias=True, exclude={"defaults"})
+
+
+def stage_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a stage name, or None. A stage name is a directory of the run and
+    the second part of every override key (stages.NAME.key): one path component, no dots."""
+    if name in RESERVED_NAMES:
+        return f"stage name '{name}' is reserved for the run directory's own files"
+    if not STAGE_NAME_RE.match(name):
+        return (
+            f"stage name '{name}' must be one path component of at most 64 letters, digits, '_' "
+            "and '-', starting with a letter or digit (no '.': overrides address stages.NAME.key)"
+        )
+    return None
+
+
+def _check_stage_names(raw: dict[str, Any], doc: LoadedYaml | None, source: str) -> None:
+    """Stage-name errors at the line of the stage (the validator above only knows 'stages')."""
+    stages = raw.get("stages")
+    for name in stages if isinstance(stages, dict) else ():
+        problem = stage_name_problem(name)
+        if problem:
+            path = f"stages.{name}"
+            where = doc.where(path) if doc else f"{source} ({path})"
+            raise UserError(problem, where=where, hint="rename the stage, e.g. 'pretrain_2'")
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -83,17 +102,13 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def _field_keys(model: type[BaseModel]) -> set[str]:
-    return {f.alias or name for name, f in model.model_fields.items()}
-
-
 def apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """Merge `defaults` into every stage whose kind has the key; the stage's own values win."""
     defaults = raw.get("defaults") or {}
     stages = raw.get("stages")
     if not isinstance(defaults, dict) or not isinstance(stages, dict):
         return raw
-    all_keys = set().union(*(_field_keys(m) for m in SPEC_BY_KIND.values()))
+    all_keys = set().union(*(field_keys(m) for m in SPEC_BY_KIND.values()))
     for key in defaults:
         if key not in all_keys or key == "kind":
             hint = did_you_mean(key, all_keys - {"kind"}) or "defaults hold stage fields"
@@ -105,7 +120,7 @@ def apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         if spec_cls is None:
             out["stages"][name] = stage
             continue
-        keys = _field_keys(spec_cls)
+        keys = field_keys(spec_cls)
         applicable = {k: v for k, v in defaults.items() if k in keys}
         out["stages"][name] = _deep_merge(applicable, stage)
     return out
@@ -123,7 +138,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             key, value = item[1:], None
         elif "=" in item:
             key, text = item.split("=", 1)
-            value = parse_scalar(text, where=f"override '{item}'")
+            value = parse_scalar(text, where=f"override '{short(item)}'")
         else:
             raise UserError(
                 f"override '{item}' is not KEY=VALUE or ~KEY",
@@ -167,95 +182,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """Walk the Recipe model along a pydantic error location to the model holding its last key."""
-    model: Any = Recipe
-    i = 0
-    while i < len(loc) - 1 and model is not None:
-        part = loc[i]
-        if model is Recipe and part == "stages":
-            kind = loc[i + 2] if i + 2 < len(loc) else None
-            model = SPEC_BY_KIND.get(str(kind))
-            i += 3
-            continue
-        fields = {f.alias or n: f for n, f in model.model_fields.items()}
-        fields.update(model.model_fields)
-        f = fields.get(part)
-        if f is None:
-            return None
-        ann = f.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-        i += 1
-    return model if isinstance(model, type) else None
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    """Turn a pydantic location into the recipe's dotted path (drop the union tag)."""
-    parts = [str(p) for p in loc]
-    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in SPEC_BY_KIND:
-        parts.pop(2)
-    # Validators named like 'function-after[...]' are pydantic internals, not recipe keys.
-    return ".".join(p for p in parts if "[" not in p)
-
-
-def _as_written(path: str, raw: Any) -> str:
-    """Drop list indexes the recipe did not write: a single data source is validated as a list
-    of one (``data.0.split``), but the user wrote ``data.split``."""
-    kept: list[str] = []
-    node = raw
-    for part in path.split(".") if path else []:
-        if part.isdigit() and not isinstance(node, list):
-            continue
-        kept.append(part)
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            node = None
-    return ".".join(kept)
-
-
-def _format_error(err: Any, doc: LoadedYaml | None, source: str) -> UserError:
-    loc = tuple(err["loc"])
-    path = _dotted(loc)
-    if doc is not None:
-        path = _as_written(path, doc.data)
-    where = doc.where(path) if doc else (f"{source} ({path})" if path else source)
-    etype = err["type"]
-    value = err.get("input")
-    if etype == "extra_forbidden":
-        model = _model_at(loc)
-        key = path.rpartition(".")[2]
-        hint = did_you_mean(key, _field_keys(model)) if model else None
-        if model and not hint:
-            hint = f"valid keys: {', '.join(sorted(_field_keys(model)))}"
-        return UserError(f"unknown key '{key}'", where=where, hint=hint)
-    if etype == "union_tag_invalid":
-        tag = err.get("ctx", {}).get("tag")
-        hint = did_you_mean(str(tag), SPEC_BY_KIND) or f"kinds: {', '.join(SPEC_BY_KIND)}"
-        kind_path = f"{path}.kind"
-        kind_where = doc.where(kind_path) if doc else f"{source} ({kind_path})"
-        return UserError(f"unknown stage kind '{tag}'", where=kind_where, hint=hint)
-    if etype == "union_tag_not_found":
-        return UserError(
-            "stage has no 'kind'", where=where, hint=f"add kind: one of {', '.join(SPEC_BY_KIND)}"
-        )
-    if etype == "missing":
-        return UserError(f"missing required key '{path.rpartition('.')[2]}'", where=where)
-    msg = err["msg"].removeprefix("Value error, ")
-    hint = None
-    raw = doc.raw_scalars.get(path) if doc else None
-    if raw is not None:
-        hint = f"YAML read '{raw}' as {json.dumps(value)}; quote it (\"{raw}\") if you meant text"
-    elif etype not in ("value_error", "assertion_error") and value is not None:
-        msg = f"{msg}, got {json.dumps(value, default=str)[:80]}"
-    return UserError(msg, where=where, hint=hint)
-
-
 def check_references(recipe: Recipe, doc: LoadedYaml | None = None) -> None:
     """A stage may only refer to earlier stages; misspelled stage names get a suggestion."""
     names = list(recipe.stages)
@@ -294,20 +220,91 @@ def check_references(recipe: Recipe, doc: LoadedYaml | None = None) -> None:
                     raise UserError(f"unknown stage '{ref}'", where=where, hint=suggestion)
 
 
-def validate_recipe(raw: Any, doc: LoadedYaml | None = None, source: str = "<recipe>") -> Recipe:
-    """Validate raw recipe data; raise UserError naming file:line and the dotted key path."""
+def _paths(node: Any, prefix: str = "") -> set[str]:
+    """Every dotted key path in nested mappings."""
+    out: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out |= {path} | _paths(value, path)
+    return out
+
+
+def _defaults_only(raw: dict[str, Any], merged: dict[str, Any]) -> dict[str, set[str]]:
+    """Stage name -> the key paths that only ``defaults`` put into it."""
+    own, full = raw.get("stages"), merged.get("stages")
+    if not isinstance(own, dict) or not isinstance(full, dict):
+        return {}  # not a mapping of stages: validation names that error
+    return {name: _paths(stage) - _paths(own.get(name)) for name, stage in full.items()}
+
+
+def check_field_rules(
+    recipe: Recipe,
+    raw: dict[str, Any],
+    doc: LoadedYaml | None = None,
+    source: str = "<recipe>",
+    removal_prefix: str | None = None,
+) -> None:
+    """Refuse a value that cannot work given the other fields (``Strict._invalid``), then a
+    field the recipe wrote that does nothing under the other fields' values (``lora`` with
+    method full, ``mlm_probability`` with objective clm ...). Fields that only ``defaults`` put
+    into a stage are exempt from the second: defaults go to every stage that has the field.
+    With ``removal_prefix`` (overrides were given) the fix also names the ``~KEY`` override that
+    removes the field, ``removal_prefix`` cut from its start."""
+    from_defaults = _defaults_only(raw, apply_defaults(raw))
+
+    def where(name: str, key: str) -> str:
+        path = f"stages.{name}.{key}"
+        if doc is None:
+            return f"{source} ({path})"
+        if key in from_defaults.get(name, set()):
+            return doc.where(f"defaults.{key}")[:-1] + f", merged into stages.{name})"
+        return doc.where(path)
+
+    for name, spec in recipe.stages.items():
+        for key, what, fix in spec.invalid_fields()[:1]:
+            raise UserError(what, where=where(name, key), hint=fix)
+    found = [
+        (f"stages.{name}.{key}", where(name, key), why, fix)
+        for name, spec in recipe.stages.items()
+        for key, why, fix in spec.ignored_fields()
+        if key not in from_defaults.get(name, set())
+    ]
+    if recipe.distributed is not None:
+        for key, why, fix in recipe.distributed.ignored_fields():
+            path = f"distributed.{key}"
+            found.append((path, doc.where(path) if doc else f"{source} ({path})", why, fix))
+    for path, place, why, fix in found[:1]:
+        if removal_prefix is not None:
+            fix += f"; on the command line: ~{path.removeprefix(removal_prefix)}"
+        raise UserError(f"'{path.rpartition('.')[2]}' does nothing: {why}", where=place, hint=fix)
+
+
+def validate_recipe(
+    raw: Any,
+    doc: LoadedYaml | None = None,
+    source: str = "<recipe>",
+    overrides: list[str] | None = None,
+    override_prefix: str = "",
+) -> Recipe:
+    """Validate raw recipe data; raise UserError naming file:line and the dotted key path.
+    ``overrides`` (already applied to ``raw``; typed by the user without ``override_prefix``)
+    only improve the messages."""
     if not isinstance(raw, dict):
         kind = "a list" if isinstance(raw, list) else type(raw).__name__
         raise UserError(
             f"a recipe must be a mapping with 'name' and 'stages', not {kind}", where=source
         )
+    _check_stage_names(raw, doc, source)
     merged = apply_defaults(raw)
     try:
         recipe = Recipe.model_validate(merged)
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise _format_error(errors[0], doc, source) from None
+        given = _defaults_only(raw, merged)
+        raise format_error(errors[0], doc, source, Recipe, overrides or [], given) from None
     check_references(recipe, doc)
+    check_field_rules(recipe, raw, doc, source, override_prefix if overrides else None)
     return recipe
 
 
@@ -319,7 +316,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         if not isinstance(raw, dict):
             raise UserError("a recipe must be a mapping with 'name' and 'stages'", where=str(path))
         raw = apply_overrides(raw, overrides)
-    return validate_recipe(raw, doc, str(path))
+    return validate_recipe(raw, doc, str(path), overrides)
 
 
 def data_specs(spec: BaseModel) -> list[Any]:

@@ -15,9 +15,24 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from mlsteps.specs import SPEC_BY_KIND
-from mlsteps.specs.common import ArchSpec, DataSpec, GenerationSpec, LoraSpec, TrainSpec
+from mlsteps.specs.common import (
+    INT64_MAX,
+    ArchSpec,
+    DataSpec,
+    GenerationSpec,
+    LoraSpec,
+    TrainSpec,
+)
 from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
 from mlsteps.specs.evaluate import PerplexitySpec
+
+
+def _bound(value: Any) -> str:
+    """Bounds as people write them: 2**32-1, not 4294967295."""
+    for power in (32, 63):
+        if value == 2**power - 1:
+            return f"2**{power}-1"
+    return str(value)
 
 
 def _type_name(annotation: Any) -> str:
@@ -26,17 +41,17 @@ def _type_name(annotation: Any) -> str:
     if origin is Annotated:
         base = _type_name(args[0])
         bounds = [
-            f"{op} {getattr(m, attr)}"
+            f"{op} {_bound(getattr(m, attr))}"
             for m in args[1:]
             for op, attr in ((">", "gt"), (">=", "ge"), ("<", "lt"), ("<=", "le"))
-            if getattr(m, attr, None) is not None
+            if getattr(m, attr, None) not in (None, INT64_MAX)
         ]
         for m in args[1:]:
             for sub in getattr(m, "metadata", []):
                 bounds += [
-                    f"{op} {getattr(sub, attr)}"
+                    f"{op} {_bound(getattr(sub, attr))}"
                     for op, attr in ((">", "gt"), (">=", "ge"), ("<", "lt"), ("<=", "le"))
-                    if getattr(sub, attr, None) is not None
+                    if getattr(sub, attr, None) not in (None, INT64_MAX)
                 ]
         return f"{base} ({', '.join(bounds)})" if bounds else base
     if origin is Literal:
@@ -87,6 +102,13 @@ def recipe_reference() -> str:
         "# Recipe reference",
         "",
         "Generated from the recipe models by `mlsteps schema --markdown`; do not edit by hand.",
+        "",
+        "Values are strict: an `int` is a whole number up to 2**63-1 (`1e3` counts, `2.5` does "
+        "not), a `float` is finite (`.inf` and `.nan` are refused), `true`/`false` (and YAML's "
+        "`yes`/`no`/`on`/`off`) are never numbers, and a `bool` is only `true` or `false`. A "
+        "field that does nothing under the other fields' values (`lora` with `method: full`, "
+        "`mlm_probability` with `objective: clm`) is refused unless it holds its default or "
+        "came from `defaults`.",
         "",
         "## Recipe",
         "",

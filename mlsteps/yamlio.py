@@ -57,10 +57,22 @@ def _mark(node: yaml.Node) -> str:
 
 # Aliases can expand exponentially ("billion laughs"); no real recipe comes near this.
 MAX_NODES = 200_000
+# PyYAML composes (and we convert) nested nodes recursively: 5,000 nested '[' would end in a
+# RecursionError (so would 600 aliases each nesting the last). No recipe nests beyond a handful
+# of levels.
+MAX_DEPTH = 50
 
 
-def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml) -> Any:
+def _convert(
+    node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml, depth: int = 0
+) -> Any:
     out.node_count += 1
+    if depth > MAX_DEPTH:  # only aliases get here: _prescan bounds the written nesting
+        raise UserError(
+            f"nested deeper than {MAX_DEPTH} levels through aliases",
+            where=f"{out.source}:{node.start_mark.line + 1}" + (f" ({path})" if path else ""),
+            hint="remove the nested aliases",
+        )
     if out.node_count > MAX_NODES:
         raise UserError(
             f"document expands to more than {MAX_NODES} values (alias bomb?)",
@@ -83,7 +95,21 @@ def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml)
                     where=out.source,
                     hint="write the keys out, or use the recipe's 'defaults' block",
                 )
-            key = str(loader.construct_object(key_node))
+            raw_key = loader.construct_object(key_node)
+            if raw_key is None or isinstance(raw_key, bool):
+                # str() would turn 'null:' into a key 'None' and 'yes:' into 'True'.
+                text = key_node.value or "(empty)"
+                line = key_node.start_mark.line + 1
+                raise UserError(
+                    f"key '{text}' is "
+                    + ("null" if raw_key is None else f"the boolean {str(raw_key).lower()}")
+                    + " in YAML, not a name",
+                    where=f"{out.source}:{line}" + (f" ({path})" if path else ""),
+                    hint=f"quote it ('{key_node.value}') or rename it"
+                    if key_node.value
+                    else "give the key a name",
+                )
+            key = str(raw_key)
             child = f"{path}.{key}" if path else key
             if key in result:
                 first = out.lines.get(child)
@@ -94,14 +120,14 @@ def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml)
                     hint="remove one of them",
                 )
             out.lines[child] = key_node.start_mark.line + 1
-            result[key] = _convert(value_node, loader, child, out)
+            result[key] = _convert(value_node, loader, child, out, depth + 1)
         return result
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, item in enumerate(node.value):
             child = f"{path}.{i}" if path else str(i)
             out.lines[child] = item.start_mark.line + 1
-            items.append(_convert(item, loader, child, out))
+            items.append(_convert(item, loader, child, out, depth + 1))
         return items
     assert isinstance(node, yaml.ScalarNode)
     if node.style is None:  # plain (unquoted) scalar
@@ -119,9 +145,26 @@ def _convert(node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml)
     return loader.construct_object(node)
 
 
-def _reject_tags(text: str, source: str) -> None:
+_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.FlowSequenceStartToken)  # fmt: skip
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _prescan(text: str, source: str) -> None:
+    """Refuse tags and over-deep nesting from the token stream (the scanner is not recursive)."""
+    depth = 0
     for token in yaml.scan(text, Loader=_StrictLoader):
-        if isinstance(token, yaml.TagToken):
+        if isinstance(token, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise UserError(
+                    f"nested deeper than {MAX_DEPTH} levels at line {token.start_mark.line + 1}",
+                    where=f"{source}:{token.start_mark.line + 1}",
+                    hint="a recipe nests only a few levels; check for unbalanced '[' or '{'",
+                )
+        elif isinstance(token, _CLOSE):
+            depth -= 1
+        elif isinstance(token, yaml.TagToken):
             handle, suffix = token.value
             tag = f"{handle or ''}{suffix}"
             raise UserError(
@@ -135,7 +178,7 @@ def parse_yaml(text: str, source: str = "<string>") -> LoadedYaml:
     """Parse one YAML document strictly; raise UserError with file:line on any problem."""
     out = LoadedYaml(data=None, source=source)
     try:
-        _reject_tags(text, source)
+        _prescan(text, source)
         loader = _StrictLoader(text)
         try:
             node = loader.get_single_node()

@@ -6,7 +6,10 @@ descriptions feed ``mlsteps schema`` and the recipe reference in the README.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,22 +20,132 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic import Strict as StrictMode
+from pydantic_core import PydanticCustomError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
+# Numbers are strict: YAML's true/false/yes/no/on/off never count as 1/0, text never counts as a
+# number, and a float field refuses inf/nan (libraries fail on them much later, with a traceback
+# and exit 1). Ints are capped where torch and numpy stop accepting them.
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy's (and transformers.set_seed's) seed range is 0..2**32-1
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "bool_not_number", "expected a number, got the boolean {value}", {"value": value}
+        )
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)  # 1e3 is an exact whole number; 2.5 stays a float and is refused
+    if isinstance(value, numbers.Integral) and not isinstance(value, int):
+        return int(value)  # a numpy integer from code that builds a spec
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "bool_not_number", "expected a number, got the boolean {value}", {"value": value}
+        )
+    if isinstance(value, numbers.Real) and not isinstance(value, int | float):
+        return float(value)  # a numpy float32 from code that builds a spec
+    return value
+
+
+# A whole number, never a boolean or text; every alias below gives it bounds.
+Int = Annotated[int, BeforeValidator(_number), StrictMode()]
+# The shared float: finite, never a boolean or text (an int is fine).
+FiniteFloat = Annotated[float, BeforeValidator(_not_bool), StrictMode(), Field(allow_inf_nan=False)]
+
+PositiveInt = Annotated[Int, Field(gt=0, le=INT64_MAX)]
+NonNegativeInt = Annotated[Int, Field(ge=0, le=INT64_MAX)]
+Seed = Annotated[Int, Field(ge=0, le=SEED_MAX)]
+PositiveFloat = Annotated[FiniteFloat, Field(gt=0)]
+NonNegativeFloat = Annotated[FiniteFloat, Field(ge=0)]
+Fraction = Annotated[FiniteFloat, Field(ge=0, lt=1)]
+Probability = Annotated[FiniteFloat, Field(gt=0, lt=1)]
+PositiveFraction = Annotated[FiniteFloat, Field(gt=0, le=1)]
+Bool = Annotated[bool, StrictMode()]
+# An integer literal (zero_stage) must not take True as 1.
+NotBool = BeforeValidator(_not_bool)
 
 # Stage and run names become directory names: keep them to one safe path component.
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Stage names also start every override key (stages.NAME.key), which splits on dots: no dots.
+STAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# File extensions -> format (the same table as engine/data.py, kept here free of heavy imports).
+_EXTENSIONS = {
+    ".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+    ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
+}  # fmt: skip
 # DataSpec.rows: START:END, each an optional (negative) row number or a percent.
 _ROWS_RE = re.compile(r"^\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*$")
+
+
+# A field that does nothing: (dotted key as written, why, how to fix).
+Unused = tuple[str, str, str]
 
 
 class Strict(BaseModel):
     """Base for all recipe models: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def _unused(self, names: Iterable[str], why: str, fix: str = "remove it") -> list[Unused]:
+        """(key, why, fix) for each of ``names`` the input gave (model_fields_set) with a value
+        other than the default. A default value changes nothing either way, and a resolved
+        recipe (every field written out) must load again."""
+        fields = type(self).model_fields
+        return [
+            (fields[n].alias or n, why, fix)
+            for n in names
+            if n in self.model_fields_set
+            and getattr(self, n) != fields[n].get_default(call_default_factory=True)
+        ]
+
+    def _ignored(self) -> list[Unused]:
+        """This model's own fields that do nothing under the values of other fields."""
+        return []
+
+    def _invalid(self) -> list[Unused]:
+        """This model's own fields whose value cannot work given the other fields: (key, what,
+        fix). For checks that need a field's place in the recipe, which a model validator's
+        error does not name."""
+        return []
+
+    def ignored_fields(self) -> list[Unused]:
+        """Every given field, here and in nested models, that does nothing: (dotted key as
+        written, why, how to fix). The recipe refuses them: a setting that silently has no
+        effect is a misread recipe."""
+        return self._walk("_ignored")
+
+    def invalid_fields(self) -> list[Unused]:
+        """Every field, here and in nested models, whose value cannot work (see _invalid)."""
+        return self._walk("_invalid")
+
+    def _walk(self, hook: str) -> list[Unused]:
+        found: list[Unused] = getattr(self, hook)()
+        for name in sorted(self.model_fields_set):
+            value = getattr(self, name)
+            key = type(self).model_fields[name].alias or name
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, Strict):
+                    # A single data source is held as a list of one but written without an index.
+                    sub = f"{key}.{i}" if len(items) > 1 else key
+                    found += [(f"{sub}.{k}", why, fix) for k, why, fix in item._walk(hook)]
+        return found
+
+
+def unused_without_validation(spec: Any, names: tuple[str, ...] = ()) -> list[Unused]:
+    """Fields of a training stage (and its ``train.eval_every_steps``) that do nothing when it
+    has no validation rows: no ``validation`` and ``validation_fraction: 0``."""
+    if spec.validation is not None or spec.validation_fraction > 0:
+        return []
+    why = "there are no validation rows (no 'validation', validation_fraction 0)"
+    found: list[Unused] = spec._unused(names, why)
+    found += [(f"train.{k}", w, f) for k, w, f in spec.train._unused(("eval_every_steps",), why)]
+    return found
 
 
 class DataSpec(Strict):
@@ -65,7 +178,7 @@ class DataSpec(Strict):
     )
     split: str = Field(
         "train",
-        description="Split to read from a hub or builtin data set (ignored for local files).",
+        description="Split to read from a hub or builtin data set (local files have none).",
     )
     format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
         "auto", description="File format; 'auto' infers it from the file extension."
@@ -76,7 +189,7 @@ class DataSpec(Strict):
         "(lines up to a blank line, joined with newlines: hard-wrapped prose), or the whole "
         "file.",
     )
-    shuffle_seed: int | None = Field(
+    shuffle_seed: Seed | None = Field(
         None,
         description="Shuffle the rows with this seed first, before 'rows' and max_samples. The "
         "same seed gives the same order in every stage, so two stages can take disjoint parts of "
@@ -131,6 +244,36 @@ class DataSpec(Strict):
         start, _, stop = self.rows.partition(":")
         return range(n_rows)[slice(bound(start, 0), bound(stop, n_rows))]
 
+    def file_format(self) -> str | None:
+        """The format of ``files``: declared, else from the patterns' extension (None: unknown)."""
+        if self.format != "auto" or not self.files:
+            return self.format if self.files else None
+        found = set()
+        for pattern in self.files:
+            name = pattern.lower().removesuffix(".gz")
+            found.add(next((f for e, f in _EXTENSIONS.items() if name.endswith(e)), None))
+        return found.pop() if len(found) == 1 else None
+
+    def _ignored(self) -> list[Unused]:
+        out = []
+        if self.files or self.aligned:
+            out += self._unused(
+                ("split",),
+                "local files are read whole (split picks a part of hub or builtin data)",
+                "remove it; keep a part of the rows with 'rows'",
+            )
+        if not self.hub:
+            out += self._unused(("hub_config",), "the data is not from the hub")
+        if not self.files:
+            out += self._unused(("format", "columns", "txt_unit"), "the data is not local 'files'")
+            return out
+        fmt = self.file_format()
+        if fmt is not None and fmt not in ("csv", "tsv"):
+            out += self._unused(("columns",), f"the files are {fmt}, not headerless csv/tsv")
+        if fmt is not None and fmt != "txt":
+            out += self._unused(("txt_unit",), f"the files are {fmt}, not txt")
+        return out
+
     @model_validator(mode="after")
     def _exactly_one_source(self) -> DataSpec:
         given = [k for k in ("files", "hub", "builtin", "aligned") if getattr(self, k)]
@@ -174,24 +317,24 @@ class TrainSpec(Strict):
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_steps: NonNegativeInt = Field(0, description="Linear warmup steps.")
-    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay.")
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
     batch_size: PositiveInt = Field(8, description="Per-device batch size (sequences).")
     grad_accum_steps: PositiveInt = Field(1, description="Gradient accumulation steps.")
-    max_grad_norm: Annotated[float, Field(ge=0)] = Field(
+    max_grad_norm: NonNegativeFloat = Field(
         1.0, description="Gradient clipping norm (0 disables clipping)."
     )
     max_steps: PositiveInt | None = Field(
-        None, description="Total optimizer steps; overrides 'epochs' when set."
+        None, description="Total optimizer steps; replaces 'epochs' (do not give both)."
     )
     epochs: PositiveFloat = Field(1.0, description="Number of passes over the training data.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto' uses bf16 where the hardware supports it, else fp32."
     )
-    fused_adamw: bool = Field(
+    fused_adamw: Bool = Field(
         True, description="Use fused AdamW where torch provides it (faster optimizer step)."
     )
-    compile: bool = Field(False, description="Wrap the model with torch.compile.")
-    gradient_checkpointing: bool = Field(
+    compile: Bool = Field(False, description="Wrap the model with torch.compile.")
+    gradient_checkpointing: Bool = Field(
         False, description="Trade compute for memory by recomputing activations."
     )
     eval_every_steps: PositiveInt | None = Field(
@@ -202,10 +345,15 @@ class TrainSpec(Strict):
     )
     keep_checkpoints: PositiveInt = Field(2, description="Keep the newest K complete checkpoints.")
     log_every_steps: PositiveInt = Field(10, description="Log training metrics every N steps.")
-    group_by_length: bool = Field(
+    group_by_length: Bool = Field(
         True, description="Batch examples of similar length together (less padding)."
     )
     dataloader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes.")
+
+    def _ignored(self) -> list[Unused]:
+        if self.max_steps is None:
+            return []
+        return self._unused(("epochs",), "max_steps is set and wins", "remove one of them")
 
 
 class ArchSpec(Strict):
@@ -239,12 +387,21 @@ class GenerationSpec(Strict):
 
     max_new_tokens: PositiveInt = Field(64, description="Maximum tokens generated per input.")
     num_beams: PositiveInt = Field(1, description="Beam search width (1 = greedy or sampling).")
-    do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding.")
+    do_sample: Bool = Field(False, description="Sample instead of greedy/beam decoding.")
     temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
-    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Nucleus sampling mass.")
+    top_p: PositiveFraction = Field(1.0, description="Nucleus sampling mass.")
     top_k: NonNegativeInt = Field(0, description="Top-k sampling (0 disables).")
-    seed: int | None = Field(None, description="Sampling seed; defaults to the recipe seed.")
+    seed: Seed | None = Field(None, description="Sampling seed; defaults to the recipe seed.")
     batch_size: PositiveInt = Field(32, description="Inputs generated together in one batch.")
+
+    def _ignored(self) -> list[Unused]:
+        if self.do_sample:
+            return []
+        return self._unused(
+            ("temperature", "top_p", "top_k", "seed"),
+            "do_sample is false (greedy or beam decoding)",
+            "set do_sample: true, or remove it",
+        )
 
 
 class LoraSpec(Strict):

@@ -13,7 +13,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import PositiveInt, Strict
+from mlsteps.specs.common import Bool, Int, NotBool, PositiveInt, Strict, Unused
+
+# datetime.timedelta (the process-group timeout) overflows beyond 999,999,999 days; a year is
+# already far past any real collective.
+TIMEOUT_MAX_S = 10**9
 
 
 class FsdpSpec(Strict):
@@ -45,14 +49,22 @@ class FsdpSpec(Strict):
         "(checkpoints resumable at any world size); 'sharded' writes one file per rank (faster "
         "for large models; resume needs the same world size). final/ is always a full model.",
     )
-    cpu_offload: bool = Field(
+    cpu_offload: Bool = Field(
         False, description="Keep sharded parameters and gradients in CPU memory between uses."
     )
-    activation_checkpointing: bool = Field(
+    activation_checkpointing: Bool = Field(
         False,
         description="FSDP's own activation checkpointing per wrapped block (prefer this over "
         "train.gradient_checkpointing under FSDP).",
     )
+
+    def _ignored(self) -> list[Unused]:
+        out = []
+        if self.auto_wrap != "transformer_layer":
+            out += self._unused(("wrap_layer_classes",), f"auto_wrap is {self.auto_wrap}")
+        if self.auto_wrap != "size":
+            out += self._unused(("min_params",), f"auto_wrap is {self.auto_wrap}")
+        return out
 
     def trainer_config(self) -> dict[str, object]:
         """The ``fsdp_config`` dict of transformers' TrainingArguments."""
@@ -89,15 +101,15 @@ class DeepSpeedSpec(Strict):
         description="Path to a DeepSpeed JSON config; 'auto' values are filled in by transformers "
         "from the stage's train settings.",
     )
-    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+    zero_stage: Annotated[Literal[0, 1, 2, 3], NotBool] | None = Field(
         None,
         description="Inline ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also "
         "parameters (0: plain data parallel through DeepSpeed).",
     )
-    offload_optimizer: bool = Field(
+    offload_optimizer: Bool = Field(
         False, description="Inline config only: keep optimizer state in CPU memory (ZeRO-Offload)."
     )
-    offload_params: bool = Field(
+    offload_params: Bool = Field(
         False, description="Inline config only, zero_stage 3: keep parameters in CPU memory."
     )
 
@@ -146,12 +158,12 @@ class DistributedSpec(Strict):
         description="torch.distributed backend: 'auto' is nccl on CUDA GPUs (with gloo for CPU "
         "tensors) and gloo on CPU.",
     )
-    timeout_s: Annotated[int, Field(ge=10)] = Field(
+    timeout_s: Annotated[Int, Field(ge=10, le=TIMEOUT_MAX_S)] = Field(
         1800,
         description="Seconds a collective may wait for the other processes before the run fails "
         "(bounds the hang when a process dies without its peers noticing).",
     )
-    find_unused_parameters: bool = Field(
+    find_unused_parameters: Bool = Field(
         False,
         description="DDP: tolerate parameters that get no gradient in a step (slower; needed by "
         "some LoRA/prompt setups that freeze parts of the graph conditionally).",
@@ -162,6 +174,14 @@ class DistributedSpec(Strict):
     deepspeed: DeepSpeedSpec | None = Field(
         None, description="Shard training with DeepSpeed ZeRO (mutually exclusive with fsdp)."
     )
+
+    def _ignored(self) -> list[Unused]:
+        if self.fsdp is None and self.deepspeed is None:
+            return []
+        engine = "fsdp" if self.fsdp is not None else "deepspeed"
+        return self._unused(
+            ("find_unused_parameters",), f"it is a DDP setting and {engine} is used"
+        )
 
     @model_validator(mode="after")
     def _one_engine(self) -> DistributedSpec:

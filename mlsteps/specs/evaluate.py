@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import DataSpec, GenerationSpec, PositiveInt, Strict
+from mlsteps.specs.common import (
+    Bool,
+    DataSpec,
+    GenerationSpec,
+    PositiveFraction,
+    PositiveInt,
+    Seed,
+    Strict,
+    Unused,
+)
 
 METRICS = (
     "perplexity",
@@ -24,6 +33,16 @@ METRICS = (
 )
 
 
+# Metric families: which columns and option blocks each one reads.
+PERPLEXITY = frozenset({"perplexity"})
+RESPONSE = frozenset({"response_perplexity"})
+MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
+GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
+LABELS = frozenset({"accuracy", "f1"})
+# Metrics whose tokenisation follows target_lang.
+LANGUAGE = frozenset({"bleu", "ter", "rouge"})
+
+
 class PerplexitySpec(Strict):
     """How causal-LM perplexity windows the text, also for response_perplexity (docs/metrics.md)."""
 
@@ -39,8 +58,8 @@ class PerplexitySpec(Strict):
         description="document: each row scored from its start (after BOS/EOS if the tokenizer has "
         "one); stream: the corpus joined with EOS as one token stream.",
     )
-    mask_seed: int = Field(0, description="Seed of the fixed mask for masked-token perplexity.")
-    mask_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+    mask_seed: Seed = Field(0, description="Seed of the fixed mask for masked-token perplexity.")
+    mask_fraction: PositiveFraction = Field(
         0.15,
         description="masked_perplexity: fraction of each chunk's tokens masked at once (at least one).",
     )
@@ -99,7 +118,41 @@ class EvalSpec(Strict):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Decoding options."
     )
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
+
+    def _ignored(self) -> list[Unused]:
+        chosen = set(self.metrics)
+        names = ", ".join(self.metrics)
+        out = []
+
+        def unused_without(family: frozenset[str], keys: tuple[str, ...], what: str) -> None:
+            if not chosen & family:
+                out.extend(self._unused(keys, f"no {what} metric is chosen ({names})"))
+
+        unused_without(PERPLEXITY | MASKED, ("text_column",), "text perplexity")
+        unused_without(PERPLEXITY | MASKED | RESPONSE, ("perplexity",), "perplexity")
+        unused_without(GENERATION | LABELS | RESPONSE, ("input_column",), "generation or label")
+        unused_without(GENERATION | RESPONSE, ("reference_column",), "generation")
+        unused_without(LABELS, ("label_column",), "label (accuracy, f1)")
+        unused_without(LANGUAGE, ("target_lang",), "language-dependent (bleu, ter, rouge)")
+        unused_without(GENERATION | LABELS, ("generation",), "generation or label")
+        gen, ppl = self.generation, self.perplexity
+        if chosen & LABELS and not chosen & GENERATION:
+            why = f"no generation metric is chosen ({names}); labels use only batch_size"
+            found = gen._unused(sorted(set(type(gen).model_fields) - {"batch_size"}), why)
+            out += [(f"generation.{k}", w, f) for k, w, f in found]
+        if chosen & (PERPLEXITY | MASKED | RESPONSE):
+            found = []
+            if not chosen & PERPLEXITY:
+                found += ppl._unused(("mode",), "only the perplexity metric reads it")
+            if not chosen & (PERPLEXITY | RESPONSE):
+                found += ppl._unused(("stride",), "only perplexity and response_perplexity read it")
+            if "masked_perplexity" not in chosen:
+                found += ppl._unused(
+                    ("mask_seed", "mask_fraction"), "only masked_perplexity reads it"
+                )
+            out += [(f"perplexity.{k}", w, f) for k, w, f in found]
+        return out
 
     @model_validator(mode="after")
     def _known_metrics(self) -> EvalSpec:
@@ -151,4 +204,4 @@ class PredictSpec(Strict):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Decoding options."
     )
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")

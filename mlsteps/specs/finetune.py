@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from mlsteps.specs.common import (
     ArchSpec,
+    Bool,
     DataSpec,
     Fraction,
     GenerationSpec,
@@ -16,6 +17,8 @@ from mlsteps.specs.common import (
     PositiveInt,
     Strict,
     TrainSpec,
+    Unused,
+    unused_without_validation,
 )
 
 # {{ and }} are literal braces; any other text between single braces names a column (so that
@@ -38,6 +41,23 @@ def template_fields(template: str) -> list[str]:
     if "{" in rest or "}" in rest:
         raise ValueError("template has an unmatched brace; write {{ and }} for literal braces")
     return names
+
+
+_TASK_FIELDS = {
+    "classification": ("text_column", "text_pair_column", "label_column", "class_weights",
+                       "max_seq_len"),
+    "seq2seq": ("source_column", "target_column", "source_prefix", "max_source_len",
+                "max_target_len", "generation", "target_lang", "validation_max_samples"),
+    "causal_lm": ("prompt_column", "response_column", "template", "packing", "max_seq_len",
+                  "generation", "target_lang", "validation_max_samples"),
+}  # fmt: skip
+# Fields that only some tasks read; under any other task they would silently do nothing.
+_NOT_FOR_TASK = {
+    task: tuple(
+        sorted({f for fields in _TASK_FIELDS.values() for f in fields} - set(_TASK_FIELDS[task]))
+    )
+    for task in _TASK_FIELDS
+}
 
 
 class FinetuneSpec(Strict):
@@ -72,7 +92,7 @@ class FinetuneSpec(Strict):
     label_column: str = Field(
         "label", description="classification: label column (ints or strings)."
     )
-    class_weights: bool = Field(
+    class_weights: Bool = Field(
         False, description="classification: weight the loss by inverse class frequency."
     )
     source_column: str = Field("source", description="seq2seq: input column.")
@@ -95,7 +115,7 @@ class FinetuneSpec(Strict):
         "'Translate: {source}\\nAnswer: '. The response (+ EOS) is appended; trailing spaces "
         "move to the response side; list-valued columns are joined with spaces.",
     )
-    packing: bool = Field(False, description="causal_lm: pack several examples into one sequence.")
+    packing: Bool = Field(False, description="causal_lm: pack several examples into one sequence.")
     max_seq_len: PositiveInt = Field(
         256,
         description="Truncation length (classification, causal_lm); if left unset it shrinks "
@@ -107,7 +127,7 @@ class FinetuneSpec(Strict):
         "full", description="Train all weights or a LoRA adapter."
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method: lora).")
-    merge: bool = Field(
+    merge: Bool = Field(
         False, description="lora: write a merged plain model to final/ instead of the adapter."
     )
     generation: GenerationSpec = Field(
@@ -120,8 +140,23 @@ class FinetuneSpec(Strict):
         200,
         description="Generate for at most N validation rows (generation is slow); null: all.",
     )
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+
+    def _ignored(self) -> list[Unused]:
+        task = self.task
+        out = []
+        for name in _NOT_FOR_TASK[task]:
+            users = " or ".join(t for t, fields in _TASK_FIELDS.items() if name in fields)
+            out += self._unused((name,), f"task is {task}", f"remove it; it is for task {users}")
+        if task == "causal_lm" and self.template is not None:
+            out += self._unused(("prompt_column",), "'template' builds the prompt", "remove it")
+        if self.method == "full":
+            out += self._unused(("lora",), "method is full", "remove it, or set method: lora")
+        if self.validation is not None:
+            out += self._unused(("validation_fraction",), "'validation' is given")
+        generated = ("generation", "target_lang", "validation_max_samples")
+        return out + unused_without_validation(self, generated)
 
     @model_validator(mode="after")
     def _model_source(self) -> FinetuneSpec:

@@ -8,12 +8,16 @@ from pydantic import Field, model_validator
 
 from mlsteps.specs.common import (
     ArchSpec,
+    Bool,
     DataSources,
     Fraction,
     PositiveInt,
+    Probability,
     Strict,
     TrainSpec,
+    Unused,
     column_list,
+    unused_without_validation,
 )
 
 
@@ -58,15 +62,15 @@ class PretrainSpec(Strict):
         "is used, each row of each column one document (e.g. [text, source, target]).",
     )
     max_seq_len: PositiveInt = Field(128, description="Tokens per packed training block.")
-    keep_remainder: bool = Field(
+    keep_remainder: Bool = Field(
         False,
         description="Keep the last, shorter block of the packed stream instead of dropping it.",
     )
-    mlm_probability: float = Field(
-        0.15, gt=0, lt=1, description="Fraction of tokens selected for masking (80/10/10 rule)."
+    mlm_probability: Probability = Field(
+        0.15, description="Fraction of tokens selected for masking (80/10/10 rule)."
     )
-    whole_word_mask: bool = Field(False, description="Mask whole words instead of single tokens.")
-    freeze_unseen_tokens: bool = Field(
+    whole_word_mask: Bool = Field(False, description="Mask whole words instead of single tokens.")
+    freeze_unseen_tokens: Bool = Field(
         True,
         description="Keep the embeddings of token ids that never occur in the training text "
         "(special tokens excepted) where they start. Otherwise, under Adam, they all drift into "
@@ -75,7 +79,7 @@ class PretrainSpec(Strict):
         "held-out text full of tokens the training text lacks scores a worse perplexity early "
         "on, since those tokens keep their untrained logits.",
     )
-    trust_remote_code: bool = Field(
+    trust_remote_code: Bool = Field(
         False, description="Allow custom model code from a hub repository (security risk)."
     )
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
@@ -84,6 +88,18 @@ class PretrainSpec(Strict):
     def text_columns(self) -> list[str]:
         """``text_column`` as a list."""
         return column_list(self.text_column)
+
+    def _ignored(self) -> list[Unused]:
+        out = []
+        if self.objective == "clm":
+            out += self._unused(
+                ("mlm_probability", "whole_word_mask"),
+                "objective is clm (masking is for mlm)",
+                "remove it, or set objective: mlm",
+            )
+        if self.validation is not None:
+            out += self._unused(("validation_fraction",), "'validation' is given")
+        return out + unused_without_validation(self)
 
     @model_validator(mode="after")
     def _model_source(self) -> PretrainSpec:

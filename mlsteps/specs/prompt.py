@@ -6,7 +6,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mlsteps.specs.common import DataSpec, Fraction, PositiveInt, Strict, TrainSpec
+from mlsteps.specs.common import (
+    Bool,
+    DataSpec,
+    Fraction,
+    PositiveInt,
+    Strict,
+    TrainSpec,
+    Unused,
+    unused_without_validation,
+)
 
 
 class PromptSpec(Strict):
@@ -48,7 +57,7 @@ class PromptSpec(Strict):
     answer_separator: str = Field(
         " ", description="Text between a rendered prompt and its answer in demonstrations/training."
     )
-    per_example: bool = Field(
+    per_example: Bool = Field(
         False, description="few_shot: draw different demonstrations for every row (seeded)."
     )
     verbalizer: dict[str, str] | None = Field(
@@ -62,7 +71,7 @@ class PromptSpec(Strict):
         "(repeated/cut to num_virtual_tokens); else from randomly sampled vocabulary embeddings.",
     )
     max_seq_len: PositiveInt = Field(256, description="Truncation length of prompt + answer.")
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
     preview_rows: PositiveInt = Field(
         5,
         description="Rows whose rendered prompts (and model outputs) go to prompts_preview.jsonl.",
@@ -88,6 +97,24 @@ class PromptSpec(Strict):
         if isinstance(value, dict):
             return {str(k): v if isinstance(v, str) else str(v) for k, v in value.items()}
         return value
+
+    def _ignored(self) -> list[Unused]:
+        out = []
+        if self.method in ("zero_shot", "few_shot"):
+            out += self._unused(
+                ("validation", "validation_fraction", "num_virtual_tokens", "max_seq_len", "train"),
+                f"method {self.method} trains nothing (these are for soft prompts)",
+                "remove it, or use a tuning method",
+            )
+        else:
+            if self.validation is not None:
+                out += self._unused(("validation_fraction",), "'validation' is given")
+            out += unused_without_validation(self)
+        if self.method != "few_shot":
+            out += self._unused(
+                ("shots", "demo_separator"), f"method {self.method} shows no demonstrations"
+            )
+        return out
 
     @model_validator(mode="after")
     def _needs_data(self) -> PromptSpec:

@@ -6,7 +6,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import DataSources, PositiveInt, Strict, column_list
+from mlsteps.specs.common import Bool, DataSources, PositiveInt, Strict, Unused, column_list
+
+# Special-token roles per target, in id order (pad first: id 0 is what T5 and BERT expect).
+SPECIAL_ROLES = {
+    "clm": ("pad", "unk", "bos", "eos"),
+    "mlm": ("pad", "unk", "cls", "sep", "mask"),
+    "seq2seq": ("pad", "eos", "unk", "bos"),
+}
 
 
 class TokenizerSpec(Strict):
@@ -38,7 +45,7 @@ class TokenizerSpec(Strict):
     )
     vocab_size: PositiveInt = Field(8000, description="Target vocabulary size.")
     min_frequency: PositiveInt = Field(2, description="Minimum pair/token frequency to merge.")
-    lowercase: bool = Field(False, description="Lowercase text before tokenizing.")
+    lowercase: Bool = Field(False, description="Lowercase text before tokenizing.")
     normalization: Literal["none", "nfc", "nfkc"] = Field(
         "nfc",
         description="Unicode normalisation applied before tokenizing (nfkc also folds full-width "
@@ -55,6 +62,36 @@ class TokenizerSpec(Strict):
     def text_columns(self) -> list[str]:
         """``text_column`` as a list."""
         return column_list(self.text_column)
+
+    def min_vocab_size(self) -> int:
+        """The smallest vocabulary the trainer can build: the special tokens, plus the 256 byte
+        tokens of byte-level BPE (plus two for the other algorithms' alphabets)."""
+        specials = len(SPECIAL_ROLES[self.target])
+        return 256 + specials if self.algorithm == "bpe" else specials + 2
+
+    def _invalid(self) -> list[Unused]:
+        if self.from_ is not None or self.vocab_size >= self.min_vocab_size():
+            return []
+        why = " (256 byte tokens + specials)" if self.algorithm == "bpe" else ""
+        return [
+            (
+                "vocab_size",
+                f"vocab_size {self.vocab_size} is too small for {self.algorithm}",
+                f"use at least {self.min_vocab_size()}{why}",
+            )
+        ]
+
+    def _ignored(self) -> list[Unused]:
+        if self.from_ is None:
+            return []
+        out = self._unused(
+            ("algorithm", "vocab_size", "min_frequency", "lowercase", "normalization", "target"),
+            "'from' wraps an existing tokenizer; nothing is trained",
+            "remove it, or remove 'from' to train a tokenizer",
+        )
+        if self.data is None:  # with 'from', data only measures the tokenizer on some text
+            out += self._unused(("text_column", "max_lines"), "there is no 'data'")
+        return out
 
     @model_validator(mode="after")
     def _data_or_from(self) -> TokenizerSpec:

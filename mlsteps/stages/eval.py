@@ -39,13 +39,18 @@ from mlsteps.distributed import (
 )
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.specs.common import GenerationSpec
-from mlsteps.specs.evaluate import METRICS, EvalSpec
+from mlsteps.specs.evaluate import (
+    GENERATION,
+    LABELS,
+    MASKED,
+    METRICS,
+    PERPLEXITY,
+    RESPONSE,
+    EvalSpec,
+)
 
-PERPLEXITY = frozenset({"perplexity"})
-RESPONSE = frozenset({"response_perplexity"})
-MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
-GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
-LABELS = frozenset({"accuracy", "f1"})
+# The metric families (PERPLEXITY ...) live with the spec: validation refuses the options of
+# families not chosen.
 FITS: dict[str, frozenset[str]] = {
     "clm": PERPLEXITY | RESPONSE | GENERATION,
     "seq2seq": RESPONSE | GENERATION,

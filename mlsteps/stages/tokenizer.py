@@ -26,7 +26,7 @@ from mlsteps.engine.checkpoints import write_dir_atomically
 from mlsteps.engine.data import TEXT_COLUMN, load_text
 from mlsteps.engine.modeling import load_tokenizer
 from mlsteps.errors import UserError
-from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.specs.tokenizer import SPECIAL_ROLES, TokenizerSpec
 
 # Role -> token text, per naming style. BERT-style names for WordPiece, <x> elsewhere.
 _BRACKET = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -34,12 +34,7 @@ _ANGLE = {
     "pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "cls": "<s>", "sep": "</s>",
     "mask": "<mask>",
 }  # fmt: skip
-# Roles per target, in id order (pad first: id 0 is what T5 and BERT expect for padding).
-_ROLES = {
-    "clm": ("pad", "unk", "bos", "eos"),
-    "mlm": ("pad", "unk", "cls", "sep", "mask"),
-    "seq2seq": ("pad", "eos", "unk", "bos"),
-}
+_ROLES = SPECIAL_ROLES  # per target, in id order; the spec owns them (it checks vocab_size)
 _METRIC_SAMPLE_ROWS = 20_000
 _BATCH_ROWS = 1_000
 
@@ -202,11 +197,7 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
         metrics: dict[str, Any] = {"vocab_size": len(wrapped), "source": spec.from_}
     else:
         assert ds is not None  # the spec requires 'data' when not 'from'
-        minimum = (
-            256 + len(_ROLES[spec.target])
-            if spec.algorithm == "bpe"
-            else len(_ROLES[spec.target]) + 2
-        )
+        minimum = spec.min_vocab_size()  # also refused by validation; kept for direct callers
         if spec.vocab_size < minimum:
             raise UserError(
                 f"vocab_size {spec.vocab_size} is too small for {spec.algorithm}",

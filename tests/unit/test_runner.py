@@ -68,7 +68,9 @@ def test_rerun_skips_and_change_reruns_downstream_only(write_recipe, tmp_path):
     # Changing 'pre' re-runs it and 'ev' (which uses it), not 'tok' or the independent 'other'.
     assert go(write_recipe, run_dir, ["stages.pre.train.lr=0.1"]) == ["pre", "ev"]
     # Changing 'tok' re-runs everything that depends on it, transitively.
-    assert go(write_recipe, run_dir, ["stages.pre.train.lr=0.1", "stages.tok.vocab_size=9"]) == [
+    assert go(
+        write_recipe, run_dir, ["stages.pre.train.lr=0.1", "stages.tok.from=some/tokenizer-2"]
+    ) == [
         "tok",
         "pre",
         "ev",
