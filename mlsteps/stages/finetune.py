@@ -14,6 +14,8 @@ final/ holds a plain transformers model (full, or LoRA with ``merge: true``) or 
 whose ``base_model_name_or_path`` is the resolved source (stage final dir, local dir or hub id);
 the tokenizer is saved next to either. A classification adapter also writes
 ``mlsteps_adapter.json`` with its label map (an adapter has no config.json to carry it).
+Every module that loading initialised anew (a classifier, a pooler an MLM checkpoint lacks)
+is trained and saved with the adapter (``modules_to_save``), so the adapter reloads exactly.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     label2id = None
     if spec.task == "classification":
         val_rows, label2id = _labels(spec, train_rows, val_rows, explicit_val, ctx, where)
-    model = _model(spec, ctx, tokenizer, source, label2id, where)
+    loading_info: dict[str, Any] = {}
+    model = _model(spec, ctx, tokenizer, source, label2id, where, loading_info)
     spec = _fit_lengths(spec, model, ctx)
     max_len = spec.max_source_len if spec.task == "seq2seq" else spec.max_seq_len
     check_compatible(model, tokenizer, max_seq_len=max_len, where=where)
@@ -106,7 +109,10 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False
     if spec.method == "lora":
-        model = lora.wrap(model, spec.lora, spec.task, where=f"{where}.lora.target_modules")
+        model = lora.wrap(
+            model, spec.lora, spec.task, where=f"{where}.lora.target_modules",
+            loading_info=loading_info,
+        )  # fmt: skip
     if spec.task == "seq2seq":
         prep.collator = DataCollatorForSeq2Seq(
             tokenizer, model=model, label_pad_token_id=fd.IGNORE_INDEX
@@ -316,7 +322,9 @@ def _model(
     source: str | None,
     label2id: dict[str, int] | None,
     where: str,
+    loading_info: dict[str, Any],
 ) -> Any:
+    """The model to fine-tune; ``loading_info`` receives what loading initialised anew."""
     # Same seed, same initial head/adapter weights: a resumed run rebuilds the model it left.
     set_seed(ctx.seed)
     kwargs: dict[str, Any] = {}
@@ -348,6 +356,7 @@ def _model(
             spec.task,
             trust_remote_code=spec.trust_remote_code,
             where=f"{where}.from",
+            loading_info=loading_info,
             **extra,
         )
     config = model.config
