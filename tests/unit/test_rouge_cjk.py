@@ -65,7 +65,9 @@ def _lcs_f(hyp: list[str], ref: list[str]) -> float:
     table = [[0] * (len(ref) + 1) for _ in range(len(hyp) + 1)]
     for i, a in enumerate(hyp):
         for j, b in enumerate(ref):
-            table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
+            table[i + 1][j + 1] = (
+                table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
+            )
     return _f(table[-1][-1], len(hyp), len(ref))
 
 
@@ -83,7 +85,17 @@ PAIRS = [
 
 def test_cjk_after_latin_or_digits_is_one_token_per_character() -> None:
     tok = text.UnicodeTokenizer()
-    assert tok.tokenize("使用BERT模型进行分类") == ["使", "用", "bert", "模", "型", "进", "行", "分", "类"]
+    assert tok.tokenize("使用BERT模型进行分类") == [
+        "使",
+        "用",
+        "bert",
+        "模",
+        "型",
+        "进",
+        "行",
+        "分",
+        "类",
+    ]
     assert tok.tokenize("20世纪初近代科学") == ["20", "世", "纪", "初", "近", "代", "科", "学"]
     assert tok.tokenize("GPT-2的方法") == ["gpt", "2", "的", "方", "法"]
 
