@@ -16,6 +16,7 @@ from mlsteps.errors import UserError, did_you_mean
 from mlsteps.specs import SPEC_BY_KIND, StageSpec
 from mlsteps.specs.common import SAFE_NAME_RE, DataSpec, Strict
 from mlsteps.specs.distributed import DistributedSpec
+from mlsteps.stage_kinds import check_kinds
 from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
 # Files at the top of a run directory; a stage directory of the same name would clobber them.
@@ -308,6 +309,7 @@ def validate_recipe(raw: Any, doc: LoadedYaml | None = None, source: str = "<rec
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         raise _format_error(errors[0], doc, source) from None
     check_references(recipe, doc)
+    check_kinds(recipe, doc)
     return recipe
 
 

@@ -22,6 +22,18 @@ METRICS = (
     "token_f1",
 )
 
+PERPLEXITY = frozenset({"perplexity"})
+MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
+GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
+LABELS = frozenset({"accuracy", "f1"})
+# The metrics each model kind can be scored with (the eval stage and `validate` both check it).
+FITS: dict[str, frozenset[str]] = {
+    "clm": PERPLEXITY | GENERATION,
+    "seq2seq": GENERATION,
+    "mlm": MASKED,
+    "classification": LABELS,
+}
+
 
 class PerplexitySpec(Strict):
     """How causal-LM perplexity windows the text (see the metric conventions in the README)."""

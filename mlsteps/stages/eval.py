@@ -36,18 +36,11 @@ from mlsteps.distributed import (
 )
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.specs.common import GenerationSpec
-from mlsteps.specs.evaluate import METRICS, EvalSpec
 
-PERPLEXITY = frozenset({"perplexity"})
-MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
-GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
-LABELS = frozenset({"accuracy", "f1"})
-FITS: dict[str, frozenset[str]] = {
-    "clm": PERPLEXITY | GENERATION,
-    "seq2seq": GENERATION,
-    "mlm": MASKED,
-    "classification": LABELS,
-}
+# The metric families and the model kinds they fit live with the recipe models: `validate`
+# checks them too, without importing this module.
+from mlsteps.specs.evaluate import FITS, GENERATION, LABELS, MASKED, METRICS, PERPLEXITY, EvalSpec
+
 _KIND_NAMES = {
     "clm": "a causal LM",
     "seq2seq": "a seq2seq model",
