@@ -88,9 +88,12 @@ class EvalSpec(Strict):
     input_column: str = Field(
         "source", description="Column fed to the model for generation/classification."
     )
-    reference_column: str = Field(
+    reference_column: str | Annotated[list[str], Field(min_length=1)] = Field(
         "target",
-        description="Reference column (string, or list of strings for several references).",
+        description="Reference column (each cell a string, or a list of strings for several "
+        "references), or a list of columns each holding one reference per row "
+        "([summary1, summary2]; null cells skipped). Several references: sacrebleu scores "
+        "against all of them, ROUGE takes the best reference per example.",
     )
     label_column: str = Field("label", description="Gold label column for accuracy/F1.")
     target_lang: str | None = Field(
@@ -104,6 +107,14 @@ class EvalSpec(Strict):
         default_factory=GenerationSpec, description="Decoding options."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+
+    @model_validator(mode="after")
+    def _distinct_reference_columns(self) -> EvalSpec:
+        cols = self.reference_column
+        if isinstance(cols, list) and len(set(cols)) != len(cols):
+            dup = next(c for c in cols if cols.count(c) > 1)
+            raise ValueError(f"reference_column lists '{dup}' twice")
+        return self
 
     @model_validator(mode="after")
     def _known_metrics(self) -> EvalSpec:

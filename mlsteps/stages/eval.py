@@ -117,12 +117,23 @@ def require_text(rows: Any, column: str, where: str, option: str) -> list[str]:
     return values
 
 
-def _require_references(rows: Any, column: str, where: str) -> list[str | list[str]]:
+def _require_references(rows: Any, column: str | list[str], where: str) -> list[str | list[str]]:
+    """References per row: one column (a string or a list of strings per row), or several
+    columns joined into one list per row, in column order (null cells skipped: rows may have
+    fewer references)."""
     from mlsteps.metrics.classification import as_reference_lists
 
-    values = _column_values(rows, column)
-    as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
-    return values
+    if isinstance(column, str):
+        values = _column_values(rows, column)
+        as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
+        return values
+    joined: list[list[Any]] = [[] for _ in range(rows.num_rows)]
+    for name in column:
+        for refs, value in zip(joined, _column_values(rows, name), strict=True):
+            refs.extend(value if isinstance(value, list) else [] if value is None else [value])
+    names = ", ".join(f"'{c}'" for c in column)
+    as_reference_lists(joined, where=where, name=f"columns {names}")
+    return [refs for refs in joined]
 
 
 def _require_labels(rows: Any, column: str, where: str) -> list[Any]:
@@ -363,7 +374,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         require_columns(rows, [spec.input_column], where_data)
         require_text(rows, spec.input_column, where_data, "input_column")
     if set(metrics) & GENERATION:
-        require_columns(rows, [spec.reference_column], where_data)
+        ref_columns = spec.reference_column
+        require_columns(
+            rows, [ref_columns] if isinstance(ref_columns, str) else ref_columns, where_data
+        )
         data["references"] = _require_references(rows, spec.reference_column, where_data)
     if set(metrics) & LABELS:
         require_columns(rows, [spec.label_column], where_data)
