@@ -186,6 +186,12 @@ def headline(kind: Any, m: Any) -> str:
             parts.append(f"{label} {_num(m[key])}")
     if kind in ("finetune", "prompt") and "val_loss" in m and len(parts) < 2:
         parts.append(f"val loss {_num(m['val_loss'])}")
+    if m.get("train_truncated_examples"):
+        share = m.get("train_truncated_share")
+        parts.append(
+            f"{_num(m['train_truncated_examples'])} training examples truncated"
+            + (f" ({share:.1%})" if isinstance(share, float) else "")
+        )
     if kind == "prompt" and m.get("num_demonstrations") and not m.get("trainable_params"):
         parts.append(
             f"{m['num_demonstrations']} demos, ~{_num(m.get('prompt_tokens_mean'))} tokens"

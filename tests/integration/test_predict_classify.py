@@ -33,7 +33,7 @@ _CLS = {
     "from": "pre",
     "data": TOPIC,
     "validation_fraction": 0.0,
-    "max_seq_len": 32,
+    "max_seq_len": 48,  # cuts some examples: the truncation count is checked below
     "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-2},
 }
 RECIPE: dict[str, Any] = {
@@ -255,3 +255,53 @@ def test_no_repeat_ngram_size_and_repetition_penalty_reach_generate(looping_mode
     assert penalised != plain
     distinct = sum(len(set(w)) for w in penalised)
     assert distinct > sum(len(set(w)) for w in plain)
+
+
+# ---------------------------------------------------------------- truncation counts
+
+
+def test_truncated_examples_are_counted_and_reported(run_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from mlsteps.builtin import load_builtin
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "full" / "final")
+    texts = [r["text"] for r in load_builtin("toy/topic", "train")][:200]
+    expected = sum(len(tok(t)["input_ids"]) > 48 for t in texts)
+    assert 0 < expected < 200
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for stage in ("full", "lora", "merged"):
+        assert metrics[stage]["train_truncated_examples"] == expected
+        assert metrics[stage]["train_truncated_share"] == pytest.approx(expected / 200)
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert f"{expected} training examples truncated ({expected / 200:.1%})" in report
+
+
+def test_seq2seq_and_sft_truncation_flags(looping_model) -> None:
+    import datasets
+
+    from mlsteps.engine import finetune_data as fd
+    from mlsteps.specs.finetune import FinetuneSpec
+
+    _, tokenizer = looping_model
+    rows = datasets.Dataset.from_list(
+        [
+            {"source": "the cat sat", "target": "a dog"},  # 3 + 2(+eos) tokens
+            {"source": "the cat sat on the mat", "target": "a dog"},  # source 6 > 4
+            {"source": "the cat", "target": "a big red dog ran"},  # target 5 + eos > 4
+            {"source": "the", "target": "a b"},  # 'b' unknown -> <eos> id: still 2 + eos
+        ]
+    )
+    base = {"kind": "finetune", "from": "x", "data": "x.jsonl"}
+    s2s = FinetuneSpec.model_validate(
+        {**base, "task": "seq2seq", "max_source_len": 4, "max_target_len": 4}
+    )
+    ds, cut = fd.pop_truncated(fd.tokenize_seq2seq(rows, tokenizer, s2s, where="w"))
+    assert cut == 2 and "truncated" not in ds.column_names
+    sft = FinetuneSpec.model_validate(
+        {**base, "task": "causal_lm", "prompt_column": "source", "response_column": "target",
+         "max_seq_len": 7}
+    )  # fmt: skip
+    ds, cut = fd.pop_truncated(fd.tokenize_sft(rows, tokenizer, sft, where="w"))
+    # prompt + response + EOS: 6, 9, 8, 4 tokens; two exceed 7.
+    assert cut == 2 and max(len(ids) for ids in ds["input_ids"]) == 7
