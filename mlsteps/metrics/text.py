@@ -259,10 +259,11 @@ def rouge(
     tokenizer = (
         "rouge-score default + Porter stemmer"
         if english
-        else "unicode words, one token per CJK/Thai character, no stemming"
+        else "one token per Han/kana/Thai character (also next to Latin or digits), Hangul and "
+        "other letter/digit runs as words, no stemming"
     )
     out["rouge_convention"] = (
-        f"rouge-score F-measure, mean over {len(hyps)} examples, best of refs; lang:"
+        f"rouge-score F-measure on 0-1, mean over {len(hyps)} examples, best of refs; lang:"
         f"{lang or 'en?'}; tokenizer: {tokenizer}; rougeLsum: sentences split after .!? and 。！？"
     )
     return out
