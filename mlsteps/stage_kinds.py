@@ -115,7 +115,8 @@ def _check_use(
         bad = [m for m in spec.metrics if m not in usable]
         if bad:
             _refuse(
-                f"metric '{bad[0]}' does not fit {what}",
+                f"metric '{bad[0]}' does not fit model '{ref}', "
+                f"{_KIND_NAMES.get(str(out.kind), out.kind)}",
                 path, doc, f"metrics for this model: {', '.join(sorted(usable)) or 'none'}",
             )  # fmt: skip
     elif kind == "prompt" and out.kind not in ("clm", "seq2seq"):

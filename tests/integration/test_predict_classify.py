@@ -150,7 +150,7 @@ IMPOSSIBLE = [
     ({"kind": "predict", "model": "tok", "data": "builtin:toy/topic"}, "stages.x.model",
      "tokenizer"),
     ({"kind": "eval", "models": ["clm", "cls"], "data": "builtin:toy/topic", "metrics": ["bleu"]},
-     "stages.x.models.1", "metric 'bleu' does not fit 'cls'"),
+     "stages.x.models.1", "metric 'bleu' does not fit model 'cls', a sequence classifier"),
     ({"kind": "eval", "models": ["mlm"], "data": "builtin:toy/topic", "metrics": ["perplexity"]},
      "stages.x.models.0", "masked LM"),
     ({"kind": "finetune", "task": "seq2seq", "from": "clm", "data": "builtin:toy/translate"},
