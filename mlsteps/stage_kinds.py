@@ -22,8 +22,7 @@ _KIND_NAMES = {
     "seq2seq": "a seq2seq model",
     "classification": "a sequence classifier",
 }
-# Model kinds the predict stage can use (mlsteps.stages.predict.PREDICTABLE, which must agree;
-# a test checks it).
+# Model kinds the predict stage can use (it imports this).
 PREDICTABLE = ("clm", "seq2seq", "classification")
 
 
@@ -93,17 +92,18 @@ def check_kinds(recipe: Any, doc: Any = None) -> None:
                 if out is None:
                     continue  # unknown: the stage checks it when it reads the config
                 if out.kind in ("tokenizer", None):
-                    what = "a tokenizer" if out.kind else "no model"
+                    what = "a tokenizer, not a model" if out.kind else "no model"
+                    ref_kind = str(stages[ref].kind)
+                    article = "an" if ref_kind[0] in "aeiou" else "a"
                     _refuse(
-                        f"'{ref}' is a {stages[ref].kind} stage: it writes {what}, not a model",
+                        f"'{ref}' is {article} {ref_kind} stage: it writes {what}",
                         path, doc, "name a stage that trains a model",
                     )  # fmt: skip
-                _check_use(kind, spec, ref, out, path, doc, FITS, LABELS)
+                _check_use(kind, spec, ref, out, path, doc)
 
 
-def _check_use(
-    kind: Any, spec: Any, ref: str, out: Output, path: str, doc: Any, fits: Any, labels: Any
-) -> None:
+def _check_use(kind: Any, spec: Any, ref: str, out: Output, path: str, doc: Any) -> None:
+    """UserError when stage ``spec`` (of ``kind``) cannot use ``ref``'s model ``out``."""
     what = f"'{ref}' is {_KIND_NAMES.get(str(out.kind), out.kind)}"
     if kind == "predict" and out.kind not in PREDICTABLE:
         _refuse(
@@ -111,7 +111,7 @@ def _check_use(
             path, doc, "predict needs a causal LM, a seq2seq model or a sequence classifier",
         )  # fmt: skip
     elif kind == "eval":
-        usable = fits.get(out.kind, frozenset()) | (labels if out.labels else frozenset())
+        usable = FITS.get(str(out.kind), frozenset()) | (LABELS if out.labels else frozenset())
         bad = [m for m in spec.metrics if m not in usable]
         if bad:
             _refuse(

@@ -15,14 +15,13 @@ from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import map_sharded
 from mlsteps.errors import UserError
 from mlsteps.specs.evaluate import PredictSpec
+from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
 from mlsteps.stages.eval import generate_for, require_text, write_jsonl
-
-# Model kinds predict can use (mlsteps.engine.inference.ModelKind); validate checks the same.
-PREDICTABLE = ("clm", "seq2seq", "classification")
 
 
 def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
-    """Generate an output for every row of ``spec.data`` with ``spec.model``."""
+    """Generate an output (a classifier: a label and its probabilities) for every row of
+    ``spec.data`` with ``spec.model``."""
     from mlsteps.engine.data import load_rows, require_columns
     from mlsteps.engine.inference import inspect_source, load_for_inference
 

@@ -190,13 +190,6 @@ def test_validate_accepts_what_works(tmp_path: Path, capsys: pytest.CaptureFixtu
     validate_recipe(copy.deepcopy(RECIPE))
 
 
-def test_predict_kinds_agree_with_validate() -> None:
-    from mlsteps import stage_kinds
-    from mlsteps.stages import predict
-
-    assert predict.PREDICTABLE == stage_kinds.PREDICTABLE
-
-
 # ---------------------------------------------------------------- generation knobs
 
 
