@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install demo test lint bench soak examples clean
+.PHONY: install demo test lint fmt bench soak examples clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: install
 	$(VENV)/bin/ruff check mlsteps tests bench
 	$(VENV)/bin/ruff format --check mlsteps tests bench
 	$(VENV)/bin/mypy mlsteps
+
+fmt: install
+	$(VENV)/bin/ruff check --fix mlsteps tests bench
+	$(VENV)/bin/ruff format mlsteps tests bench
 
 bench: install
 	$(PY) bench/run_all.py

@@ -43,11 +43,24 @@ HIGHER_IS_BETTER = frozenset(
 )  # fmt: skip
 LOWER_IS_BETTER = frozenset(
     {"perplexity", "word_perplexity", "bits_per_byte", "ter", "masked_perplexity",
-     "pseudo_perplexity"}
+     "pseudo_perplexity", "response_perplexity", "response_bits_per_byte",
+     "response_word_perplexity"}
 )  # fmt: skip
 # Ladder columns left out of the terminal table (still in report.md): detail, or a near-duplicate.
-_TERMINAL_HIDDEN = frozenset({"perplexity_tokens", "word_perplexity", "rougeLsum", "bits_per_byte"})
-_TERMINAL_NAMES = {"perplexity": "ppl", "exact_match": "EM", "token_f1": "tok F1"}
+_TERMINAL_HIDDEN = frozenset(
+    {"perplexity_tokens", "word_perplexity", "rougeLsum", "bits_per_byte",
+     "response_perplexity_tokens", "response_word_perplexity", "response_bits_per_byte"}
+)  # fmt: skip
+_TERMINAL_NAMES = {
+    "perplexity": "ppl", "response_perplexity": "resp ppl", "exact_match": "EM",
+    "token_f1": "tok F1",
+}  # fmt: skip
+# What each perplexity column of a ladder means, said once under the table.
+PERPLEXITY_LEGEND = {
+    "perplexity": "of the text column as bare text (no prompt)",
+    "response_perplexity": "of the reference given each model's own prompt (template, "
+    "demonstrations, soft prompt; the encoder input for seq2seq)",
+}
 # Per-stage files linked from the report, besides final/ and predictions*.jsonl.
 _EXTRA_FILES = ("prompts_preview.jsonl", "metrics.jsonl")
 
@@ -197,9 +210,17 @@ def _ladders(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: m for name, m in metrics.items() if is_ladder(m)}
 
 
+def perplexity_legend(header: list[str]) -> list[str]:
+    """Lines saying what the ladder's perplexity columns measure (none without such columns)."""
+    return [f"{column} = {text}" for column, text in PERPLEXITY_LEGEND.items() if column in header]
+
+
 def _ladder_md(name: str, ladder: dict[str, Any]) -> list[str]:
     header, rows, notes = ladder_rows(ladder)
     out = [_md_table(header, rows, best_cells(ladder, header)), ""]
+    legend = perplexity_legend(header)
+    if legend:
+        out += [f"Perplexity: {'; '.join(legend)}.", ""]
     if notes:
         out += ["Conventions:", ""] + [f"- `{n}`" for n in notes] + [""]
     return out
@@ -376,4 +397,6 @@ def print_report(run_dir: Path) -> None:
             "  [dim]best per column in bold green (ppl = perplexity, EM = exact match); every "
             "score on 0-100 (ROUGE/accuracy/F1/EM x100); conventions in report.md[/dim]"
         )
+        for column in (c for c in PERPLEXITY_LEGEND if c in header):
+            console.print(f"  [dim]{_TERMINAL_NAMES[column]} = {PERPLEXITY_LEGEND[column]}[/dim]")
     console.print(f"report: {run_dir / 'report.md'}", highlight=False)

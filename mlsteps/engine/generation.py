@@ -64,14 +64,13 @@ def _eos_ids(config: Any) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
-def _encode(
-    model: Any,
-    tokenizer: Any,
-    inputs: Sequence[str],
-    spec: GenerationSpec,
-    decoder_only: bool,
-    where: str,
-) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, inputs: Sequence[str], *, decoder_only: bool) -> list[list[int]]:
+    """Token ids of each prompt exactly as generation feeds it, before any length cut.
+
+    The tokenizer's special tokens are added; a decoder-only prompt loses a trailing EOS (the
+    model must continue it, not start after an end) and an empty one becomes [BOS or EOS].
+    Conditional (response) perplexity conditions on these same ids.
+    """
     encoded = [list(ids) for ids in tokenizer(list(inputs), add_special_tokens=True)["input_ids"]]
     if decoder_only:
         start = (
@@ -83,6 +82,18 @@ def _encode(
                 ids.pop()
             if not ids and start is not None:  # an empty prompt still needs one token to follow
                 encoded[k] = [start]
+    return encoded
+
+
+def _encode(
+    model: Any,
+    tokenizer: Any,
+    inputs: Sequence[str],
+    spec: GenerationSpec,
+    decoder_only: bool,
+    where: str,
+) -> list[list[int]]:
+    encoded = encode_prompts(tokenizer, inputs, decoder_only=decoder_only)
     limit = max_positions(model)
     if limit is None:
         return encoded

@@ -10,6 +10,7 @@ from mlsteps.specs.common import DataSpec, GenerationSpec, PositiveInt, Strict
 
 METRICS = (
     "perplexity",
+    "response_perplexity",
     "masked_perplexity",
     "pseudo_perplexity",
     "bleu",
@@ -23,20 +24,21 @@ METRICS = (
 )
 
 PERPLEXITY = frozenset({"perplexity"})
+RESPONSE = frozenset({"response_perplexity"})
 MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
 GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
 LABELS = frozenset({"accuracy", "f1"})
 # The metrics each model kind can be scored with (the eval stage and `validate` both check it).
 FITS: dict[str, frozenset[str]] = {
-    "clm": PERPLEXITY | GENERATION,
-    "seq2seq": GENERATION,
+    "clm": PERPLEXITY | RESPONSE | GENERATION,
+    "seq2seq": RESPONSE | GENERATION,
     "mlm": MASKED,
     "classification": LABELS,
 }
 
 
 class PerplexitySpec(Strict):
-    """How causal-LM perplexity windows the text (see the metric conventions in the README)."""
+    """How causal-LM perplexity windows the text, also for response_perplexity (docs/metrics.md)."""
 
     window: PositiveInt | None = Field(
         None,
@@ -84,16 +86,23 @@ class EvalSpec(Strict):
     metrics: list[str] = Field(
         ..., min_length=1, description=f"Metrics, from: {', '.join(METRICS)}."
     )
-    text_column: str = Field("text", description="Column scored by perplexity metrics.")
+    text_column: str = Field(
+        "text",
+        description="Column scored as bare text by perplexity, masked_perplexity and "
+        "pseudo_perplexity.",
+    )
     input_column: str = Field(
-        "source", description="Column fed to the model for generation/classification."
+        "source",
+        description="Column fed to the model for generation/classification; also the prompt "
+        "response_perplexity conditions on (a prompted model renders its own template instead).",
     )
     reference_column: str | Annotated[list[str], Field(min_length=1)] = Field(
         "target",
         description="Reference column (each cell a string, or a list of strings for several "
         "references), or a list of columns each holding one reference per row "
         "([summary1, summary2]; null cells skipped). Several references: sacrebleu scores "
-        "against all of them, ROUGE takes the best reference per example.",
+        "against all of them, ROUGE takes the best reference per example; response_perplexity "
+        "scores them given each model's prompt.",
     )
     label_column: str = Field("label", description="Gold label column for accuracy/F1.")
     target_lang: str | None = Field(
@@ -124,6 +133,32 @@ class EvalSpec(Strict):
             if name not in METRICS:
                 hint = did_you_mean(name, METRICS) or f"choose from {', '.join(METRICS)}"
                 raise ValueError(f"unknown metric '{name}' at metrics.{i}; {hint}")
+        return self
+
+    @model_validator(mode="after")
+    def _builtin_columns(self) -> EvalSpec:
+        """Builtin data's columns are known without loading it, so `validate` checks them."""
+        from mlsteps.builtin import list_builtin
+
+        info = next((i for i in list_builtin() if i.name == self.data.builtin), None)
+        if info is None:
+            return self  # not builtin data, or an unknown set (check_data_files names it)
+        text = {"perplexity", "masked_perplexity", "pseudo_perplexity"}
+        labels = {"accuracy", "f1"}
+        wanted = [
+            ("text_column", self.text_column, set(self.metrics) & text),
+            ("reference_column", self.reference_column, set(self.metrics) - text - labels),
+            ("label_column", self.label_column, set(self.metrics) & labels),
+        ]
+        for option, columns, needing in wanted:
+            names = [columns] if isinstance(columns, str) else columns  # reference_column: a list
+            column = next((c for c in names if c not in info.columns), None)
+            if needing and column is not None:
+                raise ValueError(
+                    f"column '{column}' not found in builtin:{info.name}, which has columns: "
+                    f"{', '.join(info.columns)}; set {option} (read by "
+                    f"{', '.join(sorted(needing))}) to one of them"
+                )
         return self
 
 

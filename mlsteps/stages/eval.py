@@ -8,6 +8,9 @@ Metric families and the models they fit:
 
 - ``perplexity`` (causal LM) on ``text_column``; also reports ``bits_per_byte``,
   ``word_perplexity``, ``perplexity_tokens`` and ``perplexity_convention``;
+- ``response_perplexity`` (causal LM or seq2seq): ``reference_column`` given each model's own
+  prompt, built from ``input_column`` exactly as for generation; also ``response_bits_per_byte``,
+  ``response_word_perplexity``, ``response_perplexity_tokens`` and the convention;
 - ``masked_perplexity`` / ``pseudo_perplexity`` (masked LM) on ``text_column``;
 - ``bleu chrf ter rouge exact_match token_f1`` (causal LM or seq2seq): outputs generated from
   ``input_column`` (rendered by the prompter for a prompted model) against ``reference_column``;
@@ -39,7 +42,16 @@ from mlsteps.specs.common import GenerationSpec
 
 # The metric families and the model kinds they fit live with the recipe models: `validate`
 # checks them too, without importing this module.
-from mlsteps.specs.evaluate import FITS, GENERATION, LABELS, MASKED, METRICS, PERPLEXITY, EvalSpec
+from mlsteps.specs.evaluate import (
+    FITS,
+    GENERATION,
+    LABELS,
+    MASKED,
+    METRICS,
+    PERPLEXITY,
+    RESPONSE,
+    EvalSpec,
+)
 
 _KIND_NAMES = {
     "clm": "a causal LM",
@@ -84,7 +96,7 @@ def _check_lengths(spec: EvalSpec, label: str, info: Any, metrics: list[str], wh
     if limit is None:
         return
     window = spec.perplexity.window
-    if window is not None and window > limit and set(metrics) & (PERPLEXITY | MASKED):
+    if window is not None and window > limit and set(metrics) & (PERPLEXITY | MASKED | RESPONSE):
         raise UserError(
             f"perplexity.window {window} exceeds the {limit} positions of model '{label}'",
             where=f"{where}.perplexity.window",
@@ -201,6 +213,8 @@ def _score_model(
             where=where,
         )
         out.update(pseudo_perplexity=res.perplexity, pseudo_perplexity_convention=res.convention)
+    if "response_perplexity" in metrics:
+        out.update(_response_perplexity(spec, ctx, loaded, rows, data["references"]).metrics())
     records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
     gen = [m for m in metrics if m in GENERATION]
     if gen:
@@ -332,6 +346,28 @@ def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str
     )
 
 
+def _response_perplexity(
+    spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any, refs: list[Any]
+) -> Any:
+    """The references given each row's prompt, rendered by ``_inputs`` as for generation."""
+    from mlsteps.metrics.classification import as_reference_lists
+    from mlsteps.metrics.response_perplexity import describe_prompt, sharded_response_perplexity
+
+    ppl, where_data = spec.perplexity, f"stages.{ctx.stage}.data"
+    return sharded_response_perplexity(
+        loaded.model,
+        loaded.tokenizer,
+        _inputs(spec, rows, loaded.prompter, where_data),
+        as_reference_lists(refs, where=where_data),
+        answer_prefix=loaded.prompter.answer_prefix if loaded.prompter is not None else "",
+        prompt_note=describe_prompt(loaded.prompter, spec.input_column),
+        window_tokens=ppl.window,
+        stride_tokens=ppl.stride,
+        batch_size=ppl.batch_size,
+        where=f"stages.{ctx.stage}.metrics",
+    )
+
+
 def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
     if not is_main():
         return  # every rank holds the gathered records; rank 0 writes them
@@ -370,10 +406,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         require_columns(rows, [spec.text_column], where_data)
         data["text"] = require_text(rows, spec.text_column, where_data, "text_column")
     prompted = all(i.prompter is not None for i in infos.values())
-    if set(metrics) & (GENERATION | LABELS) and not prompted:
+    if set(metrics) & (GENERATION | LABELS | RESPONSE) and not prompted:
         require_columns(rows, [spec.input_column], where_data)
         require_text(rows, spec.input_column, where_data, "input_column")
-    if set(metrics) & GENERATION:
+    if set(metrics) & (GENERATION | RESPONSE):
         ref_columns = spec.reference_column
         require_columns(
             rows, [ref_columns] if isinstance(ref_columns, str) else ref_columns, where_data
@@ -382,8 +418,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     if set(metrics) & LABELS:
         require_columns(rows, [spec.label_column], where_data)
         data["labels"] = _require_labels(rows, spec.label_column, where_data)
-    if set(metrics) & (GENERATION | LABELS):
-        # Only these render prompts; perplexity scores text_column as is, prompted model or not.
+    if set(metrics) & (GENERATION | LABELS | RESPONSE):
+        # These render prompts; perplexity scores text_column as is, prompted model or not.
         for info in infos.values():
             if info.prompter is not None:
                 info.prompter.check_columns(rows.column_names, where=where_data)

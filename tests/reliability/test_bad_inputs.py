@@ -210,7 +210,7 @@ RUNTIME_CASES = [
     Case("data-unknown-format", 2, ("stages.bad.data", "cannot tell the format", "set 'format'"),
          files={"rows.xml": b"<a/>"},
          append="  bad:\n    kind: eval\n    models: [pre]\n    data: {tmp}/rows.xml\n    metrics: [perplexity]\n"),
-    Case("missing-column-eval", 2, ("stages.bad.data", "column 'text' not found", "source, target"),
+    Case("missing-column-eval", 2, ("stages.bad", "column 'text' not found", "source, target"),
          append="  bad:\n    kind: eval\n    models: [pre]\n    data: {builtin: toy/translate, max_samples: 4}\n    metrics: [perplexity]\n"),
     Case("missing-column-finetune", 2, ("stages.bad.data", "column 'prompt' not found"),
          append="  bad:\n    kind: finetune\n    task: causal_lm\n    from: pre\n    data: {builtin: toy/corpus, max_samples: 8}\n"),
