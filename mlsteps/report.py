@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mlsteps.report_plots import plot_comparison, plot_curves, read_metrics_log
-from mlsteps.report_text import describe_stage, headline, settings_line
+from mlsteps.report_plots import loss_label, plot_comparison, plot_curves, read_metrics_log
+from mlsteps.report_text import (
+    LADDER_SCALE_NOTE,
+    PERCENT_SCALED,
+    describe_stage,
+    headline,
+    ladder_value,
+    settings_line,
+)
 from mlsteps.rundir import atomic_write_text, read_json
 
 __all__ = [
@@ -118,8 +126,10 @@ def ladder_rows(
             notes.append(f"{key} = {next(iter(per_model.values()))}")
         else:
             notes += [f"{model}: {key} = {value}" for model, value in per_model.items()]
+    if PERCENT_SCALED & set(columns):
+        notes.insert(0, LADDER_SCALE_NOTE)
     rows = [
-        [model, *(_fmt(values.get(c, "")) for c in columns)]
+        [model, *(_fmt(ladder_value(c, values.get(c, ""))) for c in columns)]
         for model, values in stage_metrics.items()
     ]
     return ["model", *columns], rows, notes
@@ -171,7 +181,11 @@ def _summary(run_dir: Path, state: dict[str, Any], env: dict[str, Any]) -> list[
     ends = [t for s in stages.values() if (t := _parse_time(s.get("finished_at")))]
     total = sum(s.get("duration_s") or 0 for s in stages.values())
     when = f"{min(starts):%Y-%m-%d %H:%M:%S %Z}".strip() if starts else "not started"
-    span = f", {(max(ends) - min(starts)).total_seconds():.0f} s first start to last finish"
+    span = (
+        f", {(max(ends) - min(starts)).total_seconds():.0f} s first start to last finish"
+        if starts and ends  # a first stage still running has no finish yet
+        else ""
+    )
     dev = device.get("name") or device.get("type", "unknown")
     if device.get("threads"):
         dev += f", {device['threads']} threads"
@@ -247,14 +261,20 @@ def build_report(run_dir: Path, *, plots: bool = True) -> str:
         data = specs.get(name, {}).get("data")
         out += [f"Every model scored on {settings_line('data', data)}; best value in bold.", ""]
         out += _ladder_md(name, ladder)
-    by_kind: dict[str, list[str]] = {}
+    # Stages are compared only when their losses are the same quantity (per token, per
+    # example, ...): a classifier's loss next to a translation fine-tune's means nothing.
+    groups: dict[tuple[str, str], list[str]] = {}
     for name, s in stages.items():
         if s.get("status") in ("done", "failed"):
-            by_kind.setdefault(str(s.get("kind")), []).append(name)
-    for kind, names in by_kind.items():
-        image = plot_comparison(run_dir, kind, names) if plots and len(names) > 1 else None
+            key = (str(s.get("kind")), loss_label(specs.get(name)))
+            groups.setdefault(key, []).append(name)
+    kinds = [kind for kind, _ in groups]
+    for (kind, label), names in groups.items():
+        tag = kind if kinds.count(kind) == 1 else f"{kind}_{re.sub(r'[^a-z]+', '_', label)}"
+        image = plot_comparison(run_dir, tag, names, label) if plots and len(names) > 1 else None
         if image:
-            out += [f"## {kind} stages compared", "", f"![{kind} loss curves]({image})", ""]
+            out += [f"## {kind} stages compared ({label})", "", f"![{kind} loss curves]({image})"]
+            out += [""]
     for name, s in stages.items():
         out += _stage_section(run_dir, name, s, specs.get(name), metrics.get(name), plots)
     out += ["## Files", ""]
@@ -300,7 +320,8 @@ def _stage_section(
         conventions = [f"- {k}: `{v}`" for k, v in m.items() if _is_convention(k)]
         out += conventions + ([""] if conventions else [])
     stage_dir = run_dir / name
-    images = plot_curves(stage_dir) if plots and s.get("status") in ("done", "failed") else []
+    done = plots and s.get("status") in ("done", "failed")
+    images = plot_curves(stage_dir, loss_label(spec)) if done else []
     for img in images:
         out += [f"![{name} {img}]({name}/{img})", ""]
     links = _links(run_dir, name)
@@ -373,8 +394,8 @@ def print_report(run_dir: Path) -> None:
             )
         console.print(t)
         console.print(
-            "  [dim]best per column in bold green (ppl = perplexity, EM = exact match); "
-            "conventions in report.md[/dim]"
+            "  [dim]best per column in bold green (ppl = perplexity, EM = exact match); every "
+            "score on 0-100 (ROUGE/accuracy/F1/EM x100); conventions in report.md[/dim]"
         )
         for column in (c for c in PERPLEXITY_LEGEND if c in header):
             console.print(f"  [dim]{_TERMINAL_NAMES[column]} = {PERPLEXITY_LEGEND[column]}[/dim]")

@@ -256,26 +256,40 @@ def predict_labels(loaded: Loaded, texts: list[str], *, batch_size: int) -> list
 
     Labels are the model's ``id2label`` names; ids as text when it has only generic names.
     """
+    return [label for label, _ in classify(loaded, texts, batch_size=batch_size)]
+
+
+def classify(
+    loaded: Loaded, texts: list[str], *, batch_size: int
+) -> list[tuple[str, dict[str, float]]]:
+    """(arg-max label, {label: probability}) of a sequence-classification model for each text,
+    in input order; probabilities are the softmax of the logits (computed in float64)."""
     import torch
 
+    from mlsteps.metrics.perplexity import max_positions
+
+    if not texts:
+        return []
     model, tokenizer = loaded.model, loaded.tokenizer
-    limit = getattr(tokenizer, "model_max_length", None)
-    cap = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    cap = (
-        min(c for c in (limit, cap) if isinstance(c, int))
-        if any(isinstance(c, int) for c in (limit, cap))
-        else None
-    )
-    encoded = [list(ids)[:cap] if cap else list(ids) for ids in tokenizer(texts)["input_ids"]]
+    caps = [
+        c
+        for c in (getattr(tokenizer, "model_max_length", None), max_positions(model))
+        if isinstance(c, int)
+    ]
+    # Truncation by the tokenizer keeps the closing special token ([SEP], </s>) of long inputs.
+    encoded = [
+        list(ids)
+        for ids in tokenizer(texts, truncation=bool(caps), max_length=min(caps) if caps else None)[
+            "input_ids"
+        ]
+    ]
     # Decoder classifiers find the last real token through config.pad_token_id: without one,
     # padded batches are impossible, so score one row at a time.
     pad_id = model.config.pad_token_id
     if pad_id is None:
         batch_size, pad_id = 1, 0
     device = next(model.parameters()).device
-    predicted: list[int] = [0] * len(texts)
+    probs: list[list[float]] = [[] for _ in texts]
     with torch.no_grad():
         for batch in _score_batches(encoded, batch_size):
             width = max(len(encoded[i]) for i in batch)
@@ -285,8 +299,14 @@ def predict_labels(loaded: Loaded, texts: list[str], *, batch_size: int) -> list
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            p = torch.softmax(logits.double(), dim=-1).cpu()
             for row, i in enumerate(batch):
-                predicted[i] = int(logits[row].argmax())
+                probs[i] = p[row].tolist()
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     generic = all(name == f"LABEL_{i}" for i, name in id2label.items())
-    return [str(p) if generic else id2label.get(p, str(p)) for p in predicted]
+    names = [str(k) if generic else id2label.get(k, str(k)) for k in range(len(probs[0]))]
+    out = []
+    for dist in probs:
+        best = max(range(len(dist)), key=dist.__getitem__)  # first maximum, like argmax
+        out.append((names[best], dict(zip(names, dist, strict=True))))
+    return out

@@ -215,9 +215,15 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     where: str | None = None,
+    loading_info: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
-    """Load a pretrained model for ``task`` via the Auto classes (stage final dir, directory, hub id)."""
+    """Load a pretrained model for ``task`` via the Auto classes (stage final dir, directory, hub id).
+
+    ``loading_info``, when given, is filled with transformers' report of the load
+    (``missing_keys``: parameters the checkpoint did not hold and that were newly initialised,
+    ``mismatched_keys``, ``unexpected_keys``).
+    """
     auto = _auto_class(task)
     remote = _remote_kwargs(trust_remote_code)
     # transformers 5 hands extra kwargs to the model constructor once a config is given, so
@@ -226,9 +232,12 @@ def load_model(
     config = load_config(source, trust_remote_code=trust_remote_code, where=where, **config_kwargs)
     try:
         # Weights only from safetensors: a pickled pytorch_model.bin can run code when loaded.
-        model = auto.from_pretrained(
-            source, config=config, use_safetensors=True, **remote, **kwargs
-        )
+        model, info = auto.from_pretrained(
+            source, config=config, use_safetensors=True, output_loading_info=True, **remote,
+            **kwargs,
+        )  # fmt: skip
+        if loading_info is not None:
+            loading_info.update(info)
         return _name_causal_loss(model, task)
     except ValueError as exc:
         raise UserError(
