@@ -96,6 +96,9 @@ def kind_from_config(config: Any) -> ModelKind | None:
 def _auto_config(source: str, trust_remote_code: bool, where: str) -> Any:
     from transformers import AutoConfig
 
+    from mlsteps.engine.files import check_model_dir
+
+    check_model_dir(source, where=where)  # a damaged file is named, not a raw library error
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -113,6 +116,9 @@ def inspect_source(
 
     ``where`` names the recipe field in error messages (e.g. ``stages.eval.models``).
     """
+    from mlsteps.engine.files import check_model_dir
+
+    check_model_dir(source, where=where)  # the adapter or prompt directory itself
     path = Path(source)
     prompter = _load_prompter(path) if path.is_dir() else None
     adapter_cfg: dict[str, Any] | None = None

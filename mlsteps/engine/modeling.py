@@ -26,6 +26,7 @@ from transformers import (
     T5Config,
 )
 
+from mlsteps.engine.files import check_model_dir
 from mlsteps.errors import UserError, first_line
 from mlsteps.specs.common import ArchSpec
 
@@ -64,6 +65,7 @@ def load_tokenizer(
     source: str, *, trust_remote_code: bool = False, where: str | None = None
 ) -> Any:
     """Load a tokenizer (fast where available) from a stage's final dir, a directory or a hub id."""
+    check_model_dir(source, where=where)  # a damaged file is named, not a raw library error
     try:
         return AutoTokenizer.from_pretrained(source, **_remote_kwargs(trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
@@ -196,6 +198,7 @@ def load_config(
 
     ``shown`` is the name the recipe used (a stage name), when it differs from ``source``.
     """
+    check_model_dir(source, where=where)  # every file of the directory, before any is loaded
     try:
         return AutoConfig.from_pretrained(source, **_remote_kwargs(trust_remote_code), **kwargs)
     except (OSError, ValueError, KeyError) as exc:

@@ -161,10 +161,12 @@ def _load_rows(
     spec: FinetuneSpec, ctx: StageContext, where: str
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
     columns = fd.required_columns(spec)
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=columns)
     require_columns(rows, columns, f"{where}.data")
     if spec.validation is not None:
-        val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
+        val = load_rows(
+            spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir, required=columns
+        )
         require_columns(val, columns, f"{where}.validation")
         fd.check_not_empty(val, name="validation", where=f"{where}.validation")
         return rows, val, True
