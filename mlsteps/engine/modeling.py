@@ -229,8 +229,11 @@ def load_model(
     config = load_config(source, trust_remote_code=trust_remote_code, where=where, **config_kwargs)
     try:
         # Weights only from safetensors: a pickled pytorch_model.bin can run code when loaded.
+        # fp32 always: transformers 5 otherwise keeps the stored dtype ("auto"), and a bf16
+        # checkpoint would train in pure bf16 whatever train.precision says. Mixed precision
+        # (bf16/fp16) autocasts the compute and keeps these fp32 weights as the master copy.
         model = auto.from_pretrained(
-            source, config=config, use_safetensors=True, **remote, **kwargs
+            source, config=config, use_safetensors=True, dtype=torch.float32, **remote, **kwargs
         )
         return _name_causal_loss(model, task)
     except ValueError as exc:

@@ -19,8 +19,10 @@ the tokenizer is saved next to either. A classification adapter also writes
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -405,6 +407,10 @@ def _save(
         assert source is not None  # LoRA needs a pretrained base ('from'); see FinetuneSpec
         model.peft_config["default"].base_model_name_or_path = source
         info: dict[str, Any] = {"base_model_name_or_path": source, "task": spec.task}
+        if Path(source).is_absolute():
+            # adapter_config.json names the base by absolute path (plain peft loads it from any
+            # cwd); this relative one lets mlsteps find it after the run directory moved.
+            info["base_model_relative"] = os.path.relpath(source, ctx.final_dir.absolute())
         if label2id is not None:
             info.update(num_labels=len(label2id), label2id=label2id,
                         id2label={str(i): label for label, i in label2id.items()})  # fmt: skip
