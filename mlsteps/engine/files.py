@@ -274,20 +274,35 @@ def note_header_row(ds: Any, path: Path) -> None:
     ds.info.description = _HEADER_NOTE + str(path)
 
 
+def _looks_like_data(names: Sequence[str]) -> bool:
+    """Whether header names look like a row of data: a number, a long text, or mostly words
+    with spaces (real headers are short identifiers: 'sentence', 'label')."""
+
+    def numeric(name: str) -> bool:
+        try:
+            float(name)
+        except ValueError:
+            return False
+        return True
+
+    spaced = sum(1 for n in names if len(str(n).split()) > 1)
+    return any(numeric(str(n)) or len(str(n)) > 40 for n in names) or 2 * spaced > len(names)
+
+
 def check_header_row(ds: Any, column: str, wanted: Sequence[str], *, where: str) -> None:
-    """For a missing ``column`` of csv/tsv rows named by a header row: UserError saying the file
-    may have no header (its first data row became the names) and how to name the columns."""
+    """For a missing ``column`` of csv/tsv rows whose header row looks like data: UserError
+    saying the file may have no header (its first row became the names) and how to name them."""
     note = getattr(ds.info, "description", None) or ""
-    if not note.startswith(_HEADER_NOTE):
-        return
     existing = list(ds.column_names)
+    if not note.startswith(_HEADER_NOTE) or not _looks_like_data(existing):
+        return
     names = list(wanted)[: len(existing)]
     names += [f"col{i + 1}" for i in range(len(names), len(existing))]
     raise UserError(
-        f"column {column!r} not found; the header row of {note[len(_HEADER_NOTE) :]} gives the "
-        f"columns {', '.join(repr(c) for c in existing)}: if the file has no header row, that "
-        "is its first data row",
+        f"column {column!r} not found; the data has columns: {', '.join(existing)}, read from "
+        f"the first line of {note[len(_HEADER_NOTE) :]}, which looks like data: the file may "
+        "have no header row",
         where=where,
-        hint="name the columns in the data entry, e.g. data: {files: [...], "
+        hint="then name the columns in the data entry, e.g. data: {files: [...], "
         f"columns: [{', '.join(names)}]}}",
     )

@@ -279,11 +279,22 @@ def test_headerless_table_says_so_and_shows_how_to_name_columns(
     with pytest.raises(UserError) as info:
         require_columns(ds, ["source", "target"], "stages.ft.data")  # type: ignore[arg-type]
     text = str(info.value)
-    assert str(path) in text and "no header row" in text and "'hello 0'" in text
+    assert str(path) in text and "no header row" in text and "hello 0, world 0" in text
     assert "columns: [source, target]" in text
     # ... and that fix works:
     named = _load(tmp_path, files=[str(path)], columns=["source", "target"])
     assert named[0] == {"source": "hello 0", "target": "world 0"}  # type: ignore[index]
+
+
+def test_a_real_header_with_another_column_keeps_the_plain_message(tmp_path: Path) -> None:
+    """A header of names ('sentence', 'label') is not suspected: the fix there is the option."""
+    from mlsteps.engine.data import require_columns
+
+    path = tmp_path / "named.csv"
+    path.write_text("sentence,label\na fine film,1\nawful,0\n", encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        require_columns(_load(tmp_path, files=[str(path)]), ["text"], "d")  # type: ignore[arg-type]
+    assert "header" not in str(info.value) and "set the *_column option" in str(info.value)
 
 
 BOM_CASES = {
