@@ -33,7 +33,9 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
             where=f"{where}.model",
             hint="predict needs a causal LM or a seq2seq model",
         )
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    # A null input is reported by its file line (a prompted model renders its own columns).
+    needed = [spec.input_column] if info.prompter is None else []
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=needed)
     prompter = info.prompter
     column: list[str] | None = None
     if prompter is None or spec.input_column in rows.column_names:

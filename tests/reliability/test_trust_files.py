@@ -387,3 +387,29 @@ def test_null_value_located_in_each_format(tmp_path: Path, suffix: str, line: in
         required=["target"],
     )  # fmt: skip
     assert kept.num_rows == 50 and kept.column_names == ["source", "target"]
+
+
+EVAL_OR_PREDICT = {
+    "eval": "  ev:\n    kind: eval\n    models: [pre]\n    data: {data}\n    metrics: [chrf]\n"
+    "    generation: {{max_new_tokens: 2}}\n",
+    "predict": "  pred:\n    kind: predict\n    model: pre\n    data: {data}\n"
+    "    generation: {{max_new_tokens: 2}}\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("stage", "column"), [("eval", "target"), ("eval", "source"), ("predict", "source")]
+)
+def test_null_value_in_eval_and_predict_data_by_file_line(
+    base: Path, tmp_path: Path, stage: str, column: str
+) -> None:
+    """Eval and predict data shuffled by shuffle_seed: the null's line, not its new row number."""
+    rows = _rows_with_null(30, 0)
+    rows[0]["target"], rows[20][column] = "world 0", None
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = f"{{files: [{path}], shuffle_seed: 3}}"
+    code, errors, err = run_stage(base, tmp_path, EVAL_OR_PREDICT[stage].format(data=data))
+    assert code == 2, err[-2000:]
+    assert errors == [err.strip().splitlines()[-1]], err[-2000:]
+    assert f"{path}:21: column '{column}' has no value" in errors[0], errors[0]
