@@ -163,7 +163,13 @@ def check_model_dir(source: str, *, where: str | None) -> None:
 # ---------------------------------------------------------------- where a row came from
 
 
-def _count_rows(path: Path, fmt: str, open_text: Any) -> list[int]:
+def _open_text(path: Path) -> Any:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _count_rows(path: Path, fmt: str) -> list[int]:
     """The 1-based line (or, for json/parquet, the record number) of every row of one file."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -175,7 +181,7 @@ def _count_rows(path: Path, fmt: str, open_text: Any) -> list[int]:
             lists = [v for v in value.values() if isinstance(v, list)]
             value = lists[0] if len(lists) == 1 else []
         return list(range(1, len(value) + 1))
-    with open_text(path) as handle:
+    with _open_text(path) as handle:
         if fmt == "csv":
             reader = csv.reader(handle)
             lines, start = [], 1
@@ -187,10 +193,10 @@ def _count_rows(path: Path, fmt: str, open_text: Any) -> list[int]:
         return [n for n, line in enumerate(handle, start=1) if line.strip()]
 
 
-def locate_row(files: Sequence[Path], fmt: str, index: int, *, header: bool, open_text: Any) -> str:
+def locate_row(files: Sequence[Path], fmt: str, index: int, *, header: bool) -> str:
     """``file:line`` (``file, row N`` for json/parquet) of row ``index`` of the files read in order."""
     for path in files:
-        lines = _count_rows(path, fmt, open_text)
+        lines = _count_rows(path, fmt)
         if header and fmt in ("csv", "tsv"):
             lines = lines[1:]
         if index < len(lines):
@@ -219,12 +225,6 @@ def first_missing(ds: Any, columns: Sequence[str]) -> tuple[str, int] | None:
         if index >= 0 and (best is None or index < best[1]):
             best = (column, index)
     return best
-
-
-def _open_text(path: Path) -> Any:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
 
 
 # A column load_rows adds while it looks for nulls: the row's position in the files.
@@ -257,7 +257,7 @@ def check_missing(
         place = f"row {index + 1}"
     else:
         files, fmt, header = located
-        place = locate_row(files, fmt, index, header=header, open_text=_open_text)
+        place = locate_row(files, fmt, index, header=header)
     raise UserError(
         f"{place}: column '{column}' has no value (null)",
         where=where,
