@@ -68,10 +68,11 @@ class StageContext:
         """Map a model/tokenizer reference to something `from_pretrained` accepts.
 
         An earlier stage name becomes its final/ directory, an existing local directory its
-        absolute path; anything else is passed through as a hub id.
+        absolute path; anything else is passed through as a hub id. Paths are absolute because
+        they get recorded (an adapter's base model): a relative one only works from one cwd.
         """
         if ref in self.upstream:
-            return str(self.upstream[ref])
+            return str(self.upstream[ref].absolute())
         path = Path(ref).expanduser()
         if path.is_dir():
             return str(path.resolve())

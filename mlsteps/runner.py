@@ -53,8 +53,11 @@ def _now() -> str:
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        st = path.stat()
+        return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except (OSError, RuntimeError):  # a symlink loop: the stage's data check names the problem
+        return {"path": str(path), "unreadable": True}
 
 
 def _data_identity(spec: Any) -> list[Any]:

@@ -96,6 +96,9 @@ def kind_from_config(config: Any) -> ModelKind | None:
 def _auto_config(source: str, trust_remote_code: bool, where: str) -> Any:
     from transformers import AutoConfig
 
+    from mlsteps.engine.files import check_model_dir
+
+    check_model_dir(source, where=where)  # a damaged file is named, not a raw library error
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -113,6 +116,9 @@ def inspect_source(
 
     ``where`` names the recipe field in error messages (e.g. ``stages.eval.models``).
     """
+    from mlsteps.engine.files import check_model_dir
+
+    check_model_dir(source, where=where)  # the adapter or prompt directory itself
     path = Path(source)
     prompter = _load_prompter(path) if path.is_dir() else None
     adapter_cfg: dict[str, Any] | None = None
@@ -126,8 +132,8 @@ def inspect_source(
         except Exception:  # not an adapter repo (or offline): treat as a plain model id
             adapter_cfg = None
     if adapter_cfg is not None:
-        base = (prompter.base_model if prompter is not None else "") or adapter_cfg.get(
-            "base_model_name_or_path"
+        base = (prompter.base_model if prompter is not None else "") or _adapter_base(
+            path, adapter_cfg
         )
         if not base:
             raise UserError(f"adapter '{source}' names no base model", where=where)
@@ -159,6 +165,19 @@ def inspect_source(
             hint="use a causal LM, masked LM, seq2seq or sequence-classification model",
         )
     return SourceInfo(source, kind, model_source, adapter_source, prompter, config)
+
+
+def _adapter_base(path: Path, adapter_cfg: dict[str, Any]) -> str:
+    """The base model of an adapter: the path (or hub id) in adapter_config.json, or, when that
+    path is gone (the run directory was moved or copied), the path relative to the adapter that
+    the finetune stage records in mlsteps_adapter.json."""
+    base = str(adapter_cfg.get("base_model_name_or_path") or "")
+    meta_path = path / "mlsteps_adapter.json"
+    if base and Path(base).is_absolute() and not Path(base).exists() and meta_path.is_file():
+        relative = json.loads(meta_path.read_text(encoding="utf-8")).get("base_model_relative")
+        if relative and (path / relative).is_dir():
+            return str((path / relative).resolve())
+    return base
 
 
 def _model_class(kind: ModelKind) -> Any:

@@ -379,6 +379,18 @@ def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _needed(spec: EvalSpec, metrics: list[str], infos: dict[str, Any]) -> list[str]:
+    """Columns every row must have a value in (a null is reported by its file line)."""
+    needed = [spec.text_column] if set(metrics) & (PERPLEXITY | MASKED) else []
+    if set(metrics) & (GENERATION | LABELS) and not all(i.prompter for i in infos.values()):
+        needed.append(spec.input_column)
+    if set(metrics) & GENERATION:
+        needed.append(spec.reference_column)
+    if set(metrics) & LABELS:
+        needed.append(spec.label_column)
+    return needed
+
+
 def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     """Evaluate every model of ``spec.models`` on ``spec.data``: ``{model: {metric: value}}``."""
     from mlsteps.engine.data import load_rows, require_columns
@@ -400,7 +412,9 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         infos[label] = info
 
     where_data = f"{base}.data"
-    rows = load_rows(spec.data, where=where_data, cache_dir=ctx.cache_dir)
+    rows = load_rows(
+        spec.data, where=where_data, cache_dir=ctx.cache_dir, required=_needed(spec, metrics, infos)
+    )
     data: dict[str, Any] = {}
     if set(metrics) & (PERPLEXITY | MASKED):
         require_columns(rows, [spec.text_column], where_data)

@@ -21,8 +21,10 @@ is trained and saved with the adapter (``modules_to_save``), so the adapter relo
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -180,10 +182,12 @@ def _load_rows(
     spec: FinetuneSpec, ctx: StageContext, where: str
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
     columns = fd.required_columns(spec)
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=columns)
     require_columns(rows, columns, f"{where}.data")
     if spec.validation is not None:
-        val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
+        val = load_rows(
+            spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir, required=columns
+        )
         require_columns(val, columns, f"{where}.validation")
         fd.check_not_empty(val, name="validation", where=f"{where}.validation")
         return rows, val, True
@@ -430,6 +434,10 @@ def _save(
         assert source is not None  # LoRA needs a pretrained base ('from'); see FinetuneSpec
         model.peft_config["default"].base_model_name_or_path = source
         info: dict[str, Any] = {"base_model_name_or_path": source, "task": spec.task}
+        if Path(source).is_absolute():
+            # adapter_config.json names the base by absolute path (plain peft loads it from any
+            # cwd); this relative one lets mlsteps find it after the run directory moved.
+            info["base_model_relative"] = os.path.relpath(source, ctx.final_dir.absolute())
         if label2id is not None:
             info.update(num_labels=len(label2id), label2id=label2id,
                         id2label={str(i): label for label, i in label2id.items()})  # fmt: skip

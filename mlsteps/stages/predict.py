@@ -38,7 +38,9 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
             where=f"{where}.model",
             hint="predict needs a causal LM, a seq2seq model or a sequence classifier",
         )
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    # A null input is reported by its file line (a prompted model renders its own columns).
+    needed = [spec.input_column] if info.prompter is None else []
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=needed)
     if info.kind == "classification":
         return _classify(spec, ctx, info, rows, where)
     prompter = info.prompter
