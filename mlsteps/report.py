@@ -19,15 +19,17 @@ import yaml
 
 from mlsteps.report_plots import plot_comparison, plot_curves, read_metrics_log
 from mlsteps.report_text import describe_stage, headline, settings_line
-from mlsteps.rundir import atomic_write_text, read_json
+from mlsteps.rundir import atomic_write_text, read_json, read_state
 
 __all__ = [
-    "build_report", "is_ladder", "ladder_rows", "plot_curves", "print_report",
+    "build_report", "is_ladder", "ladder_rows", "load_run", "plot_curves", "print_report",
     "read_metrics_log", "write_report",
 ]  # fmt: skip
 
 # Keys that describe a number rather than being one; shown under the table, not as columns.
 _CONVENTION_SUFFIXES = ("_convention", "_signature", "_note", "_tokenizer")
+# ``key_error`` explains why ``key`` is null (a non-finite value); shown in key's cell.
+_ERROR_SUFFIX = "_error"
 # Direction of each ladder metric, to mark the best model per column.
 HIGHER_IS_BETTER = frozenset(
     {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "token_f1",
@@ -48,7 +50,17 @@ def _is_convention(key: str) -> bool:
     return key.endswith(_CONVENTION_SUFFIXES)
 
 
-def _fmt(value: Any) -> str:
+def _is_error_of(key: str, values: dict[str, Any]) -> bool:
+    return key.endswith(_ERROR_SUFFIX) and key[: -len(_ERROR_SUFFIX)] in values
+
+
+def _cell(values: dict[str, Any], key: str) -> str:
+    return _fmt(values.get(key, ""), values.get(key + _ERROR_SUFFIX))
+
+
+def _fmt(value: Any, error: Any = None) -> str:
+    if value is None and error:
+        return f"n/a: {error}"  # a non-finite metric, recorded as null with its reason
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, int):
@@ -96,6 +108,8 @@ def ladder_rows(
         for key, value in values.items():
             if _is_convention(key):
                 conventions.setdefault(key, {})[model] = value
+            elif _is_error_of(key, values):
+                continue
             elif key not in columns and key not in hide:
                 columns.append(key)
     notes: list[str] = []
@@ -106,8 +120,7 @@ def ladder_rows(
         else:
             notes += [f"{model}: {key} = {value}" for model, value in per_model.items()]
     rows = [
-        [model, *(_fmt(values.get(c, "")) for c in columns)]
-        for model, values in stage_metrics.items()
+        [model, *(_cell(values, c) for c in columns)] for model, values in stage_metrics.items()
     ]
     return ["model", *columns], rows, notes
 
@@ -158,7 +171,9 @@ def _summary(run_dir: Path, state: dict[str, Any], env: dict[str, Any]) -> list[
     ends = [t for s in stages.values() if (t := _parse_time(s.get("finished_at")))]
     total = sum(s.get("duration_s") or 0 for s in stages.values())
     when = f"{min(starts):%Y-%m-%d %H:%M:%S %Z}".strip() if starts else "not started"
-    span = f", {(max(ends) - min(starts)).total_seconds():.0f} s first start to last finish"
+    span = ""
+    if starts and ends:  # a run that has not finished a stage has no span yet
+        span = f", {(max(ends) - min(starts)).total_seconds():.0f} s first start to last finish"
     dev = device.get("name") or device.get("type", "unknown")
     if device.get("threads"):
         dev += f", {device['threads']} threads"
@@ -172,7 +187,7 @@ def _summary(run_dir: Path, state: dict[str, Any], env: dict[str, Any]) -> list[
         ("run directory", f"`{run_dir}`"),
         ("stages", f"{len(stages)} ({done} done)"),
         ("started", when),
-        ("time", f"{total:.1f} s in stages" + (span if starts and ends else "")),
+        ("time", f"{total:.1f} s in stages" + span),
         ("device", f"{dev} ({env.get('hostname', '?')}, {env.get('cpu_count', '?')} CPUs)"),
         ("versions", f"python {env.get('python')}, {versions}"),
         ("git", f"`{env['git_sha'][:12]}`" if env.get("git_sha") else "not a git checkout"),
@@ -201,12 +216,38 @@ def _links(run_dir: Path, name: str) -> list[str]:
     return links
 
 
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
+    """(state, metrics, recipe, stages left out) of a run, as the report shows them.
+
+    The stages are those of the current recipe (recipe.yaml), in its order; stages recorded in
+    state.json but no longer in the recipe are left out (their names are returned). A done
+    stage missing from metrics.json (deleted, lost) is filled in from its own record.
+    """
+    from mlsteps import stagedirs
+
+    state = read_state(run_dir) or {"stages": {}}
+    hint = "delete it: `mlsteps run` rebuilds it from the stages' own records"
+    metrics = read_json(run_dir / "metrics.json", {}, hint=hint) or {}
+    if not isinstance(metrics, dict):
+        metrics = {}
+    recipe = _load_recipe(run_dir)
+    recorded: dict[str, Any] = state["stages"]
+    specs = recipe.get("stages")
+    order = list(specs) if isinstance(specs, dict) and specs else list(recorded)
+    state = {**state, "stages": {n: recorded[n] for n in order if n in recorded}}
+    for name, entry in state["stages"].items():
+        rec = stagedirs.read_record(run_dir / name)
+        if name not in metrics and entry.get("status") == "done" and rec:
+            if rec["fingerprint"] == entry.get("fingerprint"):
+                metrics[name] = rec["metrics"]
+    metrics = {n: metrics[n] for n in state["stages"] if n in metrics}
+    return state, metrics, recipe, [n for n in recorded if n not in state["stages"]]
+
+
 def build_report(run_dir: Path, *, plots: bool = True) -> str:
     """Render report.md's text from the run directory's files."""
-    state = read_json(run_dir / "state.json", {}) or {}
-    metrics = read_json(run_dir / "metrics.json", {}) or {}
+    state, metrics, recipe, dropped = load_run(run_dir)
     env = read_json(run_dir / "env.json", {}) or {}
-    recipe = _load_recipe(run_dir)
     specs: dict[str, Any] = recipe.get("stages") or {}
     stages: dict[str, Any] = state.get("stages", {})
     out = [f"# mlsteps run: {state.get('name', run_dir.name)}", ""]
@@ -221,6 +262,12 @@ def build_report(run_dir: Path, *, plots: bool = True) -> str:
             f"{_fmt(s.get('duration_s'))} | {result} |"
         )
     out.append("")
+    if dropped:
+        out += [
+            "Not in the current recipe (results kept in their folders): "
+            + ", ".join(f"`{n}`" for n in dropped),
+            "",
+        ]
     for name, ladder in _ladders(metrics).items():
         out += [f"## Stage ladder ({name})", ""]
         data = specs.get(name, {}).get("data")
@@ -274,7 +321,7 @@ def _stage_section(
         out += [f"One row per model: see [the stage ladder](#stage-ladder-{name}).", ""]
         out += _ladder_md(name, m)
     elif isinstance(m, dict) and m:
-        values = [[k, _fmt(v)] for k, v in m.items() if not _is_convention(k)]
+        values = [[k, _cell(m, k)] for k in m if not _is_convention(k) and not _is_error_of(k, m)]
         out += [_md_table(["metric", "value"], values), ""]
         conventions = [f"- {k}: `{v}`" for k, v in m.items() if _is_convention(k)]
         out += conventions + ([""] if conventions else [])
@@ -311,10 +358,9 @@ def print_report(run_dir: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    state = read_json(run_dir / "state.json", {}) or {}
-    metrics = read_json(run_dir / "metrics.json", {}) or {}
+    state, metrics, recipe, _ = load_run(run_dir)
     env = read_json(run_dir / "env.json", {}) or {}
-    specs: dict[str, Any] = _load_recipe(run_dir).get("stages") or {}
+    specs: dict[str, Any] = recipe.get("stages") or {}
     for label, value in _summary(run_dir, state, env):
         if label not in ("recipe", "run directory"):
             console.print(f"[dim]{label}:[/dim] {value.replace('`', '')}", highlight=False)
