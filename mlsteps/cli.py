@@ -336,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - map every error onto an exit code
         if _is_usage_error(exc):
             exc.show()  # type: ignore[attr-defined]
+            if "--json" in args:
+                message = exc.format_message()  # type: ignore[attr-defined]
+                usage = {"message": message, "where": None, "hint": "see --help"}
+                _emit({"error": {**usage, "exit_code": EXIT_USAGE}, "exit_code": EXIT_USAGE})
             sys.exit(EXIT_USAGE)
         if debug:
             traceback.print_exc()

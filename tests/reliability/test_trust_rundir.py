@@ -374,6 +374,8 @@ def test_json_commands_print_a_json_error_when_they_fail(tmp_path: Path, recipe:
     res = run(recipe, run_dir, "--json")
     error = json.loads(res.out)["error"]
     assert res.code == 2 and error["where"] == str(run_dir / "state.json")
+    res = cli("run", recipe, "--json", "--from")  # a usage error (click's own)
+    assert res.code == 2 and json.loads(res.out)["error"]["exit_code"] == 2
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
