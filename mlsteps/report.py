@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
+from mlsteps.report_data import failed_attempt, load_run
 from mlsteps.report_plots import plot_comparison, plot_curves, read_metrics_log
 from mlsteps.report_text import describe_stage, headline, settings_line
-from mlsteps.rundir import atomic_write_text, read_json, read_state
+from mlsteps.rundir import atomic_write_text, read_json
 
 __all__ = [
     "build_report", "is_ladder", "ladder_rows", "load_run", "plot_curves", "print_report",
@@ -146,14 +147,6 @@ def _md_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int
     return "\n".join(lines)
 
 
-def _load_recipe(run_dir: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _parse_time(text: Any) -> datetime | None:
     try:
         return datetime.fromisoformat(str(text))
@@ -214,34 +207,6 @@ def _links(run_dir: Path, name: str) -> list[str]:
     links += [f"[{p.name}]({name}/{p.name})" for p in sorted(stage_dir.glob("predictions*.jsonl"))]
     links += [f"[{f}]({name}/{f})" for f in _EXTRA_FILES if (stage_dir / f).exists()]
     return links
-
-
-def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
-    """(state, metrics, recipe, stages left out) of a run, as the report shows them.
-
-    The stages are those of the current recipe (recipe.yaml), in its order; stages recorded in
-    state.json but no longer in the recipe are left out (their names are returned). A done
-    stage missing from metrics.json (deleted, lost) is filled in from its own record.
-    """
-    from mlsteps import stagedirs
-
-    state = read_state(run_dir) or {"stages": {}}
-    hint = "delete it: `mlsteps run` rebuilds it from the stages' own records"
-    metrics = read_json(run_dir / "metrics.json", {}, hint=hint) or {}
-    if not isinstance(metrics, dict):
-        metrics = {}
-    recipe = _load_recipe(run_dir)
-    recorded: dict[str, Any] = state["stages"]
-    specs = recipe.get("stages")
-    order = list(specs) if isinstance(specs, dict) and specs else list(recorded)
-    state = {**state, "stages": {n: recorded[n] for n in order if n in recorded}}
-    for name, entry in state["stages"].items():
-        rec = stagedirs.read_record(run_dir / name)
-        if name not in metrics and entry.get("status") == "done" and rec:
-            if rec["fingerprint"] == entry.get("fingerprint"):
-                metrics[name] = rec["metrics"]
-    metrics = {n: metrics[n] for n in state["stages"] if n in metrics}
-    return state, metrics, recipe, [n for n in recorded if n not in state["stages"]]
 
 
 def build_report(run_dir: Path, *, plots: bool = True) -> str:
@@ -312,6 +277,9 @@ def _stage_section(
         out[-2] += f", {s['duration_s']:.1f} s"
     if s.get("error"):
         out += [f"> error: {s['error']}", ""]
+    failed = failed_attempt(run_dir, name)
+    if failed:
+        out += [f"> {failed}", ""]
     if spec:
         out += [describe_stage(spec), ""]
         body = yaml.safe_dump({name: _prune(spec)}, sort_keys=False, allow_unicode=True).rstrip()
@@ -381,6 +349,10 @@ def print_report(run_dir: Path) -> None:
             f"[dim]{escape(what)}[/dim]" + (f"\n{escape(result)}" if result else ""),
         )
     console.print(table)
+    for name in state.get("stages", {}):
+        failed = failed_attempt(run_dir, name)
+        if failed:
+            console.print(f"[yellow]{escape(name)}: {escape(failed)}[/yellow]", highlight=False)
     for name, ladder in _ladders(metrics).items():
         header, rows, notes = ladder_rows(ladder, hide=_TERMINAL_HIDDEN)
         bold = best_cells(ladder, header)

@@ -162,6 +162,8 @@ def test_a_failed_rerun_of_a_changed_stage_keeps_the_last_good_results(
     after = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(".pre.next/")}
     assert after == before  # final/, stage records, state.json, metrics.json, report.md, recipe
     assert "previous results in pre/" in res.err
+    shown = cli("report", run_dir)  # what is kept, and that the re-run did not take
+    assert shown.code == 0 and "pre: a re-run failed" in shown.out.replace("\n", " ")
     # Fixed: the re-run completes and replaces the old results in one swap.
     fake_stages.BEHAVIOUR.clear()
     res = run(recipe, run_dir, "stages.pre.train.lr=0.5")
