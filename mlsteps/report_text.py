@@ -26,6 +26,8 @@ def ladder_value(column: str, value: Any) -> Any:
 
 
 def _num(value: Any) -> str:
+    if value is None:
+        return "n/a"  # a metric that was not a finite number (its reason is in metrics.json)
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
@@ -192,10 +194,11 @@ def headline(kind: Any, m: Any) -> str:
     if kind == "tokenizer":
         parts.append(f"vocab {_num(m.get('vocab_size'))}")
         if "chars_per_token" in m:
-            parts.append(f"{m['chars_per_token']:.2f} chars/token")
+            parts.append(f"{_num(m['chars_per_token'])} chars/token")
     if "initial_val_perplexity" in m and "val_perplexity" in m:
         before, after = m["initial_val_perplexity"], m["val_perplexity"]
-        factor = f" ({before / after:,.0f}x lower)" if after else ""
+        numbers = all(isinstance(v, int | float) for v in (before, after))
+        factor = f" ({before / after:,.0f}x lower)" if numbers and after else ""
         parts.append(f"val perplexity {_num(before)} -> {_num(after)}{factor}")
     elif "val_perplexity" in m:
         parts.append(f"val perplexity {_num(m['val_perplexity'])}")

@@ -382,10 +382,13 @@ def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
 def _needed(spec: EvalSpec, metrics: list[str], infos: dict[str, Any]) -> list[str]:
     """Columns every row must have a value in (a null is reported by its file line)."""
     needed = [spec.text_column] if set(metrics) & (PERPLEXITY | MASKED) else []
-    if set(metrics) & (GENERATION | LABELS) and not all(i.prompter for i in infos.values()):
+    prompted = all(i.prompter for i in infos.values())
+    if set(metrics) & (GENERATION | LABELS | RESPONSE) and not prompted:
         needed.append(spec.input_column)
-    if set(metrics) & GENERATION:
-        needed.append(spec.reference_column)
+    if set(metrics) & (GENERATION | RESPONSE):
+        # Several reference columns: an empty cell is skipped per row, so none is required.
+        if isinstance(spec.reference_column, str):
+            needed.append(spec.reference_column)
     if set(metrics) & LABELS:
         needed.append(spec.label_column)
     return needed

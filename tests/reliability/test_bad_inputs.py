@@ -260,7 +260,7 @@ RUNTIME_CASES = [
          append="  bad:\n    kind: prompt\n    method: zero_shot\n    from: tok\n    template: '{source} ='\n"),
     Case("template-unknown-column", 2, ("stages.bad", "nope"),
          append="  bad:\n    kind: prompt\n    method: few_shot\n    from: pre\n    data: {builtin: toy/translate, max_samples: 8}\n    template: '{nope} ='\n"),
-    Case("corrupt-state-json", 2, ("state.json", "corrupt", "delete it"),
+    Case("corrupt-state-json", 2, ("state.json", "corrupt", "nothing was changed"),
          append="  bad:\n    kind: tokenizer\n    data: {builtin: toy/corpus, max_samples: 50}\n    vocab_size: 300\n"),
 ]  # fmt: skip
 
