@@ -93,7 +93,9 @@ def check_template_text(value: str) -> None:
     try:
         jinja2.Environment().parse(value)
     except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(f"chat_template is not valid Jinja: {exc.message} (line {exc.lineno})")
+        raise ValueError(
+            f"chat_template is not valid Jinja: {exc.message} (line {exc.lineno})"
+        ) from None
 
 
 def set_template(tokenizer: Any, chat_template: str | None, *, where: str) -> None:

@@ -20,6 +20,7 @@ METRICS = (
     "f1",
     "exact_match",
     "token_f1",
+    "preference_accuracy",
 )
 
 
@@ -81,6 +82,15 @@ class EvalSpec(Strict):
         description="Reference column (string, or list of strings for several references).",
     )
     label_column: str = Field("label", description="Gold label column for accuracy/F1.")
+    prompt_column: str = Field(
+        "prompt",
+        description="preference_accuracy: prompt column (text, or a conversation rendered with "
+        "the model's chat template).",
+    )
+    chosen_column: str = Field("chosen", description="preference_accuracy: preferred answer.")
+    rejected_column: str = Field(
+        "rejected", description="preference_accuracy: dispreferred answer."
+    )
     target_lang: str | None = Field(
         None,
         description="Language of references (e.g. 'en', 'de', 'zh'); picks metric tokenisation.",
@@ -101,6 +111,12 @@ class EvalSpec(Strict):
             if name not in METRICS:
                 hint = did_you_mean(name, METRICS) or f"choose from {', '.join(METRICS)}"
                 raise ValueError(f"unknown metric '{name}' at metrics.{i}; {hint}")
+        # A changed value, not a set field: the resolved recipe.yaml writes every default.
+        pair_columns = ("prompt_column", "chosen_column", "rejected_column")
+        fields = type(self).model_fields
+        unused = [c for c in pair_columns if getattr(self, c) != fields[c].default]
+        if unused and "preference_accuracy" not in self.metrics:
+            raise ValueError(f"'{unused[0]}' only applies to the metric preference_accuracy")
         return self
 
 

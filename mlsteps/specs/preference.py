@@ -82,9 +82,7 @@ class PreferenceSpec(Strict):
     chosen_column: str = Field(
         "chosen", description="dpo/orpo/simpo: the preferred answer (text or assistant turns)."
     )
-    rejected_column: str = Field(
-        "rejected", description="dpo/orpo/simpo: the dispreferred answer."
-    )
+    rejected_column: str = Field("rejected", description="dpo/orpo/simpo: the dispreferred answer.")
     completion_column: str = Field("completion", description="kto: the answer column.")
     label_column: str = Field(
         "label", description="kto: true (desirable) or false (undesirable) per row."
@@ -158,7 +156,8 @@ class PreferenceSpec(Strict):
         pair_cols = ("chosen_column", "rejected_column")
         unused = pair_cols if method == "kto" else kto_cols
         for name in unused:
-            if name in self.model_fields_set:
+            # A changed value, not a set field: the resolved recipe.yaml writes every default.
+            if getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(f"'{name}' does not apply to method {method}")
         return self
 

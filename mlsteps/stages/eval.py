@@ -42,8 +42,9 @@ PERPLEXITY = frozenset({"perplexity"})
 MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
 GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
 LABELS = frozenset({"accuracy", "f1"})
+PREFERENCE = frozenset({"preference_accuracy"})
 FITS: dict[str, frozenset[str]] = {
-    "clm": PERPLEXITY | GENERATION,
+    "clm": PERPLEXITY | GENERATION | PREFERENCE,
     "seq2seq": GENERATION,
     "mlm": MASKED,
     "classification": LABELS,
@@ -197,6 +198,8 @@ def _score_model(
             where=where,
         )
         out.update(pseudo_perplexity=res.perplexity, pseudo_perplexity_convention=res.convention)
+    if "preference_accuracy" in metrics:
+        out.update(_preference(spec, loaded, data["pairs"], where))
     records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
     gen = [m for m in metrics if m in GENERATION]
     if gen:
@@ -239,6 +242,28 @@ def _score_model(
             rec.setdefault("input", src)
             rec.update(predicted_label=pred, label=g)
     return out, records if (gen or labels_wanted) else []
+
+
+def _preference(spec: EvalSpec, loaded: Any, pairs: list[list[Any]], where: str) -> dict[str, Any]:
+    """preference_accuracy (and its length-normalised variant) of a causal LM on the pairs;
+    under torchrun each rank scores a share of the pairs."""
+    from mlsteps.metrics.perplexity import config_max_positions
+    from mlsteps.metrics.preference import pair_hits, summarize
+
+    def score(idx: list[int]) -> list[tuple[bool, bool]]:
+        return pair_hits(
+            loaded.model, loaded.tokenizer, *[[col[i] for i in idx] for col in pairs],
+            batch_size=spec.generation.batch_size,
+            max_positions=config_max_positions(loaded.model.config), where=where,
+        )  # fmt: skip
+
+    res = summarize(map_sharded(score, list(range(len(pairs[0])))), where=where)
+    return {
+        "preference_accuracy": res.accuracy,
+        "preference_accuracy_normalized": res.accuracy_normalized,
+        "preference_pairs": res.pairs,
+        "preference_accuracy_convention": res.convention,
+    }
 
 
 def generate_for(
@@ -375,6 +400,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     if set(metrics) & LABELS:
         require_columns(rows, [spec.label_column], where_data)
         data["labels"] = _require_labels(rows, spec.label_column, where_data)
+    if "preference_accuracy" in metrics:
+        pair_columns = [spec.prompt_column, spec.chosen_column, spec.rejected_column]
+        require_columns(rows, pair_columns, where_data)
+        data["pairs"] = [list(rows[c]) for c in pair_columns]
     if set(metrics) & (GENERATION | LABELS):
         # Only these render prompts; perplexity scores text_column as is, prompted model or not.
         for info in infos.values():

@@ -63,6 +63,8 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     train_rows, conversational = to_trl_rows(train_rows, spec, where=f"{where}.data")
     if val_rows is not None:
         val_rows, _ = to_trl_rows(val_rows, spec, where=f"{where}.validation")
+    if spec.method == "kto":
+        train_rows = train_rows.shuffle(seed=ctx.seed, keep_in_memory=True)
 
     set_seed(ctx.seed)  # same seed, same LoRA init: a resumed run rebuilds the model it left
     loaded = load_for_inference(source, trust_remote_code=spec.trust_remote_code, where=where)
@@ -183,6 +185,9 @@ def _trainer(spec: PreferenceSpec) -> tuple[Any, Any, dict[str, Any]]:
     if spec.method == "kto":
         from trl import KTOConfig, KTOTrainer
 
+        # KTO's KL term pairs each row with its batch neighbours: TRL needs a fixed order (the
+        # rows are shuffled once, with the recipe seed, in run()).
+        common["train_sampling_strategy"] = "sequential"
         return KTOTrainer, KTOConfig, common
     if spec.method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
