@@ -46,8 +46,10 @@ class FinetuneSpec(Strict):
     REF_FIELDS: ClassVar[tuple[str, ...]] = ("from_", "tokenizer")
 
     kind: Literal["finetune"] = Field(..., description="Stage kind.")
-    task: Literal["classification", "seq2seq", "causal_lm"] = Field(
-        ..., description="classification, seq2seq (translation/summarization) or causal_lm (SFT)."
+    task: Literal["classification", "seq2seq", "causal_lm", "chat"] = Field(
+        ...,
+        description="classification, seq2seq (translation/summarization), causal_lm (SFT) or "
+        "chat (SFT on conversations through a chat template, loss on assistant turns).",
     )
     from_: str | None = Field(
         None,
@@ -95,7 +97,20 @@ class FinetuneSpec(Strict):
         "'Translate: {source}\\nAnswer: '. The response (+ EOS) is appended; trailing spaces "
         "move to the response side; list-valued columns are joined with spaces.",
     )
-    packing: bool = Field(False, description="causal_lm: pack several examples into one sequence.")
+    messages_column: str = Field(
+        "messages",
+        description="chat: the conversation column, a list of {role, content} turns (ShareGPT "
+        "{from, value} accepted).",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="chat: a Jinja chat template or a builtin name (chatml); default the "
+        "template already in the tokenizer. Saved into final/'s tokenizer, so "
+        "apply_chat_template, pipelines, vLLM and lm-eval reproduce the training prompts.",
+    )
+    packing: bool = Field(
+        False, description="causal_lm/chat: pack several examples into one sequence."
+    )
     max_seq_len: PositiveInt = Field(
         256,
         description="Truncation length (classification, causal_lm); if left unset it shrinks "
@@ -153,4 +168,12 @@ class FinetuneSpec(Strict):
                 )
         if self.merge and self.method != "lora":
             raise ValueError("'merge' only applies to method: lora")
+        if self.task != "chat" and self.chat_template is not None:
+            raise ValueError("'chat_template' only applies to task chat")
+        if self.task != "chat" and self.messages_column != "messages":
+            raise ValueError("'messages_column' only applies to task chat")
+        if self.chat_template is not None:
+            from mlsteps.engine.chat_data import check_template_text
+
+            check_template_text(self.chat_template)
         return self
