@@ -133,3 +133,31 @@ def template_ids(
     special tokens: the template writes its own)."""
     text = render(tokenizer, messages, generation_prompt=generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def split_last_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
+    """(the turns before a final assistant turn, its text); (all turns, None) without one."""
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def generation_input(tokenizer: Any, value: Any, *, where: str, row: int, column: str) -> str:
+    """What a chat model is given to answer: text stays as is; a conversation is rendered by the
+    tokenizer's template up to (without) its final assistant turn, with the generation prompt."""
+    if not is_conversation(value):
+        return str(value)
+    messages = normalize_messages(value, where=where, row=row, column=column)
+    set_template(tokenizer, None, where=where)  # fails clearly when the model has no template
+    prompt, _ = split_last_answer(messages)
+    return render(tokenizer, prompt, generation_prompt=True)
+
+
+def reference_of(value: Any) -> Any:
+    """A reference cell: a conversation gives the text of its final assistant turn."""
+    if is_conversation(value):
+        last = value[-1]
+        role = _SHAREGPT_ROLES.get(str(last.get("role", last.get("from"))), "")
+        if role == "assistant":
+            return last.get("content", last.get("value"))
+    return value

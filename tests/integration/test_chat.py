@@ -55,6 +55,21 @@ stages:
     models: [chat, dpo]
     data: {files: [PAIRS]}
     metrics: [preference_accuracy]
+  ev_chat:
+    kind: eval
+    models: [chat]
+    data: {builtin: toy/chat, split: test, max_samples: 4}
+    input_column: messages       # rendered with the model's template, up to the last answer
+    reference_column: messages   # the text of the last assistant turn
+    metrics: [bleu]
+    generation: {max_new_tokens: 6}
+  pred:
+    kind: predict
+    model: chat
+    data: {builtin: toy/chat, split: test, max_samples: 3}
+    input_column: messages
+    reference_column: messages
+    generation: {max_new_tokens: 6}
 """
 
 SYSTEM = {"role": "system", "content": "You translate English into the Toy language."}
@@ -174,6 +189,30 @@ def test_preference_on_conversations(run_dir: Path) -> None:
     )
     mean_chosen = sum(s[0] for s in scores) / len(scores)
     assert mean_chosen == pytest.approx(start["val_logps_chosen"], rel=1e-5)
+
+
+def test_eval_and_predict_render_conversations(run_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from mlsteps.builtin import load_builtin
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "chat" / "final")
+    rows = load_builtin("toy/chat", "test")[:4]
+    records = [
+        json.loads(x) for x in (run_dir / "ev_chat" / "predictions.jsonl").read_text().splitlines()
+    ]
+    for rec, row in zip(records, rows, strict=True):
+        expected = tok.apply_chat_template(
+            row["messages"][:-1], add_generation_prompt=True, tokenize=False
+        )
+        assert rec["input"] == expected
+        assert rec["reference"] == row["messages"][-1]["content"]
+    assert read_json(run_dir / "metrics.json")["ev_chat"]["chat"]["bleu"] >= 0
+    preds = [
+        json.loads(x) for x in (run_dir / "pred" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert [p["reference"] for p in preds] == [r["messages"][-1]["content"] for r in rows[:3]]
+    assert all("<|im_end|>" not in p["prediction"] for p in preds)
 
 
 def test_sharegpt_and_bad_conversations() -> None:
