@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from mlsteps.builtin.alignment import Deriver, chat_rows, kto_rows, preference_rows
+from mlsteps.builtin.alignment import (
+    Deriver,
+    chat_preference_rows,
+    chat_rows,
+    kto_rows,
+    preference_rows,
+)
 from mlsteps.builtin.classify import sentiment_rows, topic_rows
 from mlsteps.builtin.lang import translation_pair
 from mlsteps.builtin.tasks import Row, corpus_rows, distinct, qa_rows, summarize_rows
@@ -153,6 +159,15 @@ _SPECS: dict[str, _Spec] = {
         None,
         parent="toy/translate",
         derive=preference_rows,
+    ),
+    "toy/chat_preference": _Spec(
+        "Preference pairs as whole conversations (user turn + correct or corrupted assistant "
+        "answer) without a prompt column, like trl-lib/ultrafeedback_binarized.",
+        ("chosen", "rejected"),
+        (4000, 200, 200),
+        None,
+        parent="toy/translate",
+        derive=chat_preference_rows,
     ),
     "toy/kto": _Spec(
         "Unpaired feedback for toy/translate (KTO): 'prompt', 'completion', 'label' (true = "

@@ -11,13 +11,17 @@ sentence of the translation task never reaches the training split of a chat or p
   ``chosen`` (the correct translation), ``rejected`` (a plausible corruption of it), plus the
   ``source``/``target`` pair so one eval data set gives both BLEU and preference accuracy, and
   ``corruption`` naming how ``rejected`` was made.
+- ``toy/chat_preference``: whole conversations ``chosen``/``rejected`` (the same user turn, then
+  the correct or a corrupted assistant answer) and no prompt column, as in
+  ``trl-lib/ultrafeedback_binarized``.
 - ``toy/kto``: unpaired ``prompt``/``completion``/``label`` (``True`` = desirable): each sentence
   once, alternately with its correct and a corrupted translation.
 
-Corruptions (each keeps the sentence plausible: real words of the language, a final period):
-``wrong_word`` replaces one word by another word of the same lexicon; ``wrong_order`` swaps
-two neighbouring words (the SOV order or noun-adjective order breaks); ``truncated`` drops the
-last 1-3 words (usually the verb, which comes last).
+Corruptions keep the sentence fluent, so only the English source tells it is wrong:
+``wrong_word`` replaces one word by another of the same class and form (a plural noun by
+another plural noun, a past verb by another past verb, a determiner by another determiner);
+``wrong_order`` swaps two words of one class (subject and object noun, two adjectives), else two
+neighbours; ``truncated`` drops the last 1-2 words (the final verb goes first).
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from mlsteps.builtin.lang import LEXICON
+from mlsteps.builtin.lang import (
+    ADJECTIVES,
+    ADVERBS,
+    DETERMINERS,
+    LEXICON,
+    NOUNS,
+    PREPOSITIONS,
+    VERBS,
+)
+from mlsteps.builtin.lang import _plural as plural
 
 AlignRow = dict[str, Any]
 PROMPT_TEMPLATE = "English: {source}\nToy: "
@@ -34,8 +47,33 @@ CHAT_REQUEST = "Translate into Toy: {source}"
 CHAT_SYSTEM = "You translate English into the Toy language."
 CORRUPTIONS = ("wrong_word", "wrong_order", "truncated")
 
-# Target words sorted, so the choice of a replacement never depends on dict/set order.
-_TARGET_WORDS = sorted(set(LEXICON.values()))
+
+
+def _word_classes() -> dict[str, str]:
+    """Target word -> its class and form (noun_sg, noun_pl, verb_pres, verb_past, adj, ...)."""
+    classes: dict[str, str] = {}
+    for det in DETERMINERS:
+        classes[LEXICON[det]] = "det"
+    for prep in PREPOSITIONS:
+        classes[LEXICON[prep]] = "prep"
+    for adj in ADJECTIVES:
+        classes[LEXICON[adj]] = "adj"
+    for adv in ADVERBS:
+        classes[LEXICON[adv]] = "adv"
+    for noun in NOUNS:
+        classes[LEXICON[noun]] = "noun_sg"
+        classes[LEXICON[plural(noun)]] = "noun_pl"
+    for base, third, past in VERBS.values():
+        classes[LEXICON[base]] = classes[LEXICON[third]] = "verb_pres"
+        classes[LEXICON[past]] = "verb_past"
+    return classes
+
+
+WORD_CLASS = _word_classes()
+# Words of each class, sorted: the choice never depends on dict or set order.
+_BY_CLASS: dict[str, list[str]] = {}
+for _word, _cls in sorted(WORD_CLASS.items()):
+    _BY_CLASS.setdefault(_cls, []).append(_word)
 
 
 def _words(sentence: str) -> list[str]:
@@ -49,19 +87,25 @@ def _sentence(words: list[str]) -> str:
 
 
 def corrupt(target: str, kind: str, rng: random.Random) -> str:
-    """A plausible wrong translation: ``kind`` is one of ``CORRUPTIONS``; never equal to
+    """A fluent wrong translation: ``kind`` is one of ``CORRUPTIONS``; never equal to
     ``target``."""
     words = _words(target)
     if kind == "wrong_word":
-        i = rng.randrange(len(words))
-        words[i] = rng.choice([w for w in _TARGET_WORDS if w != words[i]])
+        options = [i for i, w in enumerate(words) if len(_BY_CLASS[WORD_CLASS[w]]) > 1]
+        i = rng.choice(options)
+        words[i] = rng.choice([w for w in _BY_CLASS[WORD_CLASS[words[i]]] if w != words[i]])
     elif kind == "wrong_order":
-        pairs = [i for i in range(len(words) - 1) if words[i] != words[i + 1]]
-        i = rng.choice(pairs)
-        words[i], words[i + 1] = words[i + 1], words[i]
+        same = [
+            (i, j)
+            for i in range(len(words))
+            for j in range(i + 1, len(words))
+            if WORD_CLASS[words[i]] == WORD_CLASS[words[j]] and words[i] != words[j]
+        ]
+        pairs = same or [(i, i + 1) for i in range(len(words) - 1) if words[i] != words[i + 1]]
+        i, j = rng.choice(pairs)
+        words[i], words[j] = words[j], words[i]
     elif kind == "truncated":
-        cut = rng.randint(1, min(3, len(words) - 2))
-        words = words[:-cut]
+        words = words[: -rng.randint(1, min(2, len(words) - 2))]
     else:
         raise ValueError(f"unknown corruption {kind!r}")
     out = _sentence(words)
@@ -82,6 +126,22 @@ def preference_rows(rows: list[AlignRow], rng: random.Random) -> list[AlignRow]:
                 "source": row["source"],
                 "target": row["target"],
                 "corruption": kind,
+            }
+        )
+    return out
+
+
+def chat_preference_rows(rows: list[AlignRow], rng: random.Random) -> list[AlignRow]:
+    """Whole conversations ``chosen``/``rejected`` (user turn + assistant turn), no prompt
+    column: the layout of trl-lib/ultrafeedback_binarized."""
+    out = []
+    for row in rows:
+        user = {"role": "user", "content": CHAT_REQUEST.format(source=row["source"])}
+        bad = corrupt(row["target"], rng.choice(CORRUPTIONS), rng)
+        out.append(
+            {
+                "chosen": [user, {"role": "assistant", "content": row["target"]}],
+                "rejected": [user, {"role": "assistant", "content": bad}],
             }
         )
     return out

@@ -161,3 +161,14 @@ def reference_of(value: Any) -> Any:
         if role == "assistant":
             return last.get("content", last.get("value"))
     return value
+
+
+def split_pair(
+    chosen: list[dict[str, str]], rejected: list[dict[str, str]]
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    """Whole conversations (the format of trl-lib/ultrafeedback_binarized: no prompt column)
+    -> (their shared turns = the prompt, chosen's remaining turns, rejected's remaining turns)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]

@@ -269,6 +269,23 @@ def _score_model(
     return out, records if (gen or labels_wanted) else []
 
 
+def _pairs(spec: EvalSpec, rows: Any, where: str) -> list[list[Any]]:
+    """[prompts, chosen, rejected]; whole conversations without a prompt column are split at
+    their last shared turn (the trl-lib/ultrafeedback_binarized layout)."""
+    from mlsteps.engine.chat_data import is_conversation, split_pair
+    from mlsteps.engine.data import require_columns
+
+    answers = [spec.chosen_column, spec.rejected_column]
+    require_columns(rows, answers, where)
+    if spec.prompt_column in rows.column_names or not (
+        rows.num_rows and is_conversation(rows[0][spec.chosen_column])
+    ):
+        require_columns(rows, [spec.prompt_column], where)
+        return [list(rows[c]) for c in [spec.prompt_column, *answers]]
+    split = [split_pair(c, r) for c, r in zip(*(rows[c] for c in answers), strict=True)]
+    return [[s[k] for s in split] for k in range(3)]
+
+
 def _preference(spec: EvalSpec, loaded: Any, pairs: list[list[Any]], where: str) -> dict[str, Any]:
     """preference_accuracy (and its length-normalised variant) of a causal LM on the pairs;
     under torchrun each rank scores a share of the pairs."""
@@ -426,9 +443,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         require_columns(rows, [spec.label_column], where_data)
         data["labels"] = _require_labels(rows, spec.label_column, where_data)
     if "preference_accuracy" in metrics:
-        pair_columns = [spec.prompt_column, spec.chosen_column, spec.rejected_column]
-        require_columns(rows, pair_columns, where_data)
-        data["pairs"] = [list(rows[c]) for c in pair_columns]
+        data["pairs"] = _pairs(spec, rows, where_data)
     if set(metrics) & (GENERATION | LABELS):
         # Only these render prompts; perplexity scores text_column as is, prompted model or not.
         for info in infos.values():

@@ -207,22 +207,35 @@ def _trainer(spec: PreferenceSpec) -> tuple[Any, Any, dict[str, Any]]:
 def _load_rows(
     spec: PreferenceSpec, ctx: StageContext, where: str
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    columns = _columns(spec)
     rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
-    require_columns(rows, columns, f"{where}.data")
+    require_columns(rows, _columns(spec, rows), f"{where}.data")
     if spec.validation is not None:
         val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
-        require_columns(val, columns, f"{where}.validation")
+        require_columns(val, _columns(spec, val), f"{where}.validation")
         return rows, val
     return split_validation(
         rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
     )
 
 
-def _columns(spec: PreferenceSpec) -> list[str]:
+def _columns(spec: PreferenceSpec, rows: datasets.Dataset) -> list[str]:
     if spec.method == "kto":
         return [spec.prompt_column, spec.completion_column, spec.label_column]
-    return [spec.prompt_column, spec.chosen_column, spec.rejected_column]
+    pair = [spec.chosen_column, spec.rejected_column]
+    if _implicit_prompt(spec, rows):
+        return pair  # whole conversations: the prompt is their shared turns
+    return [spec.prompt_column, *pair]
+
+
+def _implicit_prompt(spec: PreferenceSpec, rows: datasets.Dataset) -> bool:
+    """Pairs of whole conversations without a prompt column (trl-lib/ultrafeedback_binarized)."""
+    return (
+        spec.method != "kto"
+        and spec.prompt_column not in rows.column_names
+        and spec.chosen_column in rows.column_names
+        and len(rows) > 0
+        and chat_data.is_conversation(rows[0][spec.chosen_column])
+    )
 
 
 def to_trl_rows(
@@ -232,6 +245,8 @@ def to_trl_rows(
     bad cell. Conversational when the first prompt is a conversation; then every prompt must be."""
     if len(rows) == 0:
         raise UserError("no rows", where=where, hint="check the data source and its slices")
+    if _implicit_prompt(spec, rows):
+        return _split_conversations(rows, spec, where=where), True
     kto = spec.method == "kto"
     answer_cols = [spec.completion_column] if kto else [spec.chosen_column, spec.rejected_column]
     trl_answers = ["completion"] if kto else ["chosen", "rejected"]
@@ -261,6 +276,28 @@ def to_trl_rows(
         if kto:
             out["label"].append(_label(row[spec.label_column], spec.label_column, i, where))
     return datasets.Dataset.from_dict(out), conversational
+
+
+def _split_conversations(rows: datasets.Dataset, spec: PreferenceSpec, *, where: str) -> Any:
+    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": []}
+    for i, row in enumerate(rows):
+        good, bad = (
+            chat_data.normalize_messages(row[col], where=where, row=i, column=col)
+            for col in (spec.chosen_column, spec.rejected_column)
+        )
+        prompt, good, bad = chat_data.split_pair(good, bad)
+        if not prompt or not good or not bad:
+            raise UserError(
+                f"row {i}: columns '{spec.chosen_column}' and '{spec.rejected_column}' share no "
+                "opening turns, so there is no prompt to find",
+                where=where,
+                hint=f"give a '{spec.prompt_column}' column, or conversations that differ only "
+                "in the final answer",
+            )
+        out["prompt"].append(prompt)
+        out["chosen"].append(good)
+        out["rejected"].append(bad)
+    return datasets.Dataset.from_dict(out)
 
 
 def _text(value: Any, column: str, row: int, where: str) -> str:

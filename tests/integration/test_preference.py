@@ -318,3 +318,80 @@ def test_bad_kto_label_is_a_user_error(tmp_path: Path, reference: Path) -> None:
     with pytest.raises(UserError, match="column 'label' row 1 is 'maybe', expected true or false"):
         preference.run(spec, ctx)
     assert not ctx.final_dir.exists()
+
+
+# ---------------------------------------------------------------- builtin alignment data
+
+
+def test_builtin_alignment_sets_follow_the_translate_splits() -> None:
+    """Each split derives from the same split of toy/translate (no test sentence leaks into
+    training), rows in the same order, deterministic, with fluent corruptions."""
+    from mlsteps.builtin import SPLITS, list_builtin, load_builtin
+    from mlsteps.builtin.alignment import WORD_CLASS
+
+    infos = {i.name: i for i in list_builtin()}
+    for name in ("toy/chat", "toy/preference", "toy/chat_preference", "toy/kto"):
+        assert infos[name].split_sizes == infos["toy/translate"].split_sizes
+    for split in SPLITS:
+        source = load_builtin("toy/translate", split)
+        pref = load_builtin("toy/preference", split)
+        assert pref == load_builtin("toy/preference", split)
+        assert [r["source"] for r in pref] == [r["source"] for r in source]
+        for row in pref:
+            assert row["chosen"] == row["target"] != row["rejected"]
+            assert row["prompt"] == f"English: {row['source']}\nToy: "
+            good, bad = (
+                row["chosen"].rstrip(".").lower().split(),
+                row["rejected"].rstrip(".").lower().split(),
+            )
+            assert all(w in WORD_CLASS for w in bad), "only words of the language"
+            if row["corruption"] == "wrong_word":
+                diff = [(a, b) for a, b in zip(good, bad, strict=True) if a != b]
+                assert len(diff) == 1 and WORD_CLASS[diff[0][0]] == WORD_CLASS[diff[0][1]]
+            elif row["corruption"] == "wrong_order":
+                assert sorted(good) == sorted(bad)
+            else:
+                assert good[: len(bad)] == bad and 1 <= len(good) - len(bad) <= 2
+        chat = load_builtin("toy/chat", split)
+        for row, src in zip(chat, source, strict=True):
+            turns = [m for m in row["messages"] if m["role"] != "system"]
+            assert [m["role"] for m in turns] in (
+                ["user", "assistant"] * 1,
+                ["user", "assistant"] * 2,
+            )
+            assert turns[1]["content"] == src["target"]
+        conv = load_builtin("toy/chat_preference", split)
+        for row, p in zip(conv, pref, strict=True):
+            assert row["chosen"][0] == row["rejected"][0] and row["chosen"][0]["role"] == "user"
+            assert row["chosen"][1]["content"] == p["chosen"]
+        kto = load_builtin("toy/kto", split)
+        assert [r["label"] for r in kto[:4]] == [True, False, True, False]
+    kinds = {r["corruption"] for r in load_builtin("toy/preference", "test")}
+    assert kinds == {"wrong_word", "wrong_order", "truncated"}
+
+
+def test_whole_conversation_pairs_get_their_shared_turns_as_prompt() -> None:
+    import datasets
+
+    from mlsteps.builtin import load_builtin
+    from mlsteps.specs.preference import PreferenceSpec
+    from mlsteps.stages.preference import to_trl_rows
+
+    rows = load_builtin("toy/chat_preference", "validation")[:3]
+    spec = PreferenceSpec.model_validate(
+        {"kind": "preference", "method": "dpo", "from": "x", "data": "builtin:toy/chat_preference"}
+    )
+    out, conversational = to_trl_rows(datasets.Dataset.from_list(rows), spec, where="w")
+    assert conversational
+    assert out[0]["prompt"] == [rows[0]["chosen"][0]]
+    assert out[0]["chosen"] == [rows[0]["chosen"][1]] and out[0]["rejected"] == [
+        rows[0]["rejected"][1]
+    ]
+    same = [
+        {
+            "chosen": [{"role": "user", "content": "a"}],
+            "rejected": [{"role": "user", "content": "b"}],
+        }
+    ]
+    with pytest.raises(UserError, match="share no opening turns"):
+        to_trl_rows(datasets.Dataset.from_list(same), spec, where="w")

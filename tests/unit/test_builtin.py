@@ -20,9 +20,9 @@ from mlsteps.builtin.lang import LEXICON, VERBS
 from mlsteps.builtin.tasks import SUMMARY_GLUE
 from mlsteps.errors import UserError
 
-# The alignment sets (toy/chat, toy/preference, toy/kto) derive from toy/translate and hold
+# The alignment sets (toy/chat, toy/preference, toy/chat_preference, toy/kto) derive from toy/translate and hold
 # conversations and booleans: tests/integration/test_chat.py and test_preference.py cover them.
-ALIGNMENT = {"toy/chat", "toy/preference", "toy/kto"}
+ALIGNMENT = {"toy/chat", "toy/preference", "toy/chat_preference", "toy/kto"}
 NAMES = [info.name for info in list_builtin() if info.name not in ALIGNMENT]
 # The column whose value identifies a row: two splits must never share one.
 KEY = {
