@@ -82,9 +82,7 @@ def run_mlsteps(base: Path, steps: int, batch: int, workdir: Path) -> dict[str, 
                       "log_every_steps": 10, "save_every_steps": 100000, "precision": "fp32"},
         }
     )  # fmt: skip
-    ctx = StageContext(
-        run_dir=workdir / "run", stage="pref", kind="preference", seed=0, quiet=True
-    )
+    ctx = StageContext(run_dir=workdir / "run", stage="pref", kind="preference", seed=0, quiet=True)
     result = preference.run(spec, ctx)
     return {"tokens_per_s": float(result.metrics["tokens_per_s"]), "peak_mb": _peak_mb()}
 

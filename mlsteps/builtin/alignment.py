@@ -48,7 +48,6 @@ CHAT_SYSTEM = "You translate English into the Toy language."
 CORRUPTIONS = ("wrong_word", "wrong_order", "truncated")
 
 
-
 def _word_classes() -> dict[str, str]:
     """Target word -> its class and form (noun_sg, noun_pl, verb_pres, verb_past, adj, ...)."""
     classes: dict[str, str] = {}

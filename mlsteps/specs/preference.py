@@ -97,6 +97,12 @@ class PreferenceSpec(Strict):
         description=f"dpo only: a DPOTrainer loss type ({', '.join(DPO_LOSSES)}); default "
         "sigmoid (the DPO paper).",
     )
+    sft_weight: FiniteNonNegative | None = Field(
+        None,
+        description="dpo only: add TRL's 'sft' loss (the NLL of the chosen answer) with this "
+        "weight next to the preference loss (RPO, Pang et al. 2024); keeps the likelihood of "
+        "good answers from falling while their margin grows.",
+    )
     simpo_gamma: FiniteNonNegative | None = Field(
         None, description="simpo only: target reward margin (default 0.5)."
     )
@@ -142,6 +148,8 @@ class PreferenceSpec(Strict):
 
                 hint = did_you_mean(self.loss_type, DPO_LOSSES) or f"one of {', '.join(DPO_LOSSES)}"
                 raise ValueError(f"unknown dpo loss_type '{self.loss_type}'; {hint}")
+        if self.sft_weight is not None and method != "dpo":
+            raise ValueError("'sft_weight' only applies to method dpo")
         if self.simpo_gamma is not None and method != "simpo":
             raise ValueError("'simpo_gamma' only applies to method simpo")
         if self.lora is not None and self.tuning != "lora":

@@ -180,6 +180,9 @@ def _trainer(spec: PreferenceSpec) -> tuple[Any, Any, dict[str, Any]]:
         from trl import DPOConfig, DPOTrainer
 
         common["loss_type"] = [spec.loss_type or "sigmoid"]
+        if spec.sft_weight is not None:
+            common["loss_type"].append("sft")
+            common["loss_weights"] = [1.0, spec.sft_weight]
         common["precompute_ref_log_probs"] = False
         return DPOTrainer, DPOConfig, common
     if spec.method == "kto":

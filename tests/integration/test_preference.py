@@ -206,7 +206,7 @@ def test_rerun_skips_a_finished_preference_stage(
         ("orpo", {}),
         ("simpo", {"simpo_gamma": 0.3}),
         ("kto", {"data": {"builtin": "toy/kto", "max_samples": 16}}),
-        ("dpo", {"tuning": "lora", "loss_type": "ipo"}),
+        ("dpo", {"tuning": "lora", "loss_type": "ipo", "sft_weight": 0.5}),
     ],
 )
 def test_other_methods_train_and_save(
@@ -264,6 +264,8 @@ BASE = {"kind": "preference", "from": "gpt2", "data": "builtin:toy/preference"}
         ({"method": "kto", "loss_type": "ipo"}, "only applies to method dpo"),
         ({"method": "dpo", "loss_type": "sigmoidd"}, "did you mean 'sigmoid'"),
         ({"method": "dpo", "simpo_gamma": 0.5}, "only applies to method simpo"),
+        ({"method": "orpo", "sft_weight": 1.0}, "only applies to method dpo"),
+        ({"method": "dpo", "sft_weight": -1.0}, "sft_weight"),
         ({"method": "dpo", "beta": True}, "beta"),
         ({"method": "dpo", "beta": float("inf")}, "beta"),
         ({"method": "dpo", "beta": 0}, "beta"),
