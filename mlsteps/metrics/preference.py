@@ -81,6 +81,8 @@ def _answer_logprobs(
         mask[i, : len(ids)] = 1
     with torch.no_grad():
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+    # A soft-prompt (peft prompt-learning) model puts its virtual tokens first: keep the real ones.
+    logits = logits[:, -width:]
     logp = torch.log_softmax(logits.double(), dim=-1)
     out = []
     for i, (ids, start) in enumerate(cut):
@@ -177,3 +179,45 @@ def preference_accuracy(
         batch_size=batch_size, max_positions=max_positions, where=where,
     )  # fmt: skip
     return summarize(hits, where=where)
+
+
+def pairs_from_rows(
+    rows: Any, prompt_column: str, chosen_column: str, rejected_column: str, *, where: str
+) -> list[list[Any]]:
+    """[prompts, chosen, rejected] of an eval data set; whole conversations without a prompt
+    column are split at their last shared turn (the trl-lib/ultrafeedback_binarized layout)."""
+    from mlsteps.engine.data import require_columns
+
+    answers = [chosen_column, rejected_column]
+    require_columns(rows, answers, where)
+    if prompt_column in rows.column_names or not (
+        rows.num_rows and chat_data.is_conversation(rows[0][chosen_column])
+    ):
+        require_columns(rows, [prompt_column], where)
+        return [list(rows[c]) for c in [prompt_column, *answers]]
+    split = [chat_data.split_pair(c, r) for c, r in zip(*(rows[c] for c in answers), strict=True)]
+    return [[s[k] for s in split] for k in range(3)]
+
+
+def ladder_scores(
+    loaded: Any, pairs: list[list[Any]], batch_size: int, where: str
+) -> dict[str, Any]:
+    """preference_accuracy (and its length-normalised variant) of a loaded causal LM for the
+    eval stage's ladder; under torchrun each rank scores a share of the pairs."""
+    from mlsteps.distributed import map_sharded
+    from mlsteps.metrics.perplexity import config_max_positions
+
+    def score(idx: list[int]) -> list[tuple[bool, bool]]:
+        return pair_hits(
+            loaded.model, loaded.tokenizer, *[[col[i] for i in idx] for col in pairs],
+            batch_size=batch_size, max_positions=config_max_positions(loaded.model.config),
+            where=where,
+        )  # fmt: skip
+
+    res = summarize(map_sharded(score, list(range(len(pairs[0])))), where=where)
+    return {
+        "preference_accuracy": res.accuracy,
+        "preference_accuracy_normalized": res.accuracy_normalized,
+        "preference_pairs": res.pairs,
+        "preference_accuracy_convention": res.convention,
+    }

@@ -224,7 +224,9 @@ def _score_model(
         )
         out.update(pseudo_perplexity=res.perplexity, pseudo_perplexity_convention=res.convention)
     if "preference_accuracy" in metrics:
-        out.update(_preference(spec, loaded, data["pairs"], where))
+        from mlsteps.metrics.preference import ladder_scores
+
+        out.update(ladder_scores(loaded, data["pairs"], spec.generation.batch_size, where))
     records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
     gen = [m for m in metrics if m in GENERATION]
     if gen:
@@ -267,45 +269,6 @@ def _score_model(
             rec.setdefault("input", src)
             rec.update(predicted_label=pred, label=g)
     return out, records if (gen or labels_wanted) else []
-
-
-def _pairs(spec: EvalSpec, rows: Any, where: str) -> list[list[Any]]:
-    """[prompts, chosen, rejected]; whole conversations without a prompt column are split at
-    their last shared turn (the trl-lib/ultrafeedback_binarized layout)."""
-    from mlsteps.engine.chat_data import is_conversation, split_pair
-    from mlsteps.engine.data import require_columns
-
-    answers = [spec.chosen_column, spec.rejected_column]
-    require_columns(rows, answers, where)
-    if spec.prompt_column in rows.column_names or not (
-        rows.num_rows and is_conversation(rows[0][spec.chosen_column])
-    ):
-        require_columns(rows, [spec.prompt_column], where)
-        return [list(rows[c]) for c in [spec.prompt_column, *answers]]
-    split = [split_pair(c, r) for c, r in zip(*(rows[c] for c in answers), strict=True)]
-    return [[s[k] for s in split] for k in range(3)]
-
-
-def _preference(spec: EvalSpec, loaded: Any, pairs: list[list[Any]], where: str) -> dict[str, Any]:
-    """preference_accuracy (and its length-normalised variant) of a causal LM on the pairs;
-    under torchrun each rank scores a share of the pairs."""
-    from mlsteps.metrics.perplexity import config_max_positions
-    from mlsteps.metrics.preference import pair_hits, summarize
-
-    def score(idx: list[int]) -> list[tuple[bool, bool]]:
-        return pair_hits(
-            loaded.model, loaded.tokenizer, *[[col[i] for i in idx] for col in pairs],
-            batch_size=spec.generation.batch_size,
-            max_positions=config_max_positions(loaded.model.config), where=where,
-        )  # fmt: skip
-
-    res = summarize(map_sharded(score, list(range(len(pairs[0])))), where=where)
-    return {
-        "preference_accuracy": res.accuracy,
-        "preference_accuracy_normalized": res.accuracy_normalized,
-        "preference_pairs": res.pairs,
-        "preference_accuracy_convention": res.convention,
-    }
 
 
 def generate_for(
@@ -443,7 +406,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         require_columns(rows, [spec.label_column], where_data)
         data["labels"] = _require_labels(rows, spec.label_column, where_data)
     if "preference_accuracy" in metrics:
-        data["pairs"] = _pairs(spec, rows, where_data)
+        from mlsteps.metrics.preference import pairs_from_rows
+
+        columns = (spec.prompt_column, spec.chosen_column, spec.rejected_column)
+        data["pairs"] = pairs_from_rows(rows, *columns, where=where_data)
     if set(metrics) & (GENERATION | LABELS):
         # Only these render prompts; perplexity scores text_column as is, prompted model or not.
         for info in infos.values():
