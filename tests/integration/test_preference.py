@@ -397,3 +397,32 @@ def test_whole_conversation_pairs_get_their_shared_turns_as_prompt() -> None:
     ]
     with pytest.raises(UserError, match="share no opening turns"):
         to_trl_rows(datasets.Dataset.from_list(same), spec, where="w")
+
+
+def test_nan_guard_stops_preference_training(tmp_path: Path, reference: Path) -> None:
+    """The NaN guard of engine.training applies to the TRL trainer: a non-finite loss stops
+    before the update, no checkpoint and no final/ are written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlsteps.context import StageContext
+    from mlsteps.errors import StageFailed
+    from mlsteps.specs.preference import PreferenceSpec
+    from mlsteps.stages import preference
+
+    src = reference / "sft" / "final"
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    bad = tmp_path / "nan-model"
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(src).save_pretrained(bad)
+    spec = PreferenceSpec.model_validate(
+        {"kind": "preference", "method": "dpo", "from": str(bad),
+         "data": {"builtin": "toy/preference", "max_samples": 8}, "validation_fraction": 0,
+         "max_seq_len": 128, "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32"}}
+    )  # fmt: skip
+    ctx = StageContext(run_dir=tmp_path, stage="p", kind="preference", seed=0, quiet=True)
+    with pytest.raises(StageFailed, match="training loss became nan at step 1"):
+        preference.run(spec, ctx)
+    assert not ctx.final_dir.exists()
+    assert not list(ctx.checkpoints_dir.glob("checkpoint-*"))
