@@ -9,6 +9,7 @@ transformers pipelines, vLLM and lm-eval --apply_chat_template feed it the train
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import pytest
 
 from mlsteps.errors import UserError
 from mlsteps.recipe import validate_recipe
-from tests.reliability.relkit import cli, read_json
+
+# The CLI runner and fault points of the reliability suite (as tests/unit/test_runner.py does).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from relkit import cli, read_json  # noqa: E402
 
 RECIPE = """\
 name: chat

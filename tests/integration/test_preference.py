@@ -8,6 +8,7 @@ own log-probabilities, the other methods, and the recipe checks.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import torch
 
 from mlsteps.errors import UserError
 from mlsteps.recipe import validate_recipe
-from tests.reliability.relkit import cli, copy_run, loss_curve, read_json, spawn
+
+# The CLI runner and fault points of the reliability suite (as tests/unit/test_runner.py does).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from relkit import cli, copy_run, loss_curve, read_json, spawn  # noqa: E402
 
 RECIPE = """\
 name: pref
