@@ -100,7 +100,33 @@ def plot_curves(stage_dir: Path, ylabel: str = "loss (nats)") -> list[str]:
         fig.savefig(stage_dir / "lr.png", dpi=100)
         plt.close(fig)
         written.append("lr.png")
+    written += _reward_curves(stage_dir, log)
     return written
+
+
+def _reward_curves(stage_dir: Path, log: list[dict[str, Any]]) -> list[str]:
+    """rewards.png for preference stages: reward margin and reward accuracy, train and val."""
+    keys = ("reward_margin", "reward_accuracy")
+    series = {k: (_series(log, k), _series(log, f"val_{k}")) for k in keys}
+    if not any(s[0] for pair in series.values() for s in pair):
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, keys, strict=True):
+        train, val = series[key]
+        if train[0]:
+            ax.plot(*train, label="train")
+        if val[0]:
+            ax.plot(*val, "o-", label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{stage_dir.name}: implicit reward (chosen - rejected)")
+    fig.tight_layout()
+    fig.savefig(stage_dir / "rewards.png", dpi=100)
+    plt.close(fig)
+    return ["rewards.png"]
 
 
 def plot_comparison(
