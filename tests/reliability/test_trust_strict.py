@@ -253,7 +253,7 @@ STRICT_CASES = [
          replace=((EV_GEN, EV_GEN + "    text_column: source\n"),)),
     Case("eval-target-lang-with-chrf-only", ("(stages.ev.target_lang)", "bleu, ter, rouge"),
          replace=((EV_GEN, EV_GEN + "    target_lang: de\n"),)),
-    Case("eval-generation-with-perplexity-only", ("(stages.ppl.generation)", "no generation or label metric"),
+    Case("eval-generation-with-perplexity-only", ("(stages.ppl.generation)", "no generation, label or preference metric"),
          replace=(("    metrics: [perplexity]\n", "    metrics: [perplexity]\n    generation: {num_beams: 2}\n"),)),
     Case("eval-stride-with-masked-only", ("(stages.ppl.perplexity.stride)", "only perplexity and response_perplexity"),
          replace=(("    metrics: [perplexity]\n", "    metrics: [pseudo_perplexity]\n    perplexity: {stride: 8}\n"),)),
