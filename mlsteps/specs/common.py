@@ -144,7 +144,8 @@ def unused_without_validation(spec: Any, names: tuple[str, ...] = ()) -> list[Un
         return []
     why = "there are no validation rows (no 'validation', validation_fraction 0)"
     found: list[Unused] = spec._unused(names, why)
-    found += [(f"train.{k}", w, f) for k, w, f in spec.train._unused(("eval_every_steps",), why)]
+    train_fields = ("eval_every_steps", "keep_best", "early_stopping")
+    found += [(f"train.{k}", w, f) for k, w, f in spec.train._unused(train_fields, why)]
     return found
 
 
@@ -309,6 +310,61 @@ def column_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "clearml", "dvclive"]
+
+
+def _tracker_missing(name: str) -> str | None:
+    """Why tracker ``name`` cannot log here (its package is missing), or None. No import."""
+    import importlib.util
+
+    modules = ("tensorboard", "tensorboardX") if name == "tensorboard" else (name,)
+    if any(importlib.util.find_spec(m) is not None for m in modules):
+        return None
+    return f"the {modules[0]} package is not installed"
+
+
+class KeepBestSpec(Strict):
+    """Which validation metric picks the best checkpoint."""
+
+    metric: str = Field(
+        "val_loss",
+        description="A validation metric as written to metrics.jsonl, e.g. val_loss, "
+        "val_perplexity, val_accuracy, val_bleu, val_<set>_loss for a named validation set.",
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None,
+        description="min: lower is better, max: higher is better; default min for names with "
+        "loss, perplexity, ter or bits_per_byte, else max.",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _is_validation_metric(cls, value: str) -> str:
+        if not value.startswith("val_"):
+            raise ValueError(
+                f"{value!r} is not a validation metric: give its val_ name, e.g. 'val_{value}'"
+            )
+        return value
+
+    def direction(self) -> Literal["min", "max"]:
+        """The mode, given or inferred from the metric's name."""
+        if self.mode is not None:
+            return self.mode
+        lower = ("loss", "perplexity", "ter", "bits_per_byte")
+        return "min" if any(w in self.metric for w in lower) else "max"
+
+
+class EarlyStoppingSpec(Strict):
+    """Stop training once the validation metric stops improving."""
+
+    patience: PositiveInt = Field(
+        3, description="Evaluations without an improvement larger than min_delta before stopping."
+    )
+    min_delta: NonNegativeFloat = Field(
+        0.0, description="The smallest change of the metric that counts as an improvement."
+    )
+
+
 class TrainSpec(Strict):
     """Optimisation settings passed to the transformers Trainer."""
 
@@ -349,11 +405,49 @@ class TrainSpec(Strict):
         True, description="Batch examples of similar length together (less padding)."
     )
     dataloader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes.")
+    # Experiment tracking, best checkpoint and early stopping (engine/trackers.py, engine/best.py).
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers the Trainer logs to, one run per stage named "
+        "'<recipe>/<stage>' with the stage config as hyperparameters: tensorboard (event files "
+        "in <stage>/tensorboard), mlflow (file:<stage>/mlruns unless MLFLOW_TRACKING_URI is "
+        "set), wandb, trackio, comet_ml, clearml, dvclive. Default none: nothing logs in or "
+        "reaches the network.",
+    )
+    keep_best: KeepBestSpec | None = Field(
+        None,
+        description="Keep the checkpoint with the best validation metric through rotation and "
+        "make final/ that model (metrics best_step, best_value). Needs validation and "
+        "eval_every_steps.",
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None,
+        description="Stop when the keep_best metric (else val_loss, lower is better) has not "
+        "improved for 'patience' evaluations. Needs validation and eval_every_steps.",
+    )
 
     def _ignored(self) -> list[Unused]:
         if self.max_steps is None:
             return []
         return self._unused(("epochs",), "max_steps is set and wins", "remove one of them")
+
+    def _invalid(self) -> list[Unused]:
+        out: list[Unused] = []
+        for i, name in enumerate(self.report_to):
+            missing = _tracker_missing(name)
+            if missing:
+                fix = "pip install 'mlsteps[trackers]' (tensorboard, mlflow) or remove it"
+                out.append((f"report_to.{i}", f"{name}: {missing}", fix))
+        for key in ("keep_best", "early_stopping"):
+            if getattr(self, key) is not None and self.eval_every_steps is None:
+                out.append(
+                    (
+                        key,
+                        "needs evaluations during training (only the end is evaluated)",
+                        "set train.eval_every_steps",
+                    )
+                )
+        return out
 
 
 class ArchSpec(Strict):
