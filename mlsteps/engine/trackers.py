@@ -43,13 +43,15 @@ def run_name(ctx: StageContext) -> str:
     return f"{name}/{ctx.stage}"
 
 
-def stage_params(ctx: StageContext) -> dict[str, str]:
-    """The resolved stage spec from recipe.yaml, flattened to ``a.b.c -> value`` strings."""
+def stage_params(ctx: StageContext, train: TrainSpec) -> dict[str, str]:
+    """The resolved stage spec from recipe.yaml (at least its ``train`` settings), flattened to
+    ``a.b.c -> value`` strings."""
+    spec: dict[str, Any] = {"train": train.model_dump(mode="json")}
     try:
         recipe = yaml.safe_load((ctx.run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-        spec = (recipe.get("stages") or {}).get(ctx.stage) or {}
+        spec.update((recipe.get("stages") or {}).get(ctx.stage) or {})
     except (OSError, yaml.YAMLError, AttributeError):
-        spec = {}
+        pass
     flat: dict[str, str] = {"seed": str(ctx.seed)}
 
     def walk(prefix: str, value: Any) -> None:
@@ -68,6 +70,7 @@ class Trackers:
 
     def __init__(self, spec: TrainSpec, ctx: StageContext):
         self.names = list(spec.report_to)
+        self.spec = spec
         self.ctx = ctx
         self.active = bool(self.names) and distributed.is_main()
         self._mlflow_started = False
@@ -90,6 +93,10 @@ class Trackers:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow 3 keeps its file store in maintenance mode behind this switch; its database
+            # store needs SQLAlchemy and alembic (mlflow-skinny has neither). A local file store
+            # is what an offline batch job needs; a server is one MLFLOW_TRACKING_URI away.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((self.ctx.stage_dir / MLFLOW_DIR).resolve().as_uri())
         saved = self._read_state().get("mlflow_run_id")
         run = None
@@ -101,7 +108,7 @@ class Trackers:
         if run is None:
             run = mlflow.start_run(run_name=run_name(self.ctx))
             # Started here, so the Trainer's callback logs into it and leaves ending it to us.
-            mlflow.log_params(stage_params(self.ctx))
+            mlflow.log_params(stage_params(self.ctx, self.spec))
         self._mlflow_started = True
         self._write_state({"mlflow_run_id": run.info.run_id})
 
@@ -119,18 +126,21 @@ class Trackers:
             if name == "TensorBoardCallback" and status == "FINISHED":
                 if callback.tb_writer is None:
                     callback._init_summary_writer(trainer.args)
-                step = int(metrics.get("global_step", 0))
-                for key, value in final.items():
-                    callback.tb_writer.add_scalar(key, value, step)
-                # The hparams plugin view: the stage spec next to its final metrics.
-                callback.tb_writer.add_hparams(stage_params(self.ctx), final, run_name=".")
+                # The hparams plugin view: the stage spec next to its final metrics (also
+                # written as scalars final/* at the last step).
+                callback.tb_writer.add_hparams(
+                    stage_params(self.ctx, self.spec),
+                    final,
+                    run_name=".",
+                    global_step=int(metrics.get("global_step", 0)),
+                )
             if name == "TensorBoardCallback" and callback.tb_writer is not None:
                 callback.tb_writer.close()
                 callback.tb_writer = None
             if name == "WandbCallback" and status == "FINISHED":
                 wandb = callback._wandb
                 if getattr(wandb, "run", None) is not None:
-                    wandb.config.update(stage_params(self.ctx), allow_val_change=True)
+                    wandb.config.update(stage_params(self.ctx, self.spec), allow_val_change=True)
                     wandb.run.summary.update(final)
         if self._mlflow_started:
             import mlflow
