@@ -8,6 +8,7 @@ imported inside the command bodies.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ app = typer.Typer(
     help="Multi-step language-model training from one YAML recipe: tokenizer, pretrain, "
     "finetune, prompt learning, eval and predict, each stage handing its model to the next.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (shell detected on use)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -39,11 +40,42 @@ OverridesArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mlsteps import __version__
+
+        print(f"mlsteps {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show tracebacks and the libraries' full messages."),
+    ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Use only local files and the hub cache (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, "
+            "TRANSFORMERS_OFFLINE).",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     _STATE["debug"] = debug
+    if debug:
+        os.environ["MLSTEPS_DEBUG"] = "1"  # engine.quiet keeps the libraries' messages
+    if offline:
+        from mlsteps.hub import set_offline
+
+        set_offline()
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -58,7 +90,12 @@ def run(
         Path | None, typer.Option(help="Run directory (default runs/<name>).")
     ] = None,
     from_stage: Annotated[
-        str | None, typer.Option("--from", help="Re-run this stage and everything after it.")
+        str | None,
+        typer.Option(
+            "--from-stage",
+            "--from",
+            help="Re-run this stage and everything after it (--from is the same option).",
+        ),
     ] = None,
     only: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
     force: Annotated[
@@ -94,6 +131,9 @@ def run(
         from mlsteps.distributed import LaunchOptions, launch
 
         check_data_files(spec)
+        from mlsteps.hub import check_hub_reachable
+
+        check_hub_reachable(spec)
         child = ["--debug"] if _STATE["debug"] else []
         child += ["run", str(recipe)]
         for flag, value in (("--run-dir", run_dir), ("--from", from_stage), ("--only", only)):
@@ -109,8 +149,10 @@ def run(
 
 def _execute(spec: Any, run_dir: Path | None, *, as_json: bool, **kwargs: Any) -> None:
     from mlsteps.distributed import is_main
+    from mlsteps.hub import check_hub_reachable
     from mlsteps.runner import run_recipe
 
+    check_hub_reachable(spec)  # seconds, not a minute of retries, when the hub is unreachable
     target = run_dir or Path("runs") / spec.name
     result = run_recipe(spec, target, **kwargs)
     if not is_main():
@@ -229,7 +271,13 @@ def _stage_command(kind: str, summary: str) -> None:
             Path | None, typer.Option(help="Run directory (default runs/<name>).")
         ] = None,
         source: Annotated[
-            str | None, typer.Option("--from", help="Model source: local directory or hub id.")
+            str | None,
+            typer.Option(
+                "--model",
+                "--from",
+                help="Model source: a local directory or hub id (--from is the same option; "
+                "in `run`, --from/--from-stage names a stage to re-run from).",
+            ),
         ] = None,
         data: Annotated[
             list[str] | None, typer.Option(help="Data file(s)/glob(s) or builtin:NAME.")
