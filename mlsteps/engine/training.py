@@ -368,7 +368,12 @@ def _run(
     )
     metrics.update(best_metrics)
     initial = next(
-        (r for r in writer.previous + writer.history if r.get("step") == 0 and "val_loss" in r), {}
+        (
+            r
+            for r in writer.previous + writer.history
+            if r.get("step") == 0 and any(k.startswith("val_") for k in r)
+        ),
+        {},
     )
     return TrainOutcome(
         initial_metrics={k: v for k, v in initial.items() if k.startswith("val_")},

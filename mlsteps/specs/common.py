@@ -16,7 +16,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    StringConstraints,
+    Tag,
     field_validator,
     model_validator,
 )
@@ -303,6 +306,42 @@ def _as_sources(value: Any) -> Any:
 # validation. Overrides still reach below a single source (``data.max_samples=5``): they apply
 # to the recipe text, before this runs.
 DataSources = Annotated[list[DataSpec], BeforeValidator(_as_sources), Field(min_length=1)]
+
+# Named validation sets (``validation: {web: a.txt, books: b.txt}``): each is evaluated on its
+# own and logged as val_<name>_<metric>. The name becomes part of metric names: keep it plain.
+SetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")]
+NamedValidation = Annotated[dict[SetName, DataSources], Field(min_length=1)]
+
+
+def _validation_form(value: Any) -> str:
+    """Named sets: a mapping whose keys are not DataSpec fields, nor near misses of one (a
+    misspelled 'filez' gets "unknown key, did you mean 'files'" rather than a set 'filez')."""
+    import difflib
+
+    if isinstance(value, dict):
+        fields = list(DataSpec.model_fields)
+        if not any(k in fields or difflib.get_close_matches(str(k), fields, 1, 0.8) for k in value):
+            return "form[named]"
+    return "form[one]"
+
+
+# A ``validation`` field: one source, a list evaluated together, or named sets. The
+# form is decided up front so that an error inside a named set is reported there (a plain union
+# would report the first form's complaint: "unknown key '<set name>'").
+ValidationSources = Annotated[
+    # Tags with brackets: error places leave them out like other pydantic internals.
+    Annotated[DataSources, Tag("form[one]")] | Annotated[NamedValidation, Tag("form[named]")],
+    Discriminator(_validation_form),
+]
+
+
+def validation_sets(value: Any) -> dict[str, list[DataSpec]]:
+    """A ``validation`` field as {set name: sources}; the single, unnamed form has the name ''."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    return {"": value if isinstance(value, list) else [value]}
 
 
 def column_list(value: str | list[str]) -> list[str]:
