@@ -266,7 +266,10 @@ def _stage_command(kind: str, summary: str) -> None:
         config: Annotated[
             Path | None, typer.Option("--config", help="Stage spec YAML file.")
         ] = None,
-        name: Annotated[str, typer.Option(help="Stage (and default run) name.")] = kind,
+        name: Annotated[
+            str,
+            typer.Option(help="Run name: the stage writes to runs/<name>/<command>/."),
+        ] = kind,
         run_dir: Annotated[
             Path | None, typer.Option(help="Run directory (default runs/<name>).")
         ] = None,
@@ -312,9 +315,10 @@ def _stage_command(kind: str, summary: str) -> None:
             )
         if data:
             stage["data"] = {"files": data} if not data[0].startswith("builtin:") else data[0]
-        raw = {"name": name, "seed": seed, "stages": {name: stage}}
+        # The stage is named by its kind, the run by --name: runs/<name>/<kind>/.
+        raw = {"name": name, "seed": seed, "stages": {kind: stage}}
         full = [
-            f"stages.{name}.{o}" if not o.startswith("~") else f"~stages.{name}.{o[1:]}"
+            f"stages.{kind}.{o}" if not o.startswith("~") else f"~stages.{kind}.{o[1:]}"
             for o in overrides or []
         ]
         raw = apply_overrides(raw, full)
@@ -324,10 +328,10 @@ def _stage_command(kind: str, summary: str) -> None:
             doc = LoadedYaml(
                 data=raw,
                 source=doc.source,
-                lines={f"stages.{name}.{k}": v for k, v in doc.lines.items()},
-                raw_scalars={f"stages.{name}.{k}": v for k, v in doc.raw_scalars.items()},
+                lines={f"stages.{kind}.{k}": v for k, v in doc.lines.items()},
+                raw_scalars={f"stages.{kind}.{k}": v for k, v in doc.raw_scalars.items()},
             )
-        spec = validate_recipe(raw, doc, source_name, full, override_prefix=f"stages.{name}.")
+        spec = validate_recipe(raw, doc, source_name, full, override_prefix=f"stages.{kind}.")
         _execute(spec, run_dir, as_json=as_json, force=force)
 
     command.__doc__ = f"{summary} (one-stage recipe; same code path as `run`)."

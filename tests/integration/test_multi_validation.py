@@ -48,7 +48,9 @@ def test_each_named_set_is_evaluated_and_logged(
 ) -> None:
     wiki = {"files": [str(DATA)], "rows": "100:110"}
     other = tmp_path / "other.txt"
-    other.write_text("".join(f"line {i} of a text that is not wikipedia at all\n" for i in range(20)))
+    other.write_text(
+        "".join(f"line {i} of a text that is not wikipedia at all\n" for i in range(20))
+    )
     validation = {"wiki": wiki, "other": str(other)}
     spec = _spec(tmp_path, validation, keep_best={"metric": "val_other_loss"})
     ctx = _ctx(tmp_path / "run", tok_dirs["clm"])

@@ -102,10 +102,11 @@ def test_library_noise_is_filtered_unless_debug() -> None:
         "log.warning('Token indices ... will result in indexing errors')\n"
         "log.warning('a real warning')\n"
     )
-    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLSTEPS_DEBUG"}  # in-process --debug
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "a real warning" in quiet.stderr
     assert "LOAD REPORT" not in quiet.stderr and "indexing errors" not in quiet.stderr
-    env = {**os.environ, "MLSTEPS_DEBUG": "1"}
+    env["MLSTEPS_DEBUG"] = "1"
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "LOAD REPORT" in loud.stderr and "indexing errors" in loud.stderr
 
@@ -124,3 +125,13 @@ def test_progress_prints_lines_when_stderr_is_not_a_terminal(
     assert len(lines) == 10
     assert lines[0].startswith("pt: step 10/100 (10%) loss 0.1000")
     assert lines[-1].startswith("pt: step 100/100 (100%)")
+
+
+def test_single_stage_command_writes_runs_name_stage(tmp_path: Path) -> None:
+    done = _mlsteps(
+        ["tokenizer", "--name", "exp", "--data", "builtin:toy/corpus", "vocab_size=300"],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs" / "exp" / "tokenizer" / "final" / "tokenizer.json").is_file()
+    assert not (tmp_path / "runs" / "exp" / "exp").exists()
