@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mlsteps.engine import checkpoints as ckpt
-from mlsteps.errors import StageInterrupted, UserError
+from mlsteps.errors import StageFailed, StageInterrupted, UserError
 from mlsteps.recipe import validate_recipe
 from mlsteps.specs.pretrain import PretrainSpec
 from tests.integration.test_training_resume import _ctx, _spec
@@ -147,3 +147,18 @@ def test_recipe_checks(train: str, validation: str, message: str) -> None:
     with pytest.raises(UserError) as err:
         validate_recipe(yaml.safe_load(_recipe(train, validation)))
     assert message in str(err.value) + str(err.value.hint)
+
+
+def test_a_damaged_best_checkpoint_is_refused_not_used(
+    tmp_path: Path,
+    tok_dirs: dict[str, Path],  # noqa: F811
+) -> None:
+    spec = _best_spec(keep_best={"metric": "val_loss", "mode": "max"})
+    with pytest.raises(StageInterrupted):
+        _run(spec, tmp_path / "c", tok_dirs["clm"], stop_at=5)
+    weights = tmp_path / "c" / "pretrain" / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(StageFailed, match="checkpoint-2 cannot be used"):
+        _run(spec, tmp_path / "c", tok_dirs["clm"])
+    assert not (tmp_path / "c" / "pretrain" / "final").exists()
