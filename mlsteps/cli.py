@@ -79,7 +79,10 @@ def _global(
 
 
 def _emit(result: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    """Strict JSON on stdout (a non-finite number becomes null with its reason next to it)."""
+    from mlsteps.rundir import finite_json
+
+    sys.stdout.write(json.dumps(finite_json(result), indent=2, default=str, allow_nan=False) + "\n")
 
 
 @app.command()
@@ -87,7 +90,7 @@ def run(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     run_dir: Annotated[
-        Path | None, typer.Option(help="Run directory (default runs/<name>).")
+        str | None, typer.Option(help="Run directory (default runs/<name>).")
     ] = None,
     from_stage: Annotated[
         str | None,
@@ -122,6 +125,7 @@ def run(
     from mlsteps.recipe import check_data_files, load_recipe
 
     _STATE["json"] = as_json
+    _run_dir_path(run_dir)  # an empty --run-dir is refused before the recipe is even read
     spec = load_recipe(recipe, overrides or [])
     from mlsteps.distributed import inside_launcher
 
@@ -147,13 +151,28 @@ def run(
     _execute(spec, run_dir, from_stage=from_stage, only=only, force=force, as_json=as_json)
 
 
-def _execute(spec: Any, run_dir: Path | None, *, as_json: bool, **kwargs: Any) -> None:
+def _run_dir_path(text: str | None) -> Path | None:
+    """--run-dir as a path; an empty one is an error (Path('') would be the current directory)."""
+    if text is None:
+        return None
+    if not text.strip():
+        from mlsteps.errors import UserError
+
+        raise UserError(
+            "--run-dir is empty",
+            hint="pass a directory (e.g. --run-dir runs/NAME), or leave the option out for "
+            "runs/<recipe name>",
+        )
+    return Path(text)
+
+
+def _execute(spec: Any, run_dir: str | None, *, as_json: bool, **kwargs: Any) -> None:
     from mlsteps.distributed import is_main
     from mlsteps.hub import check_hub_reachable
     from mlsteps.runner import run_recipe
 
     check_hub_reachable(spec)  # seconds, not a minute of retries, when the hub is unreachable
-    target = run_dir or Path("runs") / spec.name
+    target = _run_dir_path(run_dir) or Path("runs") / spec.name
     result = run_recipe(spec, target, **kwargs)
     if not is_main():
         return  # rank 0 reports for the whole run
@@ -196,17 +215,21 @@ def report(
 ) -> None:
     """Show a run's stages and metrics (rich tables); --json prints metrics.json."""
     from mlsteps.errors import UserError
-    from mlsteps.report import print_report, write_report
-    from mlsteps.rundir import read_json
+    from mlsteps.report import load_run, print_report, write_report
 
+    _STATE["json"] = as_json
     if not (run_dir / "state.json").exists():
         raise UserError(
             "not a run directory (no state.json)", where=str(run_dir), hint="pass runs/<name>"
         )
     if as_json:
-        _emit(read_json(run_dir / "metrics.json", {}) or {})
+        # metrics.json as the run has it, a lost stage's metrics filled in from its own record
+        _emit(load_run(run_dir)[1])
         return
-    write_report(run_dir)
+    try:
+        write_report(run_dir)
+    except OSError as exc:  # a read-only run directory can still be shown
+        print(f"warning: could not write report.md: {exc}", file=sys.stderr)
     print_report(run_dir)
 
 
@@ -271,7 +294,7 @@ def _stage_command(kind: str, summary: str) -> None:
             typer.Option(help="Run name: the stage writes to runs/<name>/<command>/."),
         ] = kind,
         run_dir: Annotated[
-            Path | None, typer.Option(help="Run directory (default runs/<name>).")
+            str | None, typer.Option(help="Run directory (default runs/<name>).")
         ] = None,
         source: Annotated[
             str | None,
@@ -295,6 +318,7 @@ def _stage_command(kind: str, summary: str) -> None:
         from mlsteps.yamlio import LoadedYaml, load_yaml_file
 
         _STATE["json"] = as_json
+        _run_dir_path(run_dir)
         stage: dict[str, Any] = {}
         source_name = f"mlsteps {kind}"
         doc = None
@@ -371,17 +395,25 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - map every error onto an exit code
         if _is_usage_error(exc):
             exc.show()  # type: ignore[attr-defined]
+            if "--json" in args:
+                message = exc.format_message()  # type: ignore[attr-defined]
+                usage = {"message": message, "where": None, "hint": "see --help"}
+                _emit({"error": {**usage, "exit_code": EXIT_USAGE}, "exit_code": EXIT_USAGE})
             sys.exit(EXIT_USAGE)
         if debug:
             traceback.print_exc()
+        error: dict[str, Any] = {"message": str(exc), "where": None, "hint": None}
         if isinstance(exc, MlstepsError):
             message, exit_code = str(exc), exc.exit_code
+            error.update(message=exc.message, where=exc.where, hint=exc.hint)
         else:
             message, exit_code = f"internal error: {type(exc).__name__}: {exc}", 1
             if not debug:
                 message += " (rerun with --debug for the traceback)"
+            error["message"] = message
         print(f"error: {message}", file=sys.stderr)
-        if _STATE["json"]:
-            _emit({"error": message, "exit_code": exit_code})
+        if _STATE["json"] or "--json" in args:
+            # Scripts parse stdout: a failure is a JSON object too, never silence.
+            _emit({"error": {**error, "exit_code": exit_code}, "exit_code": exit_code})
         sys.exit(exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -35,10 +35,15 @@ class StageContext:
     # write a resumable checkpoint and raise StageInterrupted.
     stop_event: threading.Event = field(default_factory=threading.Event)
     quiet: bool = False
+    # Where the stage writes, when not in run_dir/<stage>: a changed stage that has results is
+    # built aside (run_dir/.<stage>.next) and swapped in only once complete, so a failed re-run
+    # never costs the last good results. It is a sibling of run_dir/<stage> (same depth), so
+    # relative paths to other stages written into its files stay valid after the swap.
+    build_dir: Path | None = None
 
     @property
     def stage_dir(self) -> Path:
-        return self.run_dir / self.stage
+        return self.build_dir if self.build_dir is not None else self.run_dir / self.stage
 
     @property
     def final_dir(self) -> Path:
@@ -68,10 +73,11 @@ class StageContext:
         """Map a model/tokenizer reference to something `from_pretrained` accepts.
 
         An earlier stage name becomes its final/ directory, an existing local directory its
-        absolute path; anything else is passed through as a hub id.
+        absolute path; anything else is passed through as a hub id. Paths are absolute because
+        they get recorded (an adapter's base model): a relative one only works from one cwd.
         """
         if ref in self.upstream:
-            return str(self.upstream[ref])
+            return str(self.upstream[ref].absolute())
         path = Path(ref).expanduser()
         if path.is_dir():
             return str(path.resolve())

@@ -16,6 +16,7 @@ from mlsteps.recipe_errors import field_keys, format_error, short
 from mlsteps.specs import SPEC_BY_KIND, StageSpec
 from mlsteps.specs.common import SAFE_NAME_RE, STAGE_NAME_RE, DataSpec, Seed, Strict
 from mlsteps.specs.distributed import DistributedSpec
+from mlsteps.stage_kinds import check_kinds
 from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
 # Files at the top of a run directory; a stage directory of the same name would clobber them.
@@ -305,6 +306,7 @@ def validate_recipe(
         raise format_error(errors[0], doc, source, Recipe, overrides or [], given) from None
     check_references(recipe, doc)
     check_field_rules(recipe, raw, doc, source, override_prefix if overrides else None)
+    check_kinds(recipe, doc)
     return recipe
 
 

@@ -11,23 +11,34 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mlsteps.report_plots import plot_comparison, plot_curves, read_metrics_log
-from mlsteps.report_text import describe_stage, headline, settings_line
+from mlsteps.report_data import failed_attempt, load_run
+from mlsteps.report_plots import loss_label, plot_comparison, plot_curves, read_metrics_log
+from mlsteps.report_text import (
+    LADDER_SCALE_NOTE,
+    PERCENT_SCALED,
+    describe_stage,
+    headline,
+    ladder_value,
+    settings_line,
+)
 from mlsteps.rundir import atomic_write_text, read_json
 
 __all__ = [
-    "build_report", "is_ladder", "ladder_rows", "plot_curves", "print_report",
+    "build_report", "is_ladder", "ladder_rows", "load_run", "plot_curves", "print_report",
     "read_metrics_log", "write_report",
 ]  # fmt: skip
 
 # Keys that describe a number rather than being one; shown under the table, not as columns.
 _CONVENTION_SUFFIXES = ("_convention", "_signature", "_note", "_tokenizer")
+# ``key_error`` explains why ``key`` is null (a non-finite value); shown in key's cell.
+_ERROR_SUFFIX = "_error"
 # Direction of each ladder metric, to mark the best model per column.
 HIGHER_IS_BETTER = frozenset(
     {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "token_f1",
@@ -61,7 +72,18 @@ def _is_convention(key: str) -> bool:
     return key.endswith(_CONVENTION_SUFFIXES)
 
 
-def _fmt(value: Any) -> str:
+def _is_error_of(key: str, values: dict[str, Any]) -> bool:
+    return key.endswith(_ERROR_SUFFIX) and key[: -len(_ERROR_SUFFIX)] in values
+
+
+def _cell(values: dict[str, Any], key: str) -> str:
+    """A ladder cell: on the table's 0-100 scale, or why the metric has no number."""
+    return _fmt(ladder_value(key, values.get(key, "")), values.get(key + _ERROR_SUFFIX))
+
+
+def _fmt(value: Any, error: Any = None) -> str:
+    if value is None and error:
+        return f"n/a: {error}"  # a non-finite metric, recorded as null with its reason
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, int):
@@ -109,6 +131,8 @@ def ladder_rows(
         for key, value in values.items():
             if _is_convention(key):
                 conventions.setdefault(key, {})[model] = value
+            elif _is_error_of(key, values):
+                continue
             elif key not in columns and key not in hide:
                 columns.append(key)
     notes: list[str] = []
@@ -118,9 +142,10 @@ def ladder_rows(
             notes.append(f"{key} = {next(iter(per_model.values()))}")
         else:
             notes += [f"{model}: {key} = {value}" for model, value in per_model.items()]
+    if PERCENT_SCALED & set(columns):
+        notes.insert(0, LADDER_SCALE_NOTE)
     rows = [
-        [model, *(_fmt(values.get(c, "")) for c in columns)]
-        for model, values in stage_metrics.items()
+        [model, *(_cell(values, c) for c in columns)] for model, values in stage_metrics.items()
     ]
     return ["model", *columns], rows, notes
 
@@ -146,14 +171,6 @@ def _md_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int
     return "\n".join(lines)
 
 
-def _load_recipe(run_dir: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _parse_time(text: Any) -> datetime | None:
     try:
         return datetime.fromisoformat(str(text))
@@ -171,7 +188,9 @@ def _summary(run_dir: Path, state: dict[str, Any], env: dict[str, Any]) -> list[
     ends = [t for s in stages.values() if (t := _parse_time(s.get("finished_at")))]
     total = sum(s.get("duration_s") or 0 for s in stages.values())
     when = f"{min(starts):%Y-%m-%d %H:%M:%S %Z}".strip() if starts else "not started"
-    span = f", {(max(ends) - min(starts)).total_seconds():.0f} s first start to last finish"
+    span = ""
+    if starts and ends:  # a run that has not finished a stage has no span yet
+        span = f", {(max(ends) - min(starts)).total_seconds():.0f} s first start to last finish"
     dev = device.get("name") or device.get("type", "unknown")
     if device.get("threads"):
         dev += f", {device['threads']} threads"
@@ -185,7 +204,7 @@ def _summary(run_dir: Path, state: dict[str, Any], env: dict[str, Any]) -> list[
         ("run directory", f"`{run_dir}`"),
         ("stages", f"{len(stages)} ({done} done)"),
         ("started", when),
-        ("time", f"{total:.1f} s in stages" + (span if starts and ends else "")),
+        ("time", f"{total:.1f} s in stages" + span),
         ("device", f"{dev} ({env.get('hostname', '?')}, {env.get('cpu_count', '?')} CPUs)"),
         ("versions", f"python {env.get('python')}, {versions}"),
         ("git", f"`{env['git_sha'][:12]}`" if env.get("git_sha") else "not a git checkout"),
@@ -224,10 +243,8 @@ def _links(run_dir: Path, name: str) -> list[str]:
 
 def build_report(run_dir: Path, *, plots: bool = True) -> str:
     """Render report.md's text from the run directory's files."""
-    state = read_json(run_dir / "state.json", {}) or {}
-    metrics = read_json(run_dir / "metrics.json", {}) or {}
+    state, metrics, recipe, dropped = load_run(run_dir)
     env = read_json(run_dir / "env.json", {}) or {}
-    recipe = _load_recipe(run_dir)
     specs: dict[str, Any] = recipe.get("stages") or {}
     stages: dict[str, Any] = state.get("stages", {})
     out = [f"# mlsteps run: {state.get('name', run_dir.name)}", ""]
@@ -242,19 +259,31 @@ def build_report(run_dir: Path, *, plots: bool = True) -> str:
             f"{_fmt(s.get('duration_s'))} | {result} |"
         )
     out.append("")
+    if dropped:
+        out += [
+            "Not in the current recipe (results kept in their folders): "
+            + ", ".join(f"`{n}`" for n in dropped),
+            "",
+        ]
     for name, ladder in _ladders(metrics).items():
         out += [f"## Stage ladder ({name})", ""]
         data = specs.get(name, {}).get("data")
         out += [f"Every model scored on {settings_line('data', data)}; best value in bold.", ""]
         out += _ladder_md(name, ladder)
-    by_kind: dict[str, list[str]] = {}
+    # Stages are compared only when their losses are the same quantity (per token, per
+    # example, ...): a classifier's loss next to a translation fine-tune's means nothing.
+    groups: dict[tuple[str, str], list[str]] = {}
     for name, s in stages.items():
         if s.get("status") in ("done", "failed"):
-            by_kind.setdefault(str(s.get("kind")), []).append(name)
-    for kind, names in by_kind.items():
-        image = plot_comparison(run_dir, kind, names) if plots and len(names) > 1 else None
+            key = (str(s.get("kind")), loss_label(specs.get(name)))
+            groups.setdefault(key, []).append(name)
+    kinds = [kind for kind, _ in groups]
+    for (kind, label), names in groups.items():
+        tag = kind if kinds.count(kind) == 1 else f"{kind}_{re.sub(r'[^a-z]+', '_', label)}"
+        image = plot_comparison(run_dir, tag, names, label) if plots and len(names) > 1 else None
         if image:
-            out += [f"## {kind} stages compared", "", f"![{kind} loss curves]({image})", ""]
+            out += [f"## {kind} stages compared ({label})", "", f"![{kind} loss curves]({image})"]
+            out += [""]
     for name, s in stages.items():
         out += _stage_section(run_dir, name, s, specs.get(name), metrics.get(name), plots)
     out += ["## Files", ""]
@@ -286,6 +315,9 @@ def _stage_section(
         out[-2] += f", {s['duration_s']:.1f} s"
     if s.get("error"):
         out += [f"> error: {s['error']}", ""]
+    failed = failed_attempt(run_dir, name)
+    if failed:
+        out += [f"> {failed}", ""]
     if spec:
         out += [describe_stage(spec), ""]
         body = yaml.safe_dump({name: _prune(spec)}, sort_keys=False, allow_unicode=True).rstrip()
@@ -295,12 +327,13 @@ def _stage_section(
         out += [f"One row per model: see [the stage ladder](#stage-ladder-{name}).", ""]
         out += _ladder_md(name, m)
     elif isinstance(m, dict) and m:
-        values = [[k, _fmt(v)] for k, v in m.items() if not _is_convention(k)]
+        values = [[k, _cell(m, k)] for k in m if not _is_convention(k) and not _is_error_of(k, m)]
         out += [_md_table(["metric", "value"], values), ""]
         conventions = [f"- {k}: `{v}`" for k, v in m.items() if _is_convention(k)]
         out += conventions + ([""] if conventions else [])
     stage_dir = run_dir / name
-    images = plot_curves(stage_dir) if plots and s.get("status") in ("done", "failed") else []
+    done = plots and s.get("status") in ("done", "failed")
+    images = plot_curves(stage_dir, loss_label(spec)) if done else []
     for img in images:
         out += [f"![{name} {img}]({name}/{img})", ""]
     links = _links(run_dir, name)
@@ -332,10 +365,9 @@ def print_report(run_dir: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    state = read_json(run_dir / "state.json", {}) or {}
-    metrics = read_json(run_dir / "metrics.json", {}) or {}
+    state, metrics, recipe, _ = load_run(run_dir)
     env = read_json(run_dir / "env.json", {}) or {}
-    specs: dict[str, Any] = _load_recipe(run_dir).get("stages") or {}
+    specs: dict[str, Any] = recipe.get("stages") or {}
     for label, value in _summary(run_dir, state, env):
         if label not in ("recipe", "run directory"):
             console.print(f"[dim]{label}:[/dim] {value.replace('`', '')}", highlight=False)
@@ -356,6 +388,10 @@ def print_report(run_dir: Path) -> None:
             f"[dim]{escape(what)}[/dim]" + (f"\n{escape(result)}" if result else ""),
         )
     console.print(table)
+    for name in state.get("stages", {}):
+        failed = failed_attempt(run_dir, name)
+        if failed:
+            console.print(f"[yellow]{escape(name)}: {escape(failed)}[/yellow]", highlight=False)
     for name, ladder in _ladders(metrics).items():
         header, rows, notes = ladder_rows(ladder, hide=_TERMINAL_HIDDEN)
         bold = best_cells(ladder, header)
@@ -373,8 +409,8 @@ def print_report(run_dir: Path) -> None:
             )
         console.print(t)
         console.print(
-            "  [dim]best per column in bold green (ppl = perplexity, EM = exact match); "
-            "conventions in report.md[/dim]"
+            "  [dim]best per column in bold green (ppl = perplexity, EM = exact match); every "
+            "score on 0-100 (ROUGE/accuracy/F1/EM x100); conventions in report.md[/dim]"
         )
         for column in (c for c in PERPLEXITY_LEGEND if c in header):
             console.print(f"  [dim]{_TERMINAL_NAMES[column]} = {PERPLEXITY_LEGEND[column]}[/dim]")

@@ -36,6 +36,26 @@ def _series(log: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
     return steps, [points[s] for s in steps]
 
 
+def loss_label(spec: Any) -> str:
+    """The y-axis label of a training stage's loss: what the mean is taken over depends on the
+    stage (a classifier's loss is per example, not per token)."""
+    if not isinstance(spec, dict):
+        return "loss (nats)"
+    kind, task = spec.get("kind"), spec.get("task")
+    if kind == "pretrain":
+        return "loss (nats/masked token)" if spec.get("objective") == "mlm" else "loss (nats/token)"
+    if kind == "finetune" and task == "classification":
+        weighted = "class-weighted " if spec.get("class_weights") else ""
+        return f"{weighted}cross-entropy (nats/example)"
+    if kind == "finetune" and task == "seq2seq":
+        return "loss (nats/target token)"
+    if kind == "finetune":
+        return "loss (nats/response token)"
+    if kind == "prompt":
+        return "loss (nats/answer token)"
+    return "loss (nats)"
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -45,8 +65,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_curves(stage_dir: Path) -> list[str]:
-    """Write loss.png and lr.png for a training stage; returns the file names written."""
+def plot_curves(stage_dir: Path, ylabel: str = "loss (nats)") -> list[str]:
+    """Write loss.png and lr.png for a training stage; returns the file names written.
+    ``ylabel``: the loss axis label (:func:`loss_label` of the stage's spec)."""
     log = read_metrics_log(stage_dir / "metrics.jsonl")
     train, val, lr = _series(log, "loss"), _series(log, "val_loss"), _series(log, "lr")
     named = _named_val_losses(log)
@@ -62,7 +83,7 @@ def plot_curves(stage_dir: Path) -> list[str]:
     for set_name, series in named.items():
         ax.plot(*series, "o-", label=f"validation loss ({set_name})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{stage_dir.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -92,9 +113,12 @@ def _named_val_losses(log: list[dict[str, Any]]) -> dict[str, tuple[list[float],
     return {name: series for name, series in named.items() if series[0]}
 
 
-def plot_comparison(run_dir: Path, kind: str, names: list[str]) -> str | None:
-    """Overlay the loss curves of several stages of one kind (e.g. a fine-tune from a pretrained
-    model and the same fine-tune from scratch) in ``<run_dir>/compare_<kind>.png``."""
+def plot_comparison(
+    run_dir: Path, kind: str, names: list[str], ylabel: str = "loss (nats)"
+) -> str | None:
+    """Overlay the loss curves of several stages of one kind with the same loss (e.g. a
+    fine-tune from a pretrained model and the same fine-tune from scratch) in
+    ``<run_dir>/compare_<kind>.png``; the caller groups stages by :func:`loss_label`."""
     logs = {n: read_metrics_log(run_dir / n / "metrics.jsonl") for n in names}
     if sum(bool(_series(log, "loss")[0]) for log in logs.values()) < 2:
         return None
@@ -109,7 +133,7 @@ def plot_comparison(run_dir: Path, kind: str, names: list[str]) -> str | None:
         if steps:
             ax.plot(steps, values, "o--", color=color, label=f"{name} validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{kind} stages: loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

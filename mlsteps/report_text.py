@@ -6,8 +6,28 @@ from __future__ import annotations
 import math
 from typing import Any
 
+# Metrics stored on 0-1 (rouge-score, accuracy, F1, exact match; metrics.json keeps that scale)
+# are shown x100 in stage ladders, next to sacrebleu's 0-100 BLEU/chrF/TER: one scale per table.
+PERCENT_SCALED = frozenset(
+    {"rouge1", "rouge2", "rougeL", "rougeLsum", "accuracy", "f1", "macro_f1", "exact_match",
+     "token_f1"}
+)  # fmt: skip
+LADDER_SCALE_NOTE = (
+    "scale: every score is on 0-100 (BLEU, chrF, TER as sacrebleu reports them; ROUGE, "
+    "accuracy, F1, exact match and token F1 x100 here, stored on 0-1 in metrics.json)"
+)
+
+
+def ladder_value(column: str, value: Any) -> Any:
+    """A ladder cell's value on the table's 0-100 scale (see PERCENT_SCALED)."""
+    if column in PERCENT_SCALED and isinstance(value, int | float) and not isinstance(value, bool):
+        return 100.0 * value
+    return value
+
 
 def _num(value: Any) -> str:
+    if value is None:
+        return "n/a"  # a metric that was not a finite number (its reason is in metrics.json)
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
@@ -174,10 +194,11 @@ def headline(kind: Any, m: Any) -> str:
     if kind == "tokenizer":
         parts.append(f"vocab {_num(m.get('vocab_size'))}")
         if "chars_per_token" in m:
-            parts.append(f"{m['chars_per_token']:.2f} chars/token")
+            parts.append(f"{_num(m['chars_per_token'])} chars/token")
     if "initial_val_perplexity" in m and "val_perplexity" in m:
         before, after = m["initial_val_perplexity"], m["val_perplexity"]
-        factor = f" ({before / after:,.0f}x lower)" if after else ""
+        numbers = all(isinstance(v, int | float) for v in (before, after))
+        factor = f" ({before / after:,.0f}x lower)" if numbers and after else ""
         parts.append(f"val perplexity {_num(before)} -> {_num(after)}{factor}")
     elif "val_perplexity" in m:
         parts.append(f"val perplexity {_num(m['val_perplexity'])}")
@@ -186,6 +207,12 @@ def headline(kind: Any, m: Any) -> str:
             parts.append(f"{label} {_num(m[key])}")
     if kind in ("finetune", "prompt") and "val_loss" in m and len(parts) < 2:
         parts.append(f"val loss {_num(m['val_loss'])}")
+    if m.get("train_truncated_examples"):
+        share = m.get("train_truncated_share")
+        parts.append(
+            f"{_num(m['train_truncated_examples'])} training examples truncated"
+            + (f" ({share:.1%})" if isinstance(share, float) else "")
+        )
     if kind == "prompt" and m.get("num_demonstrations") and not m.get("trainable_params"):
         parts.append(
             f"{m['num_demonstrations']} demos, ~{_num(m.get('prompt_tokens_mean'))} tokens"

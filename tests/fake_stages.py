@@ -16,7 +16,7 @@ from mlsteps.context import StageContext, StageResult
 from mlsteps.errors import StageInterrupted, UserError
 
 CALLS: list[str] = []
-BEHAVIOUR: dict[str, str] = {}  # stage name -> "fail" | "user_error" | "wait_for_stop"
+BEHAVIOUR: dict[str, str] = {}  # stage -> "fail" | "user_error" | "wait_for_stop" | "nan" | ...
 
 
 def run(spec: Any, ctx: StageContext) -> StageResult:
@@ -37,6 +37,8 @@ def run(spec: Any, ctx: StageContext) -> StageResult:
         ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text(str(step))
         raise StageInterrupted(f"stopped at step {step}")
+    if mode == "nan":  # a model whose weights hold NaN scores NaN (and an overflow, inf)
+        return StageResult(metrics={"perplexity": float("nan"), "loss": float("inf"), "n": 3})
     if mode == "metrics_only":  # like eval: no final/, only metrics and a predictions file
         ctx.predictions_path.write_text('{"prediction": "x"}\n')
         return StageResult(

@@ -18,6 +18,16 @@ from typing import Any
 
 import datasets
 
+from mlsteps.engine.files import (
+    ROW_NUMBER,
+    check_header_row,
+    check_missing,
+    first_missing,
+    note_header_row,
+    require_regular_file,
+    wide_encoding,
+    wide_encoding_error,
+)
 from mlsteps.errors import UserError, did_you_mean, first_line
 from mlsteps.specs.common import DataSpec
 
@@ -43,6 +53,9 @@ def resolve_files(patterns: list[str], *, where: str) -> list[Path]:
             files.extend(Path(m) for m in matches)
             continue
         path = Path(expanded)
+        if path.is_symlink() or path.exists():
+            # Before anything opens it: a FIFO would block forever, a symlink loop crash later.
+            require_regular_file(path, where=where, dir_ok=True)
         if path.is_dir():
             raise UserError(
                 f"{pattern!r} is a directory",
@@ -91,6 +104,9 @@ def check_text_file(path: Path, *, where: str) -> None:
     try:
         with _open_bytes(path) as handle:
             while chunk := handle.read(_CHUNK_BYTES):
+                wide = wide_encoding(chunk) if offset == 0 else None
+                if wide is not None:
+                    raise wide_encoding_error(path, wide, where=where)
                 try:
                     text = decoder.decode(chunk)
                 except UnicodeDecodeError as exc:
@@ -237,11 +253,18 @@ def _txt_rows(texts: list[str], unit: str) -> list[str]:
     return out
 
 
-def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> datasets.Dataset:
+def load_rows(
+    spec: DataSpec,
+    *,
+    where: str,
+    cache_dir: Path | None = None,
+    required: list[str] | tuple[str, ...] = (),
+) -> datasets.Dataset:
     """Read the rows a DataSpec points at.
 
     ``where`` names the recipe field for error messages (``stages.pretrain.data``); ``cache_dir``
-    (normally ``ctx.cache_dir``) holds the Arrow caches of ``datasets``.
+    (normally ``ctx.cache_dir``) holds the Arrow caches of ``datasets``. A null in one of the
+    ``required`` columns is a UserError naming its file and line (found before any shuffle).
     """
     # Our own log lines describe progress; per-file "Generating/Map" bars only add noise.
     datasets.disable_progress_bars()
@@ -272,6 +295,8 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
             txt_unit=spec.txt_unit,
         )
         origin = ", ".join(p.name for p in files[:3])
+        if fmt in ("csv", "tsv") and not spec.columns:
+            note_header_row(ds, files[0])  # a missing column may mean a file without a header
     elif spec.hub:
         try:
             loaded = datasets.load_dataset(
@@ -296,6 +321,11 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
         ds, origin = _load_builtin(spec.builtin, spec.split, where=where), f"builtin:{spec.builtin}"
     if ds.num_rows == 0:
         raise UserError(f"no rows in {origin}", where=where)
+    # Rows with a null in a required column are found by their file line, which a shuffle
+    # would hide: number the rows first (only when there are nulls at all).
+    numbered = bool(required) and first_missing(ds, required) is not None
+    if numbered:
+        ds = ds.add_column(ROW_NUMBER, list(range(ds.num_rows)))  # type: ignore[arg-type]
     if spec.shuffle_seed is not None:
         ds = ds.shuffle(seed=spec.shuffle_seed)
     if spec.rows is not None:
@@ -308,6 +338,10 @@ def load_rows(spec: DataSpec, *, where: str, cache_dir: Path | None = None) -> d
         ds = ds.select(kept)
     if spec.max_samples is not None and spec.max_samples < ds.num_rows:
         ds = ds.select(range(spec.max_samples))
+    if numbered:
+        located = (files, fmt, not spec.columns) if spec.files else None
+        check_missing(ds, required, located, where=where)
+        ds = ds.remove_columns(ROW_NUMBER)
     return ds
 
 
@@ -337,6 +371,9 @@ def require_columns(ds: datasets.Dataset, columns: list[str] | tuple[str, ...], 
     for column in columns:
         if column not in existing:
             suggestion = did_you_mean(column, existing)
+            if not suggestion:
+                # The "columns" may be the first data row of a file that has no header.
+                check_header_row(ds, column, columns, where=where)
             raise UserError(
                 f"column {column!r} not found; the data has columns: {', '.join(existing)}",
                 where=where,

@@ -142,14 +142,57 @@ def tokenize_classification(
             if pair_col
             else None
         )
+        full = tokenizer(texts, pairs)["input_ids"]
         enc = tokenizer(texts, pairs, truncation=True, max_length=spec.max_seq_len)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "labels": [label2id[str(v)] for v in batch[label_col]],
+            TRUNCATED: [len(ids) > spec.max_seq_len for ids in full],
         }
 
     return _encode_rows(ds, encode)
+
+
+# Column the tokenisers add for each row: did max_seq_len / max_source_len / max_target_len cut
+# it? pop_truncated removes it before training, so datasets hold only model inputs.
+TRUNCATED = "truncated"
+
+
+def pop_truncated(ds: datasets.Dataset) -> tuple[datasets.Dataset, int]:
+    """(the dataset without the truncation flags, how many of its rows were truncated)."""
+    if TRUNCATED not in ds.column_names:
+        return ds, 0
+    return ds.remove_columns(TRUNCATED), int(sum(ds[TRUNCATED]))
+
+
+def truncation_metrics(
+    spec: FinetuneSpec,
+    truncated: tuple[int, int],
+    n_train: int,
+    *,
+    validation: bool,
+    log: Any,
+) -> dict[str, Any]:
+    """``train_truncated_examples``/``_share`` (and ``val_truncated_examples``): how many examples
+    the length limits cut, logged when any were. A model trained on cut sources or answers
+    learns less than the settings suggest, and nothing else would tell."""
+    limits = (
+        f"max_source_len={spec.max_source_len}/max_target_len={spec.max_target_len}"
+        if spec.task == "seq2seq"
+        else f"max_seq_len={spec.max_seq_len}"
+    )
+    n_cut, n_val_cut = truncated
+    share = n_cut / n_train if n_train else 0.0
+    out: dict[str, Any] = {"train_truncated_examples": n_cut, "train_truncated_share": share}
+    if validation:
+        out["val_truncated_examples"] = n_val_cut
+    if n_cut or n_val_cut:
+        log(
+            f"{limits} cut {n_cut} of {n_train} training examples ({share:.1%})"
+            + (f" and {n_val_cut} validation examples" if n_val_cut else "")
+        )
+    return out
 
 
 def _encode_rows(ds: datasets.Dataset, encode: Any) -> datasets.Dataset:
@@ -199,12 +242,19 @@ def tokenize_seq2seq(
             as_text(v, column=spec.target_column, row=i, where=where, first_of_list=True)
             for v, i in zip(batch[spec.target_column], indices, strict=True)
         ]
+        full_src = tokenizer(sources)["input_ids"]
+        full_tgt = tokenizer(text_target=targets)["input_ids"]
         enc = tokenizer(sources, truncation=True, max_length=spec.max_source_len)
         tgt = tokenizer(text_target=targets, truncation=True, max_length=spec.max_target_len)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "labels": [_ensure_eos(ids, eos_id, spec.max_target_len) for ids in tgt["input_ids"]],
+            TRUNCATED: [
+                len(s) > spec.max_source_len
+                or len(_ensure_eos(t, eos_id, len(t) + 1)) > spec.max_target_len
+                for s, t in zip(full_src, full_tgt, strict=True)
+            ],
         }
 
     return _encode_rows(ds, encode)
@@ -297,8 +347,10 @@ def tokenize_sft(
         responses = [ws + r for (_, ws), r in zip(split, responses, strict=True)]
         p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-        out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        out[TRUNCATED] = []
         for p, r in zip(p_ids, r_ids, strict=True):
+            out[TRUNCATED].append(len(prefix) + len(p) + len(r) + 1 > spec.max_seq_len)
             p, r = sft_truncate(prefix + list(p), list(r) + [eos_id], spec.max_seq_len)
             out["input_ids"].append(p + r)
             out["attention_mask"].append([1] * (len(p) + len(r)))

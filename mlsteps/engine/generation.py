@@ -41,6 +41,10 @@ def _generation_config(model: Any, tokenizer: Any, spec: GenerationSpec) -> Any:
         "max_length": None,
         "min_length": 0,
         "num_return_sequences": 1,
+        # 1.0 / 0 are transformers' "off" values: always set, so a checkpoint's stored ones
+        # cannot switch them on behind the recipe's back either.
+        "repetition_penalty": spec.repetition_penalty,
+        "no_repeat_ngram_size": spec.no_repeat_ngram_size,
     }
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     if eos is not None:

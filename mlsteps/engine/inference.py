@@ -96,6 +96,9 @@ def kind_from_config(config: Any) -> ModelKind | None:
 def _auto_config(source: str, trust_remote_code: bool, where: str) -> Any:
     from transformers import AutoConfig
 
+    from mlsteps.engine.files import check_model_dir
+
+    check_model_dir(source, where=where)  # a damaged file is named, not a raw library error
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -113,6 +116,9 @@ def inspect_source(
 
     ``where`` names the recipe field in error messages (e.g. ``stages.eval.models``).
     """
+    from mlsteps.engine.files import check_model_dir
+
+    check_model_dir(source, where=where)  # the adapter or prompt directory itself
     path = Path(source)
     prompter = _load_prompter(path) if path.is_dir() else None
     adapter_cfg: dict[str, Any] | None = None
@@ -126,8 +132,8 @@ def inspect_source(
         except Exception:  # not an adapter repo (or offline): treat as a plain model id
             adapter_cfg = None
     if adapter_cfg is not None:
-        base = (prompter.base_model if prompter is not None else "") or adapter_cfg.get(
-            "base_model_name_or_path"
+        base = (prompter.base_model if prompter is not None else "") or _adapter_base(
+            path, adapter_cfg
         )
         if not base:
             raise UserError(f"adapter '{source}' names no base model", where=where)
@@ -159,6 +165,19 @@ def inspect_source(
             hint="use a causal LM, masked LM, seq2seq or sequence-classification model",
         )
     return SourceInfo(source, kind, model_source, adapter_source, prompter, config)
+
+
+def _adapter_base(path: Path, adapter_cfg: dict[str, Any]) -> str:
+    """The base model of an adapter: the path (or hub id) in adapter_config.json, or, when that
+    path is gone (the run directory was moved or copied), the path relative to the adapter that
+    the finetune stage records in mlsteps_adapter.json."""
+    base = str(adapter_cfg.get("base_model_name_or_path") or "")
+    meta_path = path / "mlsteps_adapter.json"
+    if base and Path(base).is_absolute() and not Path(base).exists() and meta_path.is_file():
+        relative = json.loads(meta_path.read_text(encoding="utf-8")).get("base_model_relative")
+        if relative and (path / relative).is_dir():
+            return str((path / relative).resolve())
+    return base
 
 
 def _model_class(kind: ModelKind) -> Any:
@@ -256,26 +275,40 @@ def predict_labels(loaded: Loaded, texts: list[str], *, batch_size: int) -> list
 
     Labels are the model's ``id2label`` names; ids as text when it has only generic names.
     """
+    return [label for label, _ in classify(loaded, texts, batch_size=batch_size)]
+
+
+def classify(
+    loaded: Loaded, texts: list[str], *, batch_size: int
+) -> list[tuple[str, dict[str, float]]]:
+    """(arg-max label, {label: probability}) of a sequence-classification model for each text,
+    in input order; probabilities are the softmax of the logits (computed in float64)."""
     import torch
 
+    from mlsteps.metrics.perplexity import max_positions
+
+    if not texts:
+        return []
     model, tokenizer = loaded.model, loaded.tokenizer
-    limit = getattr(tokenizer, "model_max_length", None)
-    cap = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    cap = (
-        min(c for c in (limit, cap) if isinstance(c, int))
-        if any(isinstance(c, int) for c in (limit, cap))
-        else None
-    )
-    encoded = [list(ids)[:cap] if cap else list(ids) for ids in tokenizer(texts)["input_ids"]]
+    caps = [
+        c
+        for c in (getattr(tokenizer, "model_max_length", None), max_positions(model))
+        if isinstance(c, int)
+    ]
+    # Truncation by the tokenizer keeps the closing special token ([SEP], </s>) of long inputs.
+    encoded = [
+        list(ids)
+        for ids in tokenizer(texts, truncation=bool(caps), max_length=min(caps) if caps else None)[
+            "input_ids"
+        ]
+    ]
     # Decoder classifiers find the last real token through config.pad_token_id: without one,
     # padded batches are impossible, so score one row at a time.
     pad_id = model.config.pad_token_id
     if pad_id is None:
         batch_size, pad_id = 1, 0
     device = next(model.parameters()).device
-    predicted: list[int] = [0] * len(texts)
+    probs: list[list[float]] = [[] for _ in texts]
     with torch.no_grad():
         for batch in _score_batches(encoded, batch_size):
             width = max(len(encoded[i]) for i in batch)
@@ -285,8 +318,14 @@ def predict_labels(loaded: Loaded, texts: list[str], *, batch_size: int) -> list
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            p = torch.softmax(logits.double(), dim=-1).cpu()
             for row, i in enumerate(batch):
-                predicted[i] = int(logits[row].argmax())
+                probs[i] = p[row].tolist()
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     generic = all(name == f"LABEL_{i}" for i, name in id2label.items())
-    return [str(p) if generic else id2label.get(p, str(p)) for p in predicted]
+    names = [str(k) if generic else id2label.get(k, str(k)) for k in range(len(probs[0]))]
+    out = []
+    for dist in probs:
+        best = max(range(len(dist)), key=dist.__getitem__)  # first maximum, like argmax
+        out.append((names[best], dict(zip(names, dist, strict=True))))
+    return out

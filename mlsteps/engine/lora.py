@@ -78,6 +78,58 @@ def head_modules(model: torch.nn.Module) -> list[str]:
     ]
 
 
+def _key_name(key: Any) -> str:
+    # transformers reports a mismatched key as (name, checkpoint shape, model shape).
+    return str(key[0] if isinstance(key, tuple | list) else key)
+
+
+def new_modules(model: torch.nn.Module, loading_info: dict[str, Any] | None) -> list[str]:
+    """Modules whose parameters the loaded checkpoint did not hold: transformers initialised
+    them at random (a pooler missing from an MLM checkpoint, a new classification head, a
+    head of another shape). An adapter that does not save them cannot be reloaded: every load
+    would draw them again. Each is named by its highest ancestor whose parameters are all new
+    (``bert.pooler``, ``classifier``); parameters tied to loaded ones (an output embedding
+    sharing the input table) are not new."""
+    if not loading_info:
+        return []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = {_key_name(k) for k in loading_info.get("missing_keys") or ()}
+    missing |= {_key_name(k) for k in loading_info.get("mismatched_keys") or ()}
+    missing &= set(params)
+    loaded_ids = {id(p) for name, p in params.items() if name not in missing}
+    new = {name for name in missing if id(params[name]) not in loaded_ids}
+    if not new:
+        return []
+    modules = dict(model.named_modules())
+
+    def all_new(prefix: str) -> bool:
+        return all(
+            f"{prefix}.{name}" in new
+            for name, _ in modules[prefix].named_parameters(remove_duplicate=False)
+        )
+
+    found: list[str] = []
+    for name in sorted(new):
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if not owner:
+            continue  # a parameter of the model itself: no module to save (not in any family)
+        parts = owner.split(".")
+        top = owner
+        for k in range(len(parts) - 1, 0, -1):
+            ancestor = ".".join(parts[:k])
+            if not all_new(ancestor):
+                break
+            top = ancestor
+        if top not in found:
+            found.append(top)
+    return _outermost(found)
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """Drop names inside another listed module (peft cannot wrap a module and its child)."""
+    return [m for m in names if not any(m.startswith(o + ".") for o in names)]
+
+
 def check_targets(
     model: torch.nn.Module, targets: list[str], *, exclude: list[str], where: str
 ) -> None:
@@ -96,10 +148,20 @@ def check_targets(
         )
 
 
-def wrap(model: Any, spec: LoraSpec, task: str, *, where: str) -> PeftModel:
-    """Freeze the model and add LoRA adapters (plus a trainable copy of any task head)."""
+def wrap(
+    model: Any,
+    spec: LoraSpec,
+    task: str,
+    *,
+    where: str,
+    loading_info: dict[str, Any] | None = None,
+) -> PeftModel:
+    """Freeze the model and add LoRA adapters, plus a trainable copy, saved with the adapter
+    (peft ``modules_to_save``), of the task head and of every module the load initialised
+    (``loading_info`` from :func:`mlsteps.engine.modeling.load_model`, see :func:`new_modules`)."""
     targets = list(spec.target_modules) if spec.target_modules else default_targets(model)
     heads = head_modules(model) if task == "classification" else []
+    heads = _outermost(list(dict.fromkeys(heads + new_modules(model, loading_info))))
     check_targets(model, targets, exclude=heads, where=where)
     config = LoraConfig(
         task_type=TASK_TYPES[task],

@@ -26,6 +26,7 @@ from transformers import (
     T5Config,
 )
 
+from mlsteps.engine.files import check_model_dir
 from mlsteps.errors import UserError, first_line
 from mlsteps.specs.common import ArchSpec
 
@@ -64,6 +65,7 @@ def load_tokenizer(
     source: str, *, trust_remote_code: bool = False, where: str | None = None
 ) -> Any:
     """Load a tokenizer (fast where available) from a stage's final dir, a directory or a hub id."""
+    check_model_dir(source, where=where)  # a damaged file is named, not a raw library error
     try:
         return AutoTokenizer.from_pretrained(source, **_remote_kwargs(trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
@@ -196,6 +198,7 @@ def load_config(
 
     ``shown`` is the name the recipe used (a stage name), when it differs from ``source``.
     """
+    check_model_dir(source, where=where)  # every file of the directory, before any is loaded
     try:
         return AutoConfig.from_pretrained(source, **_remote_kwargs(trust_remote_code), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -215,9 +218,15 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     where: str | None = None,
+    loading_info: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
-    """Load a pretrained model for ``task`` via the Auto classes (stage final dir, directory, hub id)."""
+    """Load a pretrained model for ``task`` via the Auto classes (stage final dir, directory, hub id).
+
+    ``loading_info``, when given, is filled with transformers' report of the load
+    (``missing_keys``: parameters the checkpoint did not hold and that were newly initialised,
+    ``mismatched_keys``, ``unexpected_keys``).
+    """
     auto = _auto_class(task)
     remote = _remote_kwargs(trust_remote_code)
     # transformers 5 hands extra kwargs to the model constructor once a config is given, so
@@ -226,9 +235,15 @@ def load_model(
     config = load_config(source, trust_remote_code=trust_remote_code, where=where, **config_kwargs)
     try:
         # Weights only from safetensors: a pickled pytorch_model.bin can run code when loaded.
-        model = auto.from_pretrained(
-            source, config=config, use_safetensors=True, **remote, **kwargs
-        )
+        # fp32 always: transformers 5 otherwise keeps the stored dtype ("auto"), and a bf16
+        # checkpoint would train in pure bf16 whatever train.precision says. Mixed precision
+        # (bf16/fp16) autocasts the compute and keeps these fp32 weights as the master copy.
+        model, info = auto.from_pretrained(
+            source, config=config, use_safetensors=True, output_loading_info=True,
+            dtype=torch.float32, **remote, **kwargs,
+        )  # fmt: skip
+        if loading_info is not None:
+            loading_info.update(info)
         return _name_causal_loss(model, task)
     except ValueError as exc:
         raise UserError(

@@ -13,8 +13,8 @@ when it is not given) picks the tokenisation:
 - chrF: character n-grams need no tokenisation (sacrebleu defaults, chrF2, no word n-grams).
 - ROUGE: English (and unknown Latin-script text) uses rouge-score's own tokenizer with the
   Porter stemmer, i.e. exactly ``RougeScorer(types, use_stemmer=True)``. Every other language uses
-  a Unicode tokenizer (lowercase, letter/digit runs as words, one token per CJK/Thai character,
-  no stemming): rouge-score's default drops every non-ASCII character and scores identical
+  a Unicode tokenizer (lowercase, one token per Han/kana/Thai character even inside Latin or digit
+  runs, Hangul and other letter/digit runs as words, no stemming): rouge-score's default drops every non-ASCII character and scores identical
   Chinese strings 0. rougeLsum gets one sentence per line (split after ``。！？``, and after ``. ! ?`` followed
   by space and a word not starting in lower case). Several references: the best reference per example and type
   (rouge-score's ``score_multi``); the corpus score is the mean F-measure over examples, in [0, 1].
@@ -45,11 +45,18 @@ _HAN_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002f
 _KANA_RE = re.compile("[\u3040-\u309f\u30a0-\u30ff]")
 _HANGUL_RE = re.compile("[\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
 _THAI_RE = re.compile("[\u0e00-\u0e7f]")
-# One token per character of a script without spaces; letter/digit runs for everything else.
-_UNICODE_TOKEN_RE = re.compile(
-    "[\u3040-\u309f\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
-    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u0f00-\u0fff]|[^\\W_]+"
+# Scripts written without spaces between words (Han, kana, Thai, Lao, Burmese, Khmer, Tibetan):
+# one token per character.
+_PER_CHAR = (
+    "\u3040-\u309f\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u0f00-\u0fff"
 )
+# Hangul: Korean separates words with spaces, so a run of syllables is one word (per-syllable
+# tokens would credit shared syllables of different words), but cut where another script starts.
+_HANGUL = "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
+# A letter/digit run must exclude those scripts: otherwise it runs on through them and
+# '20世纪初' or 'BERT模型' become single tokens.
+_UNICODE_TOKEN_RE = re.compile(f"[{_PER_CHAR}]|[{_HANGUL}]+|[^\\W_{_PER_CHAR}{_HANGUL}]+")
 _SENTENCE_ENDS_LATIN = ".!?"
 _SENTENCE_ENDS_CJK = "。！？"
 # Abbreviations whose full stop does not end a sentence even before a capital ("e.g. BERT").
@@ -214,8 +221,10 @@ def split_sentences(text: str) -> list[str]:
 
 
 class UnicodeTokenizer:
-    """rouge-score tokenizer for non-English text: lowercase, letter/digit runs as words, one
-    token per character of scripts without spaces (CJK, Thai, ...); punctuation dropped."""
+    """rouge-score tokenizer for non-English text: lowercase; one token per character of scripts
+    written without spaces (Han, kana, Thai, ...), also right after Latin letters or digits
+    ('使用BERT模型' -> 使 用 bert 模 型); runs of Hangul syllables and runs of other letters/digits
+    as words; punctuation dropped."""
 
     def tokenize(self, text: str) -> list[str]:
         return _UNICODE_TOKEN_RE.findall(text.lower())
@@ -250,10 +259,11 @@ def rouge(
     tokenizer = (
         "rouge-score default + Porter stemmer"
         if english
-        else "unicode words, one token per CJK/Thai character, no stemming"
+        else "one token per Han/kana/Thai character (also next to Latin or digits), Hangul and "
+        "other letter/digit runs as words, no stemming"
     )
     out["rouge_convention"] = (
-        f"rouge-score F-measure, mean over {len(hyps)} examples, best of refs; lang:"
+        f"rouge-score F-measure on 0-1, mean over {len(hyps)} examples, best of refs; lang:"
         f"{lang or 'en?'}; tokenizer: {tokenizer}; rougeLsum: sentences split after .!? and 。！？"
     )
     return out

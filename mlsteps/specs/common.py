@@ -524,6 +524,17 @@ class GenerationSpec(Strict):
     temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
     top_p: PositiveFraction = Field(1.0, description="Nucleus sampling mass.")
     top_k: NonNegativeInt = Field(0, description="Top-k sampling (0 disables).")
+    repetition_penalty: PositiveFloat = Field(
+        1.0,
+        description="Divides the score of every token already in the sequence (> 1 discourages "
+        "repeats, 1 = off; CTRL-style, as transformers' generate; for decoder-only models the "
+        "prompt's tokens count too).",
+    )
+    no_repeat_ngram_size: NonNegativeInt = Field(
+        0,
+        description="Never generate an n-gram of this many tokens twice in one sequence (0 = off; "
+        "for decoder-only models the prompt counts as part of the sequence).",
+    )
     seed: Seed | None = Field(None, description="Sampling seed; defaults to the recipe seed.")
     batch_size: PositiveInt = Field(32, description="Inputs generated together in one batch.")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -32,13 +32,20 @@ METRICS = (
     "token_f1",
 )
 
-
 # Metric families: which columns and option blocks each one reads.
 PERPLEXITY = frozenset({"perplexity"})
 RESPONSE = frozenset({"response_perplexity"})
 MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
 GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
 LABELS = frozenset({"accuracy", "f1"})
+# The metrics each model kind can be scored with (the eval stage and `validate` both check it).
+FITS: dict[str, frozenset[str]] = {
+    "clm": PERPLEXITY | RESPONSE | GENERATION,
+    "seq2seq": RESPONSE | GENERATION,
+    "mlm": MASKED,
+    "classification": LABELS,
+}
+
 # Metrics whose tokenisation follows target_lang.
 LANGUAGE = frozenset({"bleu", "ter", "rouge"})
 
@@ -102,10 +109,13 @@ class EvalSpec(Strict):
         description="Column fed to the model for generation/classification; also the prompt "
         "response_perplexity conditions on (a prompted model renders its own template instead).",
     )
-    reference_column: str = Field(
+    reference_column: str | Annotated[list[str], Field(min_length=1)] = Field(
         "target",
-        description="Reference column (string, or list of strings for several references); "
-        "response_perplexity scores it given each model's prompt.",
+        description="Reference column (each cell a string, or a list of strings for several "
+        "references), or a list of columns each holding one reference per row "
+        "([summary1, summary2]; null cells skipped). Several references: sacrebleu scores "
+        "against all of them, ROUGE takes the best reference per example; response_perplexity "
+        "scores them given each model's prompt.",
     )
     label_column: str = Field("label", description="Gold label column for accuracy/F1.")
     target_lang: str | None = Field(
@@ -155,6 +165,14 @@ class EvalSpec(Strict):
         return out
 
     @model_validator(mode="after")
+    def _distinct_reference_columns(self) -> EvalSpec:
+        cols = self.reference_column
+        if isinstance(cols, list) and len(set(cols)) != len(cols):
+            dup = next(c for c in cols if cols.count(c) > 1)
+            raise ValueError(f"reference_column lists '{dup}' twice")
+        return self
+
+    @model_validator(mode="after")
     def _known_metrics(self) -> EvalSpec:
         from mlsteps.errors import did_you_mean
 
@@ -179,8 +197,10 @@ class EvalSpec(Strict):
             ("reference_column", self.reference_column, set(self.metrics) - text - labels),
             ("label_column", self.label_column, set(self.metrics) & labels),
         ]
-        for option, column, needing in wanted:
-            if needing and column not in info.columns:
+        for option, columns, needing in wanted:
+            names = [columns] if isinstance(columns, str) else columns  # reference_column: a list
+            column = next((c for c in names if c not in info.columns), None)
+            if needing and column is not None:
                 raise ValueError(
                     f"column '{column}' not found in builtin:{info.name}, which has columns: "
                     f"{', '.join(info.columns)}; set {option} (read by "

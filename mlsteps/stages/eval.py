@@ -39,7 +39,11 @@ from mlsteps.distributed import (
 )
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.specs.common import GenerationSpec
+
+# The metric families and the model kinds they fit live with the recipe models: `validate`
+# checks them too, without importing this module.
 from mlsteps.specs.evaluate import (
+    FITS,
     GENERATION,
     LABELS,
     MASKED,
@@ -49,14 +53,6 @@ from mlsteps.specs.evaluate import (
     EvalSpec,
 )
 
-# The metric families (PERPLEXITY ...) live with the spec: validation refuses the options of
-# families not chosen.
-FITS: dict[str, frozenset[str]] = {
-    "clm": PERPLEXITY | RESPONSE | GENERATION,
-    "seq2seq": RESPONSE | GENERATION,
-    "mlm": MASKED,
-    "classification": LABELS,
-}
 _KIND_NAMES = {
     "clm": "a causal LM",
     "seq2seq": "a seq2seq model",
@@ -133,12 +129,23 @@ def require_text(rows: Any, column: str, where: str, option: str) -> list[str]:
     return values
 
 
-def _require_references(rows: Any, column: str, where: str) -> list[str | list[str]]:
+def _require_references(rows: Any, column: str | list[str], where: str) -> list[str | list[str]]:
+    """References per row: one column (a string or a list of strings per row), or several
+    columns joined into one list per row, in column order (null cells skipped: rows may have
+    fewer references)."""
     from mlsteps.metrics.classification import as_reference_lists
 
-    values = _column_values(rows, column)
-    as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
-    return values
+    if isinstance(column, str):
+        values = _column_values(rows, column)
+        as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
+        return values
+    joined: list[list[Any]] = [[] for _ in range(rows.num_rows)]
+    for name in column:
+        for refs, value in zip(joined, _column_values(rows, name), strict=True):
+            refs.extend(value if isinstance(value, list) else [] if value is None else [value])
+    names = ", ".join(f"'{c}'" for c in column)
+    as_reference_lists(joined, where=where, name=f"columns {names}")
+    return [refs for refs in joined]
 
 
 def _require_labels(rows: Any, column: str, where: str) -> list[Any]:
@@ -372,6 +379,21 @@ def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _needed(spec: EvalSpec, metrics: list[str], infos: dict[str, Any]) -> list[str]:
+    """Columns every row must have a value in (a null is reported by its file line)."""
+    needed = [spec.text_column] if set(metrics) & (PERPLEXITY | MASKED) else []
+    prompted = all(i.prompter for i in infos.values())
+    if set(metrics) & (GENERATION | LABELS | RESPONSE) and not prompted:
+        needed.append(spec.input_column)
+    if set(metrics) & (GENERATION | RESPONSE):
+        # Several reference columns: an empty cell is skipped per row, so none is required.
+        if isinstance(spec.reference_column, str):
+            needed.append(spec.reference_column)
+    if set(metrics) & LABELS:
+        needed.append(spec.label_column)
+    return needed
+
+
 def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     """Evaluate every model of ``spec.models`` on ``spec.data``: ``{model: {metric: value}}``."""
     from mlsteps.engine.data import load_rows, require_columns
@@ -393,7 +415,9 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         infos[label] = info
 
     where_data = f"{base}.data"
-    rows = load_rows(spec.data, where=where_data, cache_dir=ctx.cache_dir)
+    rows = load_rows(
+        spec.data, where=where_data, cache_dir=ctx.cache_dir, required=_needed(spec, metrics, infos)
+    )
     data: dict[str, Any] = {}
     if set(metrics) & (PERPLEXITY | MASKED):
         require_columns(rows, [spec.text_column], where_data)
@@ -403,7 +427,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         require_columns(rows, [spec.input_column], where_data)
         require_text(rows, spec.input_column, where_data, "input_column")
     if set(metrics) & (GENERATION | RESPONSE):
-        require_columns(rows, [spec.reference_column], where_data)
+        ref_columns = spec.reference_column
+        require_columns(
+            rows, [ref_columns] if isinstance(ref_columns, str) else ref_columns, where_data
+        )
         data["references"] = _require_references(rows, spec.reference_column, where_data)
     if set(metrics) & LABELS:
         require_columns(rows, [spec.label_column], where_data)

@@ -14,13 +14,17 @@ final/ holds a plain transformers model (full, or LoRA with ``merge: true``) or 
 whose ``base_model_name_or_path`` is the resolved source (stage final dir, local dir or hub id);
 the tokenizer is saved next to either. A classification adapter also writes
 ``mlsteps_adapter.json`` with its label map (an adapter has no config.json to carry it).
+Every module that loading initialised anew (a classifier, a pooler an MLM checkpoint lacks)
+is trained and saved with the adapter (``modules_to_save``), so the adapter reloads exactly.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -67,6 +71,16 @@ class _Prepared:
     gen_inputs: list[str] = field(default_factory=list)
     gen_references: list[list[str]] = field(default_factory=list)
     label2id: dict[str, int] | None = None
+    # Examples cut by max_seq_len / max_source_len / max_target_len: (training, validation).
+    truncated: tuple[int, int] = (0, 0)
+
+    def pop_truncated(self) -> None:
+        """Move the tokenisers' per-row truncation flags out of the datasets into counts."""
+        self.train, n_train = fd.pop_truncated(self.train)
+        n_val = 0
+        if self.validation is not None:
+            self.validation, n_val = fd.pop_truncated(self.validation)
+        self.truncated = (n_train, n_val)
 
 
 def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
@@ -86,7 +100,8 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     label2id = None
     if spec.task == "classification":
         val_rows, label2id = _labels(spec, train_rows, val_rows, explicit_val, ctx, where)
-    model = _model(spec, ctx, tokenizer, source, label2id, where)
+    loading_info: dict[str, Any] = {}
+    model = _model(spec, ctx, tokenizer, source, label2id, where, loading_info)
     spec = _fit_lengths(spec, model, ctx)
     max_len = spec.max_source_len if spec.task == "seq2seq" else spec.max_seq_len
     check_compatible(model, tokenizer, max_seq_len=max_len, where=where)
@@ -106,7 +121,10 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False
     if spec.method == "lora":
-        model = lora.wrap(model, spec.lora, spec.task, where=f"{where}.lora.target_modules")
+        model = lora.wrap(
+            model, spec.lora, spec.task, where=f"{where}.lora.target_modules",
+            loading_info=loading_info,
+        )  # fmt: skip
     if spec.task == "seq2seq":
         prep.collator = DataCollatorForSeq2Seq(
             tokenizer, model=model, label_pad_token_id=fd.IGNORE_INDEX
@@ -120,6 +138,9 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
             where=f"{where}.validation",
         )  # fmt: skip
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    truncation = fd.truncation_metrics(
+        spec, prep.truncated, len(train_rows), validation=prep.validation is not None, log=ctx.log
+    )
     ctx.log(
         f"{spec.task}/{spec.method}: {len(prep.train)} training sequences, "
         f"{len(prep.validation) if prep.validation is not None else 0} validation, "
@@ -144,7 +165,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     )
 
     metrics: dict[str, Any] = dict(outcome.metrics)
-    metrics.update(trainable_params=n_trainable, train_rows=len(train_rows))
+    metrics.update(trainable_params=n_trainable, train_rows=len(train_rows), **truncation)
     if gen_eval is not None and gen_eval.outputs is not None:
         metrics.update(gen_eval.conventions())
         gen_eval.write_predictions(ctx)
@@ -161,10 +182,12 @@ def _load_rows(
     spec: FinetuneSpec, ctx: StageContext, where: str
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
     columns = fd.required_columns(spec)
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=columns)
     require_columns(rows, columns, f"{where}.data")
     if spec.validation is not None:
-        val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
+        val = load_rows(
+            spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir, required=columns
+        )
         require_columns(val, columns, f"{where}.validation")
         fd.check_not_empty(val, name="validation", where=f"{where}.validation")
         return rows, val, True
@@ -239,6 +262,7 @@ def _prepare_classification(
         else None
     )
     prep = _Prepared(train_ds, val_ds, DataCollatorWithPadding(tokenizer), label2id=label2id)
+    prep.pop_truncated()
     prep.compute_metrics = fe.classification_metrics(where)
     if spec.class_weights:
         weights = fd.inverse_frequency_weights(train_ds["labels"], len(label2id))
@@ -259,6 +283,8 @@ def _prepare_seq2seq(
     if val_rows is not None:
         val_ds = fd.tokenize_seq2seq(val_rows, tokenizer, spec, where=f"{where}.validation")
         prep.validation = val_ds
+    prep.pop_truncated()
+    if val_rows is not None:
         sample = _sample(val_rows, spec)
         prep.gen_inputs = [
             fd.seq2seq_source(v, spec, row=i, where=where)
@@ -281,13 +307,15 @@ def _prepare_sft(
         if val_rows
         else None
     )
-    if spec.packing:
-        train_ds = fd.pack_sft(train_ds, spec.max_seq_len)
-        val_ds = fd.pack_sft(val_ds, spec.max_seq_len) if val_ds is not None else None
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     prep = _Prepared(train_ds, val_ds, fd.SftCollator(pad_token_id=int(pad_id)))
+    prep.pop_truncated()
+    if spec.packing:
+        prep.train = fd.pack_sft(prep.train, spec.max_seq_len)
+        if prep.validation is not None:
+            prep.validation = fd.pack_sft(prep.validation, spec.max_seq_len)
     if val_rows is not None:
         sample = _sample(val_rows, spec)
         rows = sample.to_list()
@@ -316,7 +344,9 @@ def _model(
     source: str | None,
     label2id: dict[str, int] | None,
     where: str,
+    loading_info: dict[str, Any],
 ) -> Any:
+    """The model to fine-tune; ``loading_info`` receives what loading initialised anew."""
     # Same seed, same initial head/adapter weights: a resumed run rebuilds the model it left.
     set_seed(ctx.seed)
     kwargs: dict[str, Any] = {}
@@ -348,6 +378,7 @@ def _model(
             spec.task,
             trust_remote_code=spec.trust_remote_code,
             where=f"{where}.from",
+            loading_info=loading_info,
             **extra,
         )
     config = model.config
@@ -403,6 +434,10 @@ def _save(
         assert source is not None  # LoRA needs a pretrained base ('from'); see FinetuneSpec
         model.peft_config["default"].base_model_name_or_path = source
         info: dict[str, Any] = {"base_model_name_or_path": source, "task": spec.task}
+        if Path(source).is_absolute():
+            # adapter_config.json names the base by absolute path (plain peft loads it from any
+            # cwd); this relative one lets mlsteps find it after the run directory moved.
+            info["base_model_relative"] = os.path.relpath(source, ctx.final_dir.absolute())
         if label2id is not None:
             info.update(num_labels=len(label2id), label2id=label2id,
                         id2label={str(i): label for label, i in label2id.items()})  # fmt: skip

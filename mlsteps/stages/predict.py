@@ -1,8 +1,10 @@
-"""The `predict` stage: batched generation for every row, written in input order.
+"""The `predict` stage: batched generation (or classification) for every row, in input order.
 
-Each line of ``predictions.jsonl`` holds ``index``, ``input`` (the input column; for a prompted
-model without that column, the rendered prompt), ``prediction`` and, when ``reference_column``
-is set, ``reference``.
+For a causal LM or seq2seq model each line of ``predictions.jsonl`` holds ``index``, ``input``
+(the input column; for a prompted model without that column, the rendered prompt),
+``prediction`` and, when ``reference_column`` is set, ``reference``. For a sequence classifier
+(full model or LoRA adapter) it holds ``index``, ``input``, ``label`` (the arg-max label),
+``probabilities`` (``{label: softmax probability}`` over every label) and ``reference``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import map_sharded
 from mlsteps.errors import UserError
 from mlsteps.specs.evaluate import PredictSpec
+from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
 from mlsteps.stages.eval import generate_for, require_text, write_jsonl
 
 
 def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
-    """Generate an output for every row of ``spec.data`` with ``spec.model``."""
+    """Generate an output (a classifier: a label and its probabilities) for every row of
+    ``spec.data`` with ``spec.model``."""
     from mlsteps.engine.data import load_rows, require_columns
     from mlsteps.engine.inference import inspect_source, load_for_inference
 
@@ -27,13 +31,18 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
         trust_remote_code=spec.trust_remote_code,
         where=f"{where}.model",
     )
-    if info.kind not in ("clm", "seq2seq"):
+    if info.kind not in PREDICTABLE:
         raise UserError(
-            f"model '{spec.model}' is a {info.kind} model and cannot generate text",
+            f"model '{spec.model}' is a {info.kind} model: it neither generates text nor "
+            "predicts labels",
             where=f"{where}.model",
-            hint="predict needs a causal LM or a seq2seq model",
+            hint="predict needs a causal LM, a seq2seq model or a sequence classifier",
         )
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    # A null input is reported by its file line (a prompted model renders its own columns).
+    needed = [spec.input_column] if info.prompter is None else []
+    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=needed)
+    if info.kind == "classification":
+        return _classify(spec, ctx, info, rows, where)
     prompter = info.prompter
     column: list[str] | None = None
     if prompter is None or spec.input_column in rows.column_names:
@@ -64,6 +73,37 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     records = []
     for i, (shown_input, pred) in enumerate(zip(shown, preds, strict=True)):
         rec: dict[str, Any] = {"index": i, "input": shown_input, "prediction": pred}
+        if refs is not None:
+            rec["reference"] = refs[i]
+        records.append(rec)
+    write_jsonl(ctx.predictions_path, records)
+    return StageResult(
+        metrics={"predictions": len(records)},
+        outputs={"predictions": str(ctx.predictions_path)},
+    )
+
+
+def _classify(
+    spec: PredictSpec, ctx: StageContext, info: Any, rows: Any, where: str
+) -> StageResult:
+    """Label and label probabilities of a sequence classifier for every row."""
+    from mlsteps.engine.data import require_columns
+    from mlsteps.engine.inference import classify, load_for_inference
+
+    require_columns(rows, [spec.input_column], f"{where}.data")
+    texts = require_text(rows, spec.input_column, f"{where}.data", "input_column")
+    if spec.reference_column is not None:
+        require_columns(rows, [spec.reference_column], f"{where}.data")
+    loaded = load_for_inference(
+        info.source, trust_remote_code=spec.trust_remote_code, where=f"{where}.model"
+    )
+    ctx.log(f"classifying {len(texts)} rows with {spec.model}")
+    batch = spec.generation.batch_size
+    results = map_sharded(lambda xs: classify(loaded, xs, batch_size=batch), texts)
+    refs = list(rows[spec.reference_column]) if spec.reference_column is not None else None
+    records = []
+    for i, (text, (label, probs)) in enumerate(zip(texts, results, strict=True)):
+        rec: dict[str, Any] = {"index": i, "input": text, "label": label, "probabilities": probs}
         if refs is not None:
             rec["reference"] = refs[i]
         records.append(rec)

@@ -158,10 +158,17 @@ def _load_data(
     from mlsteps.engine.data import load_rows, split_validation
 
     soft = spec.method in SOFT_METHODS
-    ds = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
+    # Nulls are found at load time, by file line (row numbers change with the split below).
+    need = [spec.target_column] if spec.method != "zero_shot" else []
+    ds = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=need)
     val_ds = None
     if spec.validation is not None:
-        val_ds = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
+        val_ds = load_rows(
+            spec.validation,
+            where=f"{where}.validation",
+            cache_dir=ctx.cache_dir,
+            required=[spec.target_column] if soft else [],
+        )
     elif soft:
         ds, val_ds = split_validation(ds, spec.validation_fraction, ctx.seed, where=f"{where}.data")
     rows = [dict(r) for r in ds]

@@ -564,8 +564,8 @@ def test_bad_columns_and_metric_names(tmp_path, model_dirs, data):
 
 
 def test_predict_rejects_models_that_cannot_generate(tmp_path, model_dirs, data):
-    spec = PredictSpec(kind="predict", model="classifier", data=DataSpec(files=[data["sentiment"]]))
-    with pytest.raises(UserError, match="cannot generate"):
+    spec = PredictSpec(kind="predict", model="mlm", data=DataSpec(files=[data["sentiment"]]))
+    with pytest.raises(UserError, match="neither generates text nor predicts labels"):
         predict_stage.run(spec, _ctx(tmp_path, model_dirs, stage="predict"))
     spec = PredictSpec(
         kind="predict", model="clm", data=DataSpec(files=[data["translate"]]), input_column="src"

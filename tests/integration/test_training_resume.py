@@ -285,6 +285,7 @@ def test_tampered_rng_state_is_never_unpickled(tmp_path: Path, tok_dirs: dict[st
     # Keep the manifest consistent so the checkpoint still counts as complete.
     manifest = json.loads((checkpoint / ckpt.COMPLETE_MARKER).read_text())
     manifest["files"]["rng_state.pth"] = (checkpoint / "rng_state.pth").stat().st_size
+    manifest["sha256"]["rng_state.pth"] = ckpt.file_sha256(checkpoint / "rng_state.pth")
     (checkpoint / ckpt.COMPLETE_MARKER).write_text(json.dumps(manifest))
     with pytest.raises(StageFailed, match="refusing to load"):
         pretrain.run(spec, _ctx(tmp_path, tok_dirs["clm"]))

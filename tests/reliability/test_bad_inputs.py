@@ -230,7 +230,7 @@ RUNTIME_CASES = [
     Case("reference-not-text", 2, ("stages.bad.data", "expected a string or a list of strings"),
          files={"refs.jsonl": b'{"source": "a", "target": 3}\n{"source": "b", "target": 4}\n'},
          append="  bad:\n    kind: eval\n    models: [pre]\n    data: {tmp}/refs.jsonl\n    metrics: [chrf]\n"),
-    Case("metric-does-not-fit-model", 2, ("stages.bad.metrics", "accuracy", "does not fit model 'pre'"),
+    Case("metric-does-not-fit-model", 2, ("stages.bad.models.0", "accuracy", "does not fit model 'pre'"),
          append="  bad:\n    kind: eval\n    models: [pre]\n    data: {builtin: toy/sentiment, max_samples: 4}\n    metrics: [accuracy]\n"),
     Case("seq-len-over-model-positions", 2, ("stages.bad", "max_seq_len 512 exceeds the model's 256 positions", "max_seq_len <= 256"),
          append="  bad:\n    kind: finetune\n    task: causal_lm\n    from: pre\n    data: {builtin: toy/translate, max_samples: 8}\n    prompt_column: source\n    response_column: target\n    max_seq_len: 512\n"),
@@ -244,16 +244,23 @@ RUNTIME_CASES = [
     Case("unknown-builtin-split", 2, ("stages.bad.data", "'dev'", "train, validation, test"),
          append="  bad:\n    kind: eval\n    models: [pre]\n    data: {builtin: toy/corpus, split: dev}\n    metrics: [perplexity]\n"),
     Case("model-dir-is-a-tokenizer", 2, ("stages.bad", "not a model directory"),
-         append="  bad:\n    kind: predict\n    model: tok\n    data: {builtin: toy/translate, max_samples: 4}\n"),
+         append="  bad:\n    kind: predict\n    model: {tmp}/run/tok/final\n    data: {builtin: toy/translate, max_samples: 4}\n"),
     Case("model-path-missing", 2, ("stages.bad.models.0", "'./nowhere/model' not found", "check the path"),
          append="  bad:\n    kind: eval\n    models: [./nowhere/model]\n    data: {builtin: toy/corpus, max_samples: 4}\n    metrics: [perplexity]\n"),
     Case("finetune-from-tokenizer-dir", 2, ("stages.bad.from", "cannot load a model"),
+         append="  bad:\n    kind: finetune\n    task: causal_lm\n    from: {tmp}/run/tok/final\n    data: {builtin: toy/translate, max_samples: 8}\n    prompt_column: source\n    response_column: target\n"),
+    Case("prompt-from-tokenizer-dir", 2, ("stages.bad.from", "cannot load a model from", "tok/final"),
+         append="  bad:\n    kind: prompt\n    method: zero_shot\n    from: {tmp}/run/tok/final\n    template: '{source} ='\n"),
+    # The same three naming the tokenizer *stage*: validate knows it writes no model.
+    Case("predict-model-is-tokenizer-stage", 2, ("stages.bad.model", "'tok' is a tokenizer stage"),
+         append="  bad:\n    kind: predict\n    model: tok\n    data: {builtin: toy/translate, max_samples: 4}\n"),
+    Case("finetune-from-tokenizer-stage", 2, ("stages.bad.from", "'tok' is a tokenizer stage"),
          append="  bad:\n    kind: finetune\n    task: causal_lm\n    from: tok\n    data: {builtin: toy/translate, max_samples: 8}\n    prompt_column: source\n    response_column: target\n"),
-    Case("prompt-from-tokenizer-dir", 2, ("stages.bad.from", "cannot load a model from 'tok'"),
+    Case("prompt-from-tokenizer-stage", 2, ("stages.bad.from", "'tok' is a tokenizer stage"),
          append="  bad:\n    kind: prompt\n    method: zero_shot\n    from: tok\n    template: '{source} ='\n"),
     Case("template-unknown-column", 2, ("stages.bad", "nope"),
          append="  bad:\n    kind: prompt\n    method: few_shot\n    from: pre\n    data: {builtin: toy/translate, max_samples: 8}\n    template: '{nope} ='\n"),
-    Case("corrupt-state-json", 2, ("state.json", "corrupt", "delete it"),
+    Case("corrupt-state-json", 2, ("state.json", "corrupt", "nothing was changed"),
          append="  bad:\n    kind: tokenizer\n    data: {builtin: toy/corpus, max_samples: 50}\n    vocab_size: 300\n"),
 ]  # fmt: skip
 
@@ -263,7 +270,8 @@ for _case in RUNTIME_CASES:
 FAST_RUNTIME = {
     "data-not-utf8", "data-dir-not-file", "missing-column-finetune", "labels-outside-label-set",
     "reference-row-empty", "seq-len-over-model-positions", "tokenizer-model-vocab-mismatch",
-    "model-path-missing", "corrupt-state-json",
+    "model-path-missing", "corrupt-state-json", "predict-model-is-tokenizer-stage",
+    "finetune-from-tokenizer-stage", "prompt-from-tokenizer-stage",
 }  # fmt: skip
 
 

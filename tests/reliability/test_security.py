@@ -45,8 +45,11 @@ def _interrupt_pre(run_dir: Path) -> Path:
 def _remark(checkpoint: Path) -> None:
     """Rewrite the COMPLETE manifest so the tampered checkpoint passes the completeness check."""
     manifest = json.loads((checkpoint / "COMPLETE").read_text())
+    from mlsteps.engine.checkpoints import file_sha256
+
     for name in manifest["files"]:
         manifest["files"][name] = (checkpoint / name).stat().st_size
+        manifest["sha256"][name] = file_sha256(checkpoint / name)
     (checkpoint / "COMPLETE").write_text(json.dumps(manifest))
 
 

@@ -111,9 +111,11 @@ def test_failure_keeps_earlier_results(write_recipe, tmp_path):
     fake_stages.BEHAVIOUR["pre"] = "fail"
     with pytest.raises(StageFailed, match="stage 'pre' failed: RuntimeError: boom"):
         go(write_recipe, run_dir, ["stages.pre.train.lr=0.2"])
+    # 'pre' had results: the failed re-run was built aside and leaves them (and its state) alone.
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["stages"]["pre"]["status"] == "failed"
-    assert "boom" in state["stages"]["pre"]["error"]
+    assert state["stages"]["pre"]["status"] == "done"
+    attempt = json.loads((run_dir / ".pre.next" / "attempt.json").read_text())
+    assert attempt["status"] == "failed" and "boom" in attempt["error"]
     assert state["stages"]["tok"]["status"] == "done"
     assert (run_dir / "tok" / "final" / "info.json").read_text() == before
     assert "ev" in json.loads((run_dir / "metrics.json").read_text())  # untouched, from run 1
