@@ -135,9 +135,6 @@ def run(
         from mlsteps.distributed import LaunchOptions, launch
 
         check_data_files(spec)
-        from mlsteps.hub import check_hub_reachable
-
-        check_hub_reachable(spec)
         child = ["--debug"] if _STATE["debug"] else []
         child += ["run", str(recipe)]
         for flag, value in (("--run-dir", run_dir), ("--from", from_stage), ("--only", only)):
@@ -168,10 +165,8 @@ def _run_dir_path(text: str | None) -> Path | None:
 
 def _execute(spec: Any, run_dir: str | None, *, as_json: bool, **kwargs: Any) -> None:
     from mlsteps.distributed import is_main
-    from mlsteps.hub import check_hub_reachable
     from mlsteps.runner import run_recipe
 
-    check_hub_reachable(spec)  # seconds, not a minute of retries, when the hub is unreachable
     target = _run_dir_path(run_dir) or Path("runs") / spec.name
     result = run_recipe(spec, target, **kwargs)
     if not is_main():

@@ -4,16 +4,17 @@ cannot be reached.
 Without this, a model id that is not in the local cache and a hub that cannot be reached cost a
 minute of retries before a traceback: huggingface_hub's ``hf_hub_download`` first asks without
 retries, then, finding no cached copy, asks again through ``http_backoff`` (5 retries, 1+2+4+8+8 s
-of sleeps plus each attempt's timeout), once per file transformers looks for. Before any stage
-runs, every hub id the recipe uses that is not cached is asked about once, with a short timeout
-and no retries; an unreachable hub is then a usage error (exit 2) naming the id and the ways out.
+of sleeps plus each attempt's timeout), once per file transformers looks for. Every hub id a
+stage loads passes through ``StageContext.resolve_source``, which asks about an id that is not
+cached once, with a short timeout and no retries, before any library does; an unreachable hub
+is then a usage error (exit 2) naming the id and the ways out. Stages that are skipped (done and
+unchanged) never ask.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from mlsteps.errors import UserError
 
@@ -32,27 +33,6 @@ def is_offline() -> bool:
     return any(os.environ.get(n, "").upper() in ("1", "ON", "YES", "TRUE") for n in OFFLINE_VARS)
 
 
-def hub_references(recipe: Any) -> list[tuple[str, str, str]]:
-    """(id, repo type, recipe key) of every hub id the recipe uses: model/tokenizer references
-    that are neither an earlier stage nor a local directory, and ``hub:`` data sets."""
-    found: list[tuple[str, str, str]] = []
-    names = set(recipe.stages)
-    for stage_name, spec in recipe.stages.items():
-        for field_name in getattr(spec, "REF_FIELDS", ()):
-            value = getattr(spec, field_name)
-            key = type(spec).model_fields[field_name].alias or field_name
-            for ref in value if isinstance(value, list) else [value]:
-                if not isinstance(ref, str) or ref in names or Path(ref).expanduser().exists():
-                    continue
-                found.append((ref, "model", f"stages.{stage_name}.{key}"))
-        from mlsteps.recipe import data_specs
-
-        for data in data_specs(spec):
-            if getattr(data, "hub", None):
-                found.append((data.hub, "dataset", f"stages.{stage_name}"))
-    return found
-
-
 def _cached(repo_id: str, repo_type: str) -> bool:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
@@ -62,28 +42,18 @@ def _cached(repo_id: str, repo_type: str) -> bool:
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
-def check_hub_reachable(recipe: Any) -> None:
-    """Raise UserError (exit 2) within seconds when a hub id the recipe needs is not cached and
-    the hub cannot be reached; offline, name the ids that are missing from the cache."""
-    refs = hub_references(recipe)
-    if not refs:
+def check_hub_id(repo_id: str, *, where: str, repo_type: str = "model") -> None:
+    """Raise UserError (exit 2) within seconds when ``repo_id`` is not in the hub cache and the
+    hub cannot be reached. Offline (``--offline``), the libraries themselves fail at once on an
+    id that is not cached; a cached id, or a hub that answers, is left to them."""
+    if is_offline() or _cached(repo_id, repo_type):
         return
-    for repo_id, repo_type, where in refs:
-        if _cached(repo_id, repo_type):
-            continue
-        if is_offline():
-            raise UserError(
-                f"'{repo_id}' is not in the local hub cache and --offline (HF_HUB_OFFLINE) is set",
-                where=where,
-                hint="run once online to cache it, or use a local directory",
-            )
-        if not _reachable(repo_id, repo_type):
-            raise UserError(
-                f"cannot reach the hub for '{repo_id}'",
-                where=where,
-                hint="check the network, or use --offline with a cached model, or a local "
-                "directory",
-            )
+    if not _reachable(repo_id, repo_type):
+        raise UserError(
+            f"cannot reach the hub for '{repo_id}'",
+            where=where,
+            hint="check the network, or use --offline with a cached model, or a local directory",
+        )
 
 
 def _reachable(repo_id: str, repo_type: str) -> bool:
