@@ -245,6 +245,63 @@ def schema(
     _emit(Recipe.model_json_schema(by_alias=True))
 
 
+@app.command()
+def score(
+    predictions: Annotated[
+        Path,
+        typer.Argument(
+            help="Generations: jsonl (its 'prediction' field) or text, one per line.",
+            show_default=False,
+        ),
+    ],
+    references: Annotated[
+        list[Path],
+        typer.Option(
+            "--references",
+            help="References, one per row: jsonl ('reference': a string or a list) or text. "
+            "Repeat for several references per row.",
+            show_default=False,
+        ),
+    ],
+    metrics: Annotated[
+        list[str],
+        typer.Option(
+            "--metrics",
+            help="Comma-separated: bleu, chrf, ter, rouge, exact_match, token_f1, accuracy, f1.",
+            show_default=False,
+        ),
+    ],
+    target_lang: Annotated[
+        str | None,
+        typer.Option("--target-lang", help="Language of the references (BLEU/TER/ROUGE tokens)."),
+    ] = None,
+    prediction_field: Annotated[
+        str, typer.Option("--prediction-field", help="jsonl field of the predictions.")
+    ] = "prediction",
+    reference_field: Annotated[
+        str, typer.Option("--reference-field", help="jsonl field of the references.")
+    ] = "reference",
+    as_json: JsonOpt = False,
+) -> None:
+    """Score generations made elsewhere with the eval stage's metric code (no torch)."""
+    from mlsteps.score import score_files
+
+    _STATE["json"] = as_json
+    result = score_files(
+        predictions,
+        references,
+        metrics,
+        target_lang=target_lang,
+        prediction_field=prediction_field,
+        reference_field=reference_field,
+    )
+    if as_json:
+        _emit(result)
+        return
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
 @data_app.command("list")
 def data_list(as_json: JsonOpt = False) -> None:
     """List the builtin data sets."""
