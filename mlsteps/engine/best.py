@@ -56,6 +56,7 @@ class BestCallback(TrainerCallback):
         self.rule = spec.keep_best or KeepBestSpec()
         self.mode = self.rule.direction()
         self.early = spec.early_stopping
+        self.keep_checkpoints = spec.keep_checkpoints
         self.shared = shared
         self.state: dict[str, Any] = {
             "metric": self.rule.metric,
@@ -135,9 +136,14 @@ class BestCallback(TrainerCallback):
             return {}
         out: dict[str, Any] = {"best_step": self.best_step, "best_value": self.state["value"]}
         out.update(self.state["metrics"])
+        checkpoints_dir = Path(trainer.args.output_dir)
+        if distributed.is_main():
+            # The last evaluation may have found a new best after the last save's rotation:
+            # the former best is not needed any more.
+            ckpt.rotate_checkpoints(checkpoints_dir, self.keep_checkpoints, {self.best_step})
         if self.best_step == final_step:
             return out
-        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{self.best_step}"
+        checkpoint = checkpoints_dir / f"checkpoint-{self.best_step}"
         problem = ckpt.checkpoint_problem(checkpoint)
         if problem is not None:
             raise StageFailed(
