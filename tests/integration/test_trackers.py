@@ -53,6 +53,9 @@ def test_tensorboard_logs_steps_hparams_and_final_metrics(
     spec = _spec("clm", report_to=["tensorboard"], eval_every_steps=7)
     ctx = _ctx(tmp_path / "run", tok_dirs["clm"])
     _write_recipe(ctx.run_dir, spec)
+    # Stopped at step 5 (checkpoint 3), resumed: the log continues in the same directory.
+    with pytest.raises(StageInterrupted):
+        pretrain.run(spec, _ctx(tmp_path / "run", tok_dirs["clm"], stop_at=5))
     result = pretrain.run(spec, ctx)
     logdir = ctx.stage_dir / "tensorboard"
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
