@@ -23,6 +23,8 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/mlsteps run configs/quickstart.yaml
 	$(VENV)/bin/mlsteps report runs/quickstart
+	$(VENV)/bin/mlsteps run configs/alignment.yaml
+	$(VENV)/bin/mlsteps report runs/alignment
 
 test: install
 	$(VENV)/bin/pytest -q -m "not slow"

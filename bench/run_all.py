@@ -18,7 +18,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-ORDER = ["startup", "pretrain", "generation", "finetune", "perplexity", "quickstart", "scaling"]
+ORDER = [
+    "startup",
+    "pretrain",
+    "generation",
+    "finetune",
+    "perplexity",
+    "quickstart",
+    "scaling",
+    "preference",
+]
 
 
 def main() -> int:

@@ -103,6 +103,7 @@ def plot_curves(stage_dir: Path, ylabel: str = "loss (nats)") -> list[str]:
         fig.savefig(stage_dir / "lr.png", dpi=100)
         plt.close(fig)
         written.append("lr.png")
+    written += _reward_curves(stage_dir, log)
     return written
 
 
@@ -111,6 +112,31 @@ def _named_val_losses(log: list[dict[str, Any]]) -> dict[str, tuple[list[float],
     keys = sorted({k for r in log for k in r if k.startswith("val_") and k.endswith("_loss")})
     named = {k[len("val_") : -len("_loss")]: _series(log, k) for k in keys if k != "val_loss"}
     return {name: series for name, series in named.items() if series[0]}
+
+
+def _reward_curves(stage_dir: Path, log: list[dict[str, Any]]) -> list[str]:
+    """rewards.png for preference stages: reward margin and reward accuracy, train and val."""
+    keys = ("reward_margin", "reward_accuracy")
+    series = {k: (_series(log, k), _series(log, f"val_{k}")) for k in keys}
+    if not any(s[0] for pair in series.values() for s in pair):
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, keys, strict=True):
+        train, val = series[key]
+        if train[0]:
+            ax.plot(*train, label="train")
+        if val[0]:
+            ax.plot(*val, "o-", label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{stage_dir.name}: implicit reward (chosen - rejected)")
+    fig.tight_layout()
+    fig.savefig(stage_dir / "rewards.png", dpi=100)
+    plt.close(fig)
+    return ["rewards.png"]
 
 
 def plot_comparison(

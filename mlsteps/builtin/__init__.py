@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from mlsteps.builtin.alignment import (
+    Deriver,
+    chat_preference_rows,
+    chat_rows,
+    kto_rows,
+    preference_rows,
+)
 from mlsteps.builtin.classify import sentiment_rows, topic_rows
 from mlsteps.builtin.lang import translation_pair
 from mlsteps.builtin.tasks import Row, corpus_rows, distinct, qa_rows, summarize_rows
@@ -67,7 +74,10 @@ class _Spec:
     description: str
     columns: tuple[str, ...]
     sizes: tuple[int, int, int]  # train, validation, test
-    build: Builder
+    build: Builder | None
+    # A derived set maps each split of ``parent`` row by row (sizes and splits follow it).
+    parent: str | None = None
+    derive: Deriver | None = None
 
 
 def _translate(world: World, rng: random.Random, n: int) -> list[Row]:
@@ -130,6 +140,43 @@ _SPECS: dict[str, _Spec] = {
         ("question", "context", "answer", "source", "target"),
         (2000, 200, 200),
         _qa,
+    ),
+    "toy/chat": _Spec(
+        "Conversations ('messages': system/user/assistant turns) asking for toy/translate "
+        "translations; some multi-turn. Built from the same split of toy/translate.",
+        ("messages",),
+        (4000, 200, 200),
+        None,
+        parent="toy/translate",
+        derive=chat_rows,
+    ),
+    "toy/preference": _Spec(
+        "Preference pairs for toy/translate: 'prompt', 'chosen' = the translation, 'rejected' "
+        "= a corruption (a wrong word, two words swapped, truncated), plus 'source'/'target' "
+        "and 'corruption'. Built from the same split of toy/translate.",
+        ("prompt", "chosen", "rejected", "source", "target", "corruption"),
+        (4000, 200, 200),
+        None,
+        parent="toy/translate",
+        derive=preference_rows,
+    ),
+    "toy/chat_preference": _Spec(
+        "Preference pairs as whole conversations (user turn + correct or corrupted assistant "
+        "answer) without a prompt column, like trl-lib/ultrafeedback_binarized.",
+        ("chosen", "rejected"),
+        (4000, 200, 200),
+        None,
+        parent="toy/translate",
+        derive=chat_preference_rows,
+    ),
+    "toy/kto": _Spec(
+        "Unpaired feedback for toy/translate (KTO): 'prompt', 'completion', 'label' (true = "
+        "the correct translation, false = a corruption), alternating.",
+        ("prompt", "completion", "label"),
+        (4000, 200, 200),
+        None,
+        parent="toy/translate",
+        derive=kto_rows,
     ),
 }
 
@@ -201,6 +248,10 @@ def _generate(name: str, seed: int) -> dict[str, tuple[Row, ...]]:
     # A string seed is hashed with SHA-512 by ``random`` (stable across versions); mixing in
     # the name keeps sets independent: adding a set never changes another one's rows.
     rng = random.Random(f"mlsteps-builtin:{name}:{seed}")
+    if spec.parent is not None and spec.derive is not None:
+        parent = _generate(spec.parent, seed)
+        return {split: tuple(spec.derive(list(parent[split]), rng)) for split in SPLITS}
+    assert spec.build is not None
     n_train, n_val, n_test = spec.sizes
     rows = spec.build(_world(seed), rng, n_train + n_val + n_test)
     rng.shuffle(rows)

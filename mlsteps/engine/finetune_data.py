@@ -41,6 +41,8 @@ def required_columns(spec: FinetuneSpec) -> list[str]:
         return cols + ([spec.text_pair_column] if spec.text_pair_column else [])
     if spec.task == "seq2seq":
         return [spec.source_column, spec.target_column]
+    if spec.task == "chat":
+        return [spec.messages_column]
     prompt_cols = template_fields(spec.template) if spec.template else [spec.prompt_column]
     return prompt_cols + [c for c in [spec.response_column] if c not in prompt_cols]
 

@@ -52,13 +52,29 @@ def count_tokens(inputs: dict[str, Any]) -> int:
     if isinstance(mask, torch.Tensor):
         return int(mask.sum())
     ids = inputs.get("input_ids")
-    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+    if isinstance(ids, torch.Tensor):
+        return int(ids.numel())
+    # Preference batches of TRL's ORPO/CPO/KTO: prompt+answer sequences under their own names
+    # (the prompt_* mask would count the prompt twice).
+    masks = [
+        v
+        for k, v in inputs.items()
+        if k.endswith("attention_mask") and not k.startswith("prompt") and torch.is_tensor(v)
+    ]
+    return int(sum(int(m.sum()) for m in masks))
+
+
+# TRL's preference metrics under names without a slash (metrics.json keys, report columns).
+_TRL_NAMES = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
 
 
 def rename_metric(key: str) -> str:
     if key == "learning_rate":
         return "lr"
-    return "val_" + key[len("eval_") :] if key.startswith("eval_") else key
+    key = "val_" + key[len("eval_") :] if key.startswith("eval_") else key
+    for trl_name, name in _TRL_NAMES.items():
+        key = key.replace(trl_name, name)
+    return key.replace("/", "_")
 
 
 def _finite_or_none(value: Any) -> Any:

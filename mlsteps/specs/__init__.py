@@ -16,12 +16,19 @@ from mlsteps.specs.common import (
 )
 from mlsteps.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
 from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.specs.preference import PreferenceSpec
 from mlsteps.specs.pretrain import PretrainSpec
 from mlsteps.specs.prompt import PromptSpec
 from mlsteps.specs.tokenizer import TokenizerSpec
 
 StageSpec = Annotated[
-    TokenizerSpec | PretrainSpec | FinetuneSpec | PromptSpec | EvalSpec | PredictSpec,
+    TokenizerSpec
+    | PretrainSpec
+    | FinetuneSpec
+    | PreferenceSpec
+    | PromptSpec
+    | EvalSpec
+    | PredictSpec,
     Field(discriminator="kind"),
 ]
 
@@ -29,6 +36,7 @@ SPEC_BY_KIND: dict[str, type[Strict]] = {
     "tokenizer": TokenizerSpec,
     "pretrain": PretrainSpec,
     "finetune": FinetuneSpec,
+    "preference": PreferenceSpec,
     "prompt": PromptSpec,
     "eval": EvalSpec,
     "predict": PredictSpec,
@@ -42,6 +50,7 @@ __all__ = [
     "GenerationSpec",
     "LoraSpec",
     "PerplexitySpec",
+    "PreferenceSpec",
     "PredictSpec",
     "PretrainSpec",
     "PromptSpec",

@@ -30,6 +30,7 @@ METRICS = (
     "f1",
     "exact_match",
     "token_f1",
+    "preference_accuracy",
 )
 
 # Metric families: which columns and option blocks each one reads.
@@ -38,9 +39,10 @@ RESPONSE = frozenset({"response_perplexity"})
 MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
 GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
 LABELS = frozenset({"accuracy", "f1"})
+PREFERENCE = frozenset({"preference_accuracy"})
 # The metrics each model kind can be scored with (the eval stage and `validate` both check it).
 FITS: dict[str, frozenset[str]] = {
-    "clm": PERPLEXITY | RESPONSE | GENERATION,
+    "clm": PERPLEXITY | RESPONSE | GENERATION | PREFERENCE,
     "seq2seq": RESPONSE | GENERATION,
     "mlm": MASKED,
     "classification": LABELS,
@@ -118,6 +120,15 @@ class EvalSpec(Strict):
         "scores them given each model's prompt.",
     )
     label_column: str = Field("label", description="Gold label column for accuracy/F1.")
+    prompt_column: str = Field(
+        "prompt",
+        description="preference_accuracy: prompt column (text, or a conversation rendered with "
+        "the model's chat template).",
+    )
+    chosen_column: str = Field("chosen", description="preference_accuracy: preferred answer.")
+    rejected_column: str = Field(
+        "rejected", description="preference_accuracy: dispreferred answer."
+    )
     target_lang: str | None = Field(
         None,
         description="Language of references (e.g. 'en', 'de', 'zh'); picks metric tokenisation.",
@@ -145,10 +156,15 @@ class EvalSpec(Strict):
         unused_without(GENERATION | RESPONSE, ("reference_column",), "generation")
         unused_without(LABELS, ("label_column",), "label (accuracy, f1)")
         unused_without(LANGUAGE, ("target_lang",), "language-dependent (bleu, ter, rouge)")
-        unused_without(GENERATION | LABELS, ("generation",), "generation or label")
+        unused_without(
+            GENERATION | LABELS | PREFERENCE, ("generation",), "generation, label or preference"
+        )
         gen, ppl = self.generation, self.perplexity
-        if chosen & LABELS and not chosen & GENERATION:
-            why = f"no generation metric is chosen ({names}); labels use only batch_size"
+        if chosen & (LABELS | PREFERENCE) and not chosen & GENERATION:
+            why = (
+                f"no generation metric is chosen ({names}); labels and preference pairs use "
+                "only batch_size"
+            )
             found = gen._unused(sorted(set(type(gen).model_fields) - {"batch_size"}), why)
             out += [(f"generation.{k}", w, f) for k, w, f in found]
         if chosen & (PERPLEXITY | MASKED | RESPONSE):
@@ -180,6 +196,12 @@ class EvalSpec(Strict):
             if name not in METRICS:
                 hint = did_you_mean(name, METRICS) or f"choose from {', '.join(METRICS)}"
                 raise ValueError(f"unknown metric '{name}' at metrics.{i}; {hint}")
+        # A changed value, not a set field: the resolved recipe.yaml writes every default.
+        pair_columns = ("prompt_column", "chosen_column", "rejected_column")
+        fields = type(self).model_fields
+        unused = [c for c in pair_columns if getattr(self, c) != fields[c].default]
+        if unused and "preference_accuracy" not in self.metrics:
+            raise ValueError(f"'{unused[0]}' only applies to the metric preference_accuracy")
         return self
 
     @model_validator(mode="after")
@@ -190,12 +212,14 @@ class EvalSpec(Strict):
         info = next((i for i in list_builtin() if i.name == self.data.builtin), None)
         if info is None:
             return self  # not builtin data, or an unknown set (check_data_files names it)
-        text = {"perplexity", "masked_perplexity", "pseudo_perplexity"}
-        labels = {"accuracy", "f1"}
+        chosen = set(self.metrics)
         wanted = [
-            ("text_column", self.text_column, set(self.metrics) & text),
-            ("reference_column", self.reference_column, set(self.metrics) - text - labels),
-            ("label_column", self.label_column, set(self.metrics) & labels),
+            ("text_column", self.text_column, chosen & (PERPLEXITY | MASKED)),
+            ("reference_column", self.reference_column, chosen & (GENERATION | RESPONSE)),
+            ("label_column", self.label_column, chosen & LABELS),
+            # prompt_column is optional: conversation pairs are split at their last shared turn.
+            ("chosen_column", self.chosen_column, chosen & PREFERENCE),
+            ("rejected_column", self.rejected_column, chosen & PREFERENCE),
         ]
         for option, columns, needing in wanted:
             names = [columns] if isinstance(columns, str) else columns  # reference_column: a list

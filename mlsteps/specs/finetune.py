@@ -50,6 +50,8 @@ _TASK_FIELDS = {
                 "max_target_len", "generation", "target_lang", "validation_max_samples"),
     "causal_lm": ("prompt_column", "response_column", "template", "packing", "max_seq_len",
                   "generation", "target_lang", "validation_max_samples"),
+    "chat": ("messages_column", "chat_template", "packing", "max_seq_len", "generation",
+             "target_lang", "validation_max_samples"),
 }  # fmt: skip
 # Fields that only some tasks read; under any other task they would silently do nothing.
 _NOT_FOR_TASK = {
@@ -66,8 +68,10 @@ class FinetuneSpec(Strict):
     REF_FIELDS: ClassVar[tuple[str, ...]] = ("from_", "tokenizer")
 
     kind: Literal["finetune"] = Field(..., description="Stage kind.")
-    task: Literal["classification", "seq2seq", "causal_lm"] = Field(
-        ..., description="classification, seq2seq (translation/summarization) or causal_lm (SFT)."
+    task: Literal["classification", "seq2seq", "causal_lm", "chat"] = Field(
+        ...,
+        description="classification, seq2seq (translation/summarization), causal_lm (SFT) or "
+        "chat (SFT on conversations through a chat template, loss on assistant turns).",
     )
     from_: str | None = Field(
         None,
@@ -115,7 +119,20 @@ class FinetuneSpec(Strict):
         "'Translate: {source}\\nAnswer: '. The response (+ EOS) is appended; trailing spaces "
         "move to the response side; list-valued columns are joined with spaces.",
     )
-    packing: Bool = Field(False, description="causal_lm: pack several examples into one sequence.")
+    messages_column: str = Field(
+        "messages",
+        description="chat: the conversation column, a list of {role, content} turns (ShareGPT "
+        "{from, value} accepted).",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="chat: a Jinja chat template or a builtin name (chatml); default the "
+        "template already in the tokenizer. Saved into final/'s tokenizer, so "
+        "apply_chat_template, pipelines, vLLM and lm-eval reproduce the training prompts.",
+    )
+    packing: Bool = Field(
+        False, description="causal_lm/chat: pack several examples into one sequence."
+    )
     max_seq_len: PositiveInt = Field(
         256,
         description="Truncation length (classification, causal_lm); if left unset it shrinks "
@@ -188,4 +205,8 @@ class FinetuneSpec(Strict):
                 )
         if self.merge and self.method != "lora":
             raise ValueError("'merge' only applies to method: lora")
+        if self.chat_template is not None:
+            from mlsteps.engine.chat_data import check_template_text
+
+            check_template_text(self.chat_template)
         return self

@@ -129,14 +129,36 @@ def require_text(rows: Any, column: str, where: str, option: str) -> list[str]:
     return values
 
 
+def require_inputs(rows: Any, column: str, where: str) -> list[Any]:
+    """Values of the input column: text, or conversations (a chat model answers their last
+    user turn; see ``render_inputs``). UserError naming the first other cell."""
+    from mlsteps.engine.chat_data import is_conversation
+
+    values = _column_values(rows, column)
+    if values and is_conversation(values[0]):
+        return values
+    return require_text(rows, column, where, "input_column")
+
+
+def render_inputs(loaded: Any, values: list[Any], where: str, column: str) -> list[str]:
+    """Model inputs: conversations through the model's chat template (generation prompt)."""
+    from mlsteps.engine.chat_data import generation_input
+
+    return [
+        generation_input(loaded.tokenizer, v, where=where, row=i, column=column)
+        for i, v in enumerate(values)
+    ]
+
+
 def _require_references(rows: Any, column: str | list[str], where: str) -> list[str | list[str]]:
-    """References per row: one column (a string or a list of strings per row), or several
-    columns joined into one list per row, in column order (null cells skipped: rows may have
-    fewer references)."""
+    """References per row: one column (a string or a list of strings per row; a conversation:
+    the text of its final assistant turn), or several columns joined into one list per row, in
+    column order (null cells skipped: rows may have fewer references)."""
+    from mlsteps.engine.chat_data import reference_of
     from mlsteps.metrics.classification import as_reference_lists
 
     if isinstance(column, str):
-        values = _column_values(rows, column)
+        values = [reference_of(v) for v in _column_values(rows, column)]
         as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
         return values
     joined: list[list[Any]] = [[] for _ in range(rows.num_rows)]
@@ -160,10 +182,12 @@ def _require_labels(rows: Any, column: str, where: str) -> list[Any]:
     return values
 
 
-def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str) -> list[str]:
-    """Model inputs: the prompter's rendering of each row, else the input column."""
+def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str, loaded: Any = None) -> list[str]:
+    """Model inputs: the prompter's rendering of each row, else the input column (conversations
+    rendered with the model's chat template)."""
     if prompter is None:
-        return require_text(rows, spec.input_column, where, "input_column")
+        values = require_inputs(rows, spec.input_column, where)
+        return render_inputs(loaded, values, where, spec.input_column) if loaded else values
     prompter.check_columns(rows.column_names, where=where)
     return [prompter.render(row, where=where) for row in rows]
 
@@ -216,10 +240,14 @@ def _score_model(
         out.update(pseudo_perplexity=res.perplexity, pseudo_perplexity_convention=res.convention)
     if "response_perplexity" in metrics:
         out.update(_response_perplexity(spec, ctx, loaded, rows, data["references"]).metrics())
+    if "preference_accuracy" in metrics:
+        from mlsteps.metrics.preference import ladder_scores
+
+        out.update(ladder_scores(loaded, data["pairs"], spec.generation.batch_size, where))
     records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
     gen = [m for m in metrics if m in GENERATION]
     if gen:
-        inputs = _inputs(spec, rows, loaded.prompter, f"stages.{ctx.stage}.data")
+        inputs = _inputs(spec, rows, loaded.prompter, f"stages.{ctx.stage}.data", loaded)
         ctx.log(f"generating {len(inputs)} outputs")
         preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
         post = getattr(loaded.prompter, "postprocess", None)
@@ -411,7 +439,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     prompted = all(i.prompter is not None for i in infos.values())
     if set(metrics) & (GENERATION | LABELS | RESPONSE) and not prompted:
         require_columns(rows, [spec.input_column], where_data)
-        require_text(rows, spec.input_column, where_data, "input_column")
+        require_inputs(rows, spec.input_column, where_data)
     if set(metrics) & (GENERATION | RESPONSE):
         ref_columns = spec.reference_column
         require_columns(
@@ -421,6 +449,11 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     if set(metrics) & LABELS:
         require_columns(rows, [spec.label_column], where_data)
         data["labels"] = _require_labels(rows, spec.label_column, where_data)
+    if "preference_accuracy" in metrics:
+        from mlsteps.metrics.preference import pairs_from_rows
+
+        columns = (spec.prompt_column, spec.chosen_column, spec.rejected_column)
+        data["pairs"] = pairs_from_rows(rows, *columns, where=where_data)
     if set(metrics) & (GENERATION | LABELS | RESPONSE):
         # These render prompts; perplexity scores text_column as is, prompted model or not.
         for info in infos.values():

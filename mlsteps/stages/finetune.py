@@ -37,9 +37,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
+from mlsteps.engine import chat_data, chat_sft, lora
 from mlsteps.engine import finetune_data as fd
 from mlsteps.engine import finetune_eval as fe
-from mlsteps.engine import lora
 from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.engine.modeling import (
     build_model,
@@ -96,12 +96,18 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
         where=f"{where}.{'tokenizer' if spec.tokenizer else 'from'}",
     )  # fmt: skip
     ensure_pad_token(tokenizer)
+    if spec.task == "chat":  # before the model: a builtin template may add tokens
+        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
 
     label2id = None
     if spec.task == "classification":
         val_rows, label2id = _labels(spec, train_rows, val_rows, explicit_val, ctx, where)
     loading_info: dict[str, Any] = {}
     model = _model(spec, ctx, tokenizer, source, label2id, where, loading_info)
+    if spec.task == "chat":
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        chat_sft.use_turn_end_as_eos(tokenizer, model, spec.chat_template)
     spec = _fit_lengths(spec, model, ctx)
     max_len = spec.max_source_len if spec.task == "seq2seq" else spec.max_seq_len
     check_compatible(model, tokenizer, max_seq_len=max_len, where=where)
@@ -115,14 +121,16 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
             )
         elif spec.task == "seq2seq":
             prep = _prepare_seq2seq(spec, train_rows, val_rows, tokenizer, where)
+        elif spec.task == "chat":
+            prep = _prepare_chat(spec, train_rows, val_rows, tokenizer, where)
         else:
             prep = _prepare_sft(spec, train_rows, val_rows, tokenizer, where)
-    if spec.task == "causal_lm":
+    if spec.task in ("causal_lm", "chat"):
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False
     if spec.method == "lora":
         model = lora.wrap(
-            model, spec.lora, spec.task, where=f"{where}.lora.target_modules",
+            model, spec.lora, _model_task(spec), where=f"{where}.lora.target_modules",
             loading_info=loading_info,
         )  # fmt: skip
     if spec.task == "seq2seq":
@@ -160,7 +168,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
         # would need gigabytes for nothing.
         args_overrides={"prediction_loss_only": spec.task != "classification"},
         trainer_kwargs=prep.trainer_kwargs,
-        group_by_length=False if spec.packing and spec.task == "causal_lm" else None,
+        group_by_length=False if spec.packing and spec.task in ("causal_lm", "chat") else None,
         seq_len_for_mfu=max_len,
     )
 
@@ -329,6 +337,37 @@ def _prepare_sft(
     return prep
 
 
+def _prepare_chat(
+    spec: FinetuneSpec,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    tokenizer: Any,
+    where: str,
+) -> _Prepared:
+    col, n = spec.messages_column, spec.max_seq_len
+    train_ds = chat_sft.tokenize_chat(train_rows, tokenizer, col, n, where=f"{where}.data")
+    val_ds = None
+    if val_rows is not None:
+        val_ds = chat_sft.tokenize_chat(val_rows, tokenizer, col, n, where=f"{where}.validation")
+    if spec.packing:
+        train_ds = fd.pack_sft(train_ds, n)
+        val_ds = fd.pack_sft(val_ds, n) if val_ds is not None else None
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    prep = _Prepared(train_ds, val_ds, fd.SftCollator(pad_token_id=int(pad_id)))
+    if val_rows is not None:
+        prep.gen_inputs, prep.gen_references = chat_sft.generation_pairs(
+            _sample(val_rows, spec), tokenizer, col, where=f"{where}.validation"
+        )
+    return prep
+
+
+def _model_task(spec: FinetuneSpec) -> str:
+    """The model class a task trains: a chat model is a causal LM."""
+    return "causal_lm" if spec.task == "chat" else spec.task
+
+
 def _sample(rows: datasets.Dataset, spec: FinetuneSpec) -> datasets.Dataset:
     limit = spec.validation_max_samples
     return rows.select(range(min(limit, len(rows)))) if limit else rows
@@ -358,7 +397,7 @@ def _model(
         model = build_model(
             spec.model,
             tokenizer,
-            spec.task,
+            _model_task(spec),
             num_labels=kwargs.get("num_labels"),
             where=f"{where}.model",
         )
@@ -375,7 +414,7 @@ def _model(
         extra = {**kwargs, "ignore_mismatched_sizes": True} if label2id is not None else {}
         model = load_model(
             source,
-            spec.task,
+            _model_task(spec),
             trust_remote_code=spec.trust_remote_code,
             where=f"{where}.from",
             loading_info=loading_info,
@@ -397,9 +436,9 @@ def _check_task(spec: FinetuneSpec, config: Any, where: str) -> None:
             where=f"{where}.from",
             hint="use a t5 or bart model, or task causal_lm with a template",
         )
-    if spec.task == "causal_lm" and model_type in _ENCODER_ONLY:
+    if spec.task in ("causal_lm", "chat") and model_type in _ENCODER_ONLY:
         raise UserError(
-            f"task causal_lm needs a decoder model; {model_type} is an encoder",
+            f"task {spec.task} needs a decoder model; {model_type} is an encoder",
             where=f"{where}.from",
             hint="use a gpt2/llama model, or task classification",
         )
@@ -433,7 +472,7 @@ def _save(
     if spec.method == "lora":
         assert source is not None  # LoRA needs a pretrained base ('from'); see FinetuneSpec
         model.peft_config["default"].base_model_name_or_path = source
-        info: dict[str, Any] = {"base_model_name_or_path": source, "task": spec.task}
+        info: dict[str, Any] = {"base_model_name_or_path": source, "task": _model_task(spec)}
         if Path(source).is_absolute():
             # adapter_config.json names the base by absolute path (plain peft loads it from any
             # cwd); this relative one lets mlsteps find it after the run directory moved.

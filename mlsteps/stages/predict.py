@@ -16,12 +16,19 @@ from mlsteps.distributed import map_sharded
 from mlsteps.errors import UserError
 from mlsteps.specs.evaluate import PredictSpec
 from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
-from mlsteps.stages.eval import generate_for, require_text, write_jsonl
+from mlsteps.stages.eval import (
+    generate_for,
+    render_inputs,
+    require_inputs,
+    require_text,
+    write_jsonl,
+)
 
 
 def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     """Generate an output (a classifier: a label and its probabilities) for every row of
     ``spec.data`` with ``spec.model``."""
+    from mlsteps.engine.chat_data import reference_of
     from mlsteps.engine.data import load_rows, require_columns
     from mlsteps.engine.inference import inspect_source, load_for_inference
 
@@ -47,7 +54,7 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     column: list[str] | None = None
     if prompter is None or spec.input_column in rows.column_names:
         require_columns(rows, [spec.input_column], f"{where}.data")
-        column = require_text(rows, spec.input_column, f"{where}.data", "input_column")
+        column = require_inputs(rows, spec.input_column, f"{where}.data")
     if spec.reference_column is not None:
         require_columns(rows, [spec.reference_column], f"{where}.data")
     if prompter is not None:
@@ -61,6 +68,8 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     loaded = load_for_inference(
         info.source, trust_remote_code=spec.trust_remote_code, where=f"{where}.model"
     )
+    if prompter is None:  # conversations go through the model's chat template
+        inputs = render_inputs(loaded, inputs, f"{where}.data", spec.input_column)
     ctx.log(f"generating {len(inputs)} outputs with {spec.model}")
     # Each rank generates a disjoint shard; every rank gets all outputs back in input order.
     preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
@@ -68,7 +77,9 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     if post is not None:
         preds = [post(p) for p in preds]
     refs: list[Any] | None = (
-        list(rows[spec.reference_column]) if spec.reference_column is not None else None
+        [reference_of(v) for v in rows[spec.reference_column]]
+        if spec.reference_column is not None
+        else None
     )
     records = []
     for i, (shown_input, pred) in enumerate(zip(shown, preds, strict=True)):

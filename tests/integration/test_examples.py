@@ -72,7 +72,7 @@ def _check_run(run_dir: Path, recipe: Any) -> dict[str, Any]:
         assert name in metrics, f"stage {name} reported no metrics"
         assert f"## {name}\n" in report
         stage_dir = run_dir / name
-        if spec.kind in ("tokenizer", "pretrain", "finetune", "prompt"):
+        if spec.kind in ("tokenizer", "pretrain", "finetune", "prompt", "preference"):
             assert (stage_dir / "final").is_dir(), f"{name}: no final/"
         if spec.kind == "predict":
             lines = (stage_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
@@ -116,10 +116,21 @@ def _check_chinese(metrics: dict[str, Any]) -> None:
     assert "tok:zh" in test["bleu_signature"] and _finite(test["chrf"]) and _finite(test["rouge1"])
 
 
+def _check_dpo_chat(metrics: dict[str, Any]) -> None:
+    dpo = metrics["dpo"]
+    assert dpo["val_reward_accuracy"] > dpo["val_reward_accuracy_start"] == 0.0
+    assert dpo["val_reward_margin"] > 0
+    ladder = metrics["eval"]
+    assert set(ladder) == {"sft", "dpo"}
+    assert ladder["dpo"]["preference_pairs"] == 100
+    assert ladder["dpo"]["preference_accuracy"] >= ladder["sft"]["preference_accuracy"]
+
+
 SPECIFIC = {
     "pretrain-gpt2-wikitext-local.yaml": _check_pretrain_wikitext,
     "summarize-t5-local.yaml": _check_summarize,
     "chinese-pipeline-local.yaml": _check_chinese,
+    "dpo-chat-local.yaml": _check_dpo_chat,
 }
 
 

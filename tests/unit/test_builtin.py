@@ -20,7 +20,10 @@ from mlsteps.builtin.lang import LEXICON, VERBS
 from mlsteps.builtin.tasks import SUMMARY_GLUE
 from mlsteps.errors import UserError
 
-NAMES = [info.name for info in list_builtin()]
+# The alignment sets (toy/chat, toy/preference, toy/chat_preference, toy/kto) derive from toy/translate and hold
+# conversations and booleans: tests/integration/test_chat.py and test_preference.py cover them.
+ALIGNMENT = {"toy/chat", "toy/preference", "toy/chat_preference", "toy/kto"}
+NAMES = [info.name for info in list_builtin() if info.name not in ALIGNMENT]
 # The column whose value identifies a row: two splits must never share one.
 KEY = {
     "toy/corpus": "text",
@@ -42,6 +45,7 @@ def _words(text: str) -> list[str]:
 
 def test_expected_sets_are_listed() -> None:
     assert set(NAMES) == set(KEY)
+    assert {info.name for info in list_builtin()} == set(KEY) | ALIGNMENT
     for info in list_builtin():
         assert info.description and info.columns
         assert info.splits == SPLITS
