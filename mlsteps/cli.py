@@ -8,6 +8,7 @@ imported inside the command bodies.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ app = typer.Typer(
     help="Multi-step language-model training from one YAML recipe: tokenizer, pretrain, "
     "finetune, prompt learning, eval and predict, each stage handing its model to the next.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (shell detected on use)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -39,11 +40,42 @@ OverridesArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mlsteps import __version__
+
+        print(f"mlsteps {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show tracebacks and the libraries' full messages."),
+    ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Use only local files and the hub cache (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, "
+            "TRANSFORMERS_OFFLINE).",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     _STATE["debug"] = debug
+    if debug:
+        os.environ["MLSTEPS_DEBUG"] = "1"  # engine.quiet keeps the libraries' messages
+    if offline:
+        from mlsteps.hub import set_offline
+
+        set_offline()
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -61,7 +93,12 @@ def run(
         str | None, typer.Option(help="Run directory (default runs/<name>).")
     ] = None,
     from_stage: Annotated[
-        str | None, typer.Option("--from", help="Re-run this stage and everything after it.")
+        str | None,
+        typer.Option(
+            "--from-stage",
+            "--from",
+            help="Re-run this stage and everything after it (--from is the same option).",
+        ),
     ] = None,
     only: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
     force: Annotated[
@@ -208,6 +245,63 @@ def schema(
     _emit(Recipe.model_json_schema(by_alias=True))
 
 
+@app.command()
+def score(
+    predictions: Annotated[
+        Path,
+        typer.Argument(
+            help="Generations: jsonl (its 'prediction' field) or text, one per line.",
+            show_default=False,
+        ),
+    ],
+    references: Annotated[
+        list[Path],
+        typer.Option(
+            "--references",
+            help="References, one per row: jsonl ('reference': a string or a list) or text. "
+            "Repeat for several references per row.",
+            show_default=False,
+        ),
+    ],
+    metrics: Annotated[
+        list[str],
+        typer.Option(
+            "--metrics",
+            help="Comma-separated: bleu, chrf, ter, rouge, exact_match, token_f1, accuracy, f1.",
+            show_default=False,
+        ),
+    ],
+    target_lang: Annotated[
+        str | None,
+        typer.Option("--target-lang", help="Language of the references (BLEU/TER/ROUGE tokens)."),
+    ] = None,
+    prediction_field: Annotated[
+        str, typer.Option("--prediction-field", help="jsonl field of the predictions.")
+    ] = "prediction",
+    reference_field: Annotated[
+        str, typer.Option("--reference-field", help="jsonl field of the references.")
+    ] = "reference",
+    as_json: JsonOpt = False,
+) -> None:
+    """Score generations made elsewhere with the eval stage's metric code (no torch)."""
+    from mlsteps.score import score_files
+
+    _STATE["json"] = as_json
+    result = score_files(
+        predictions,
+        references,
+        metrics,
+        target_lang=target_lang,
+        prediction_field=prediction_field,
+        reference_field=reference_field,
+    )
+    if as_json:
+        _emit(result)
+        return
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
 @data_app.command("list")
 def data_list(as_json: JsonOpt = False) -> None:
     """List the builtin data sets."""
@@ -247,12 +341,21 @@ def _stage_command(kind: str, summary: str) -> None:
         config: Annotated[
             Path | None, typer.Option("--config", help="Stage spec YAML file.")
         ] = None,
-        name: Annotated[str, typer.Option(help="Stage (and default run) name.")] = kind,
+        name: Annotated[
+            str,
+            typer.Option(help="Run name: the stage writes to runs/<name>/<command>/."),
+        ] = kind,
         run_dir: Annotated[
             str | None, typer.Option(help="Run directory (default runs/<name>).")
         ] = None,
         source: Annotated[
-            str | None, typer.Option("--from", help="Model source: local directory or hub id.")
+            str | None,
+            typer.Option(
+                "--model",
+                "--from",
+                help="Model source: a local directory or hub id (--from is the same option; "
+                "in `run`, --from/--from-stage names a stage to re-run from).",
+            ),
         ] = None,
         data: Annotated[
             list[str] | None, typer.Option(help="Data file(s)/glob(s) or builtin:NAME.")
@@ -288,9 +391,10 @@ def _stage_command(kind: str, summary: str) -> None:
             )
         if data:
             stage["data"] = {"files": data} if not data[0].startswith("builtin:") else data[0]
-        raw = {"name": name, "seed": seed, "stages": {name: stage}}
+        # The stage is named by its kind, the run by --name: runs/<name>/<kind>/.
+        raw = {"name": name, "seed": seed, "stages": {kind: stage}}
         full = [
-            f"stages.{name}.{o}" if not o.startswith("~") else f"~stages.{name}.{o[1:]}"
+            f"stages.{kind}.{o}" if not o.startswith("~") else f"~stages.{kind}.{o[1:]}"
             for o in overrides or []
         ]
         raw = apply_overrides(raw, full)
@@ -300,10 +404,10 @@ def _stage_command(kind: str, summary: str) -> None:
             doc = LoadedYaml(
                 data=raw,
                 source=doc.source,
-                lines={f"stages.{name}.{k}": v for k, v in doc.lines.items()},
-                raw_scalars={f"stages.{name}.{k}": v for k, v in doc.raw_scalars.items()},
+                lines={f"stages.{kind}.{k}": v for k, v in doc.lines.items()},
+                raw_scalars={f"stages.{kind}.{k}": v for k, v in doc.raw_scalars.items()},
             )
-        spec = validate_recipe(raw, doc, source_name, full, override_prefix=f"stages.{name}.")
+        spec = validate_recipe(raw, doc, source_name, full, override_prefix=f"stages.{kind}.")
         _execute(spec, run_dir, as_json=as_json, force=force)
 
     command.__doc__ = f"{summary} (one-stage recipe; same code path as `run`)."

@@ -81,6 +81,10 @@ class StageContext:
         path = Path(ref).expanduser()
         if path.is_dir():
             return str(path.resolve())
+        from mlsteps.hub import check_hub_id
+
+        # A hub id: an unreachable hub fails here in seconds, not after a minute of retries.
+        check_hub_id(ref, where=f"stages.{self.stage}")
         return ref
 
     def is_stage_ref(self, ref: str) -> bool:

@@ -326,6 +326,8 @@ def data_specs(spec: BaseModel) -> list[Any]:
     found: list[Any] = []
     for name in type(spec).model_fields:
         value = getattr(spec, name)
+        if isinstance(value, dict):  # named data sets (validation: {name: data})
+            value = [d for v in value.values() for d in _as_list(v)]
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, DataSpec):
                 found.append(item)
@@ -347,9 +349,11 @@ def check_data_files(recipe: Recipe) -> None:
         for field_name in type(spec).model_fields:
             value = getattr(spec, field_name)
             # A single source is held as a list of one; its place is named without an index,
-            # as it was written.
+            # as it was written. Named sets (validation: {name: data}) are named by their name.
             several = isinstance(value, list) and len(value) > 1
             items = list(enumerate(value)) if several else [(None, v) for v in _as_list(value)]
+            if isinstance(value, dict):
+                items = [(n, d) for n, v in value.items() for d in _as_list(v)]
             for index, data in items:
                 if not isinstance(data, DataSpec):
                     continue

@@ -65,7 +65,7 @@ PERPLEXITY_LEGEND = {
     "demonstrations, soft prompt; the encoder input for seq2seq)",
 }
 # Per-stage files linked from the report, besides final/ and predictions*.jsonl.
-_EXTRA_FILES = ("prompts_preview.jsonl", "metrics.jsonl")
+_EXTRA_FILES = ("prompts_preview.jsonl", "metrics.jsonl", "tensorboard", "mlruns")  # + tracker logs
 
 
 def _is_convention(key: str) -> bool:

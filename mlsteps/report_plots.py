@@ -70,7 +70,8 @@ def plot_curves(stage_dir: Path, ylabel: str = "loss (nats)") -> list[str]:
     ``ylabel``: the loss axis label (:func:`loss_label` of the stage's spec)."""
     log = read_metrics_log(stage_dir / "metrics.jsonl")
     train, val, lr = _series(log, "loss"), _series(log, "val_loss"), _series(log, "lr")
-    if not train[0] and not val[0]:
+    named = _named_val_losses(log)
+    if not train[0] and not val[0] and not named:
         return []
     plt = _pyplot()
     written = []
@@ -79,6 +80,8 @@ def plot_curves(stage_dir: Path, ylabel: str = "loss (nats)") -> list[str]:
         ax.plot(*train, label="train loss")
     if val[0]:
         ax.plot(*val, "o-", label="validation loss")
+    for set_name, series in named.items():
+        ax.plot(*series, "o-", label=f"validation loss ({set_name})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(f"{stage_dir.name}: loss")
@@ -102,6 +105,13 @@ def plot_curves(stage_dir: Path, ylabel: str = "loss (nats)") -> list[str]:
         written.append("lr.png")
     written += _reward_curves(stage_dir, log)
     return written
+
+
+def _named_val_losses(log: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """{set name: (steps, values)} of named validation sets (val_<name>_loss keys)."""
+    keys = sorted({k for r in log for k in r if k.startswith("val_") and k.endswith("_loss")})
+    named = {k[len("val_") : -len("_loss")]: _series(log, k) for k in keys if k != "val_loss"}
+    return {name: series for name, series in named.items() if series[0]}
 
 
 def _reward_curves(stage_dir: Path, log: list[dict[str, Any]]) -> list[str]:

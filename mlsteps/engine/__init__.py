@@ -13,3 +13,8 @@ import warnings
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient")
 # peft 0.21 calls a transformers 5 property that transformers has renamed; nothing to do on our side.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+# transformers' load-report tables and its "indexing errors" warning (see engine.quiet).
+from mlsteps.engine import quiet as _quiet  # noqa: E402
+
+_quiet.install()

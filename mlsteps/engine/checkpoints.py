@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from mlsteps.rundir import fsync_dir
@@ -141,14 +141,19 @@ def newest_complete_checkpoint(checkpoints_dir: Path, log=None) -> Path | None:
     return None
 
 
-def rotate_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and stale incomplete ones."""
+def rotate_checkpoints(
+    checkpoints_dir: Path, keep: int, protected: Collection[int | None] = ()
+) -> None:
+    """Keep the newest ``keep`` complete checkpoints (and those of the ``protected`` steps: the
+    best one); drop older ones and stale incomplete ones."""
     checkpoints = list_checkpoints(checkpoints_dir)
     complete = [c for c in checkpoints if (c / COMPLETE_MARKER).is_file()]
     newest = checkpoint_step(complete[-1]) if complete else None
     for checkpoint in checkpoints:
         is_complete = checkpoint in complete
-        if is_complete and checkpoint in complete[-keep:]:
+        if is_complete and (
+            checkpoint in complete[-keep:] or checkpoint_step(checkpoint) in protected
+        ):
             continue
         # An incomplete directory older than the newest complete one is a leftover of a crash.
         if not is_complete and (newest is None or (checkpoint_step(checkpoint) or 0) > newest):

@@ -1,7 +1,11 @@
-"""A rich progress bar on stderr for training loops (steps, loss, lr, tokens/s, ETA)."""
+"""Training progress on stderr (steps, loss, lr, tokens/s, ETA): a rich bar on a terminal; in a
+log file or a pipe (stderr not a TTY), where a bar only shows up once it is finished, one plain
+line every ``LINES`` th of the run instead."""
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -26,6 +30,10 @@ class RichProgress:
 
     def start(self, total_steps: int, done_steps: int) -> None:
         if not self.enabled or self._progress is not None:
+            return
+        if not Console(stderr=True).is_terminal:
+            self._progress = _LineProgress(self.label, total_steps, done_steps)  # type: ignore[assignment]
+            self._task = 0
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -61,3 +69,38 @@ class RichProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class _LineProgress:
+    """Progress as log lines: ``stage: step 40/400 (10%) loss 3.2 lr 1e-3 1,234 tok/s ETA 2m``,
+    one every tenth of the run (and at the last step); the same calls as rich's Progress."""
+
+    LINES = 10
+
+    def __init__(self, label: str, total: int, done: int):
+        self.label = label
+        self.total = max(total, 1)
+        self.every = max(1, self.total // self.LINES)
+        self.first = done
+        self.started = time.perf_counter()
+        self.last_printed = done
+
+    def update(self, task: Any, completed: int | None = None, **fields: Any) -> None:
+        if completed is None or completed == self.last_printed:
+            return
+        if completed % self.every and completed < self.total:
+            return
+        self.last_printed = completed
+        elapsed = time.perf_counter() - self.started
+        rate = (completed - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = f" ETA {(self.total - completed) / rate:.0f}s" if rate > 0 else ""
+        print(
+            f"{self.label}: step {completed}/{self.total} ({completed / self.total:.0%}) "
+            f"loss {fields.get('loss', '-')} lr {fields.get('lr', '-')} "
+            f"{fields.get('tps', '-')} tok/s{eta}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def stop(self) -> None:
+        pass

@@ -42,6 +42,9 @@ class Shared:
     batches_consumed: int = 0  # micro-batches trained so far (saved in checkpoints)
     flops_per_token: float | None = None
     peak_flops: float | None = None
+    # engine.best: called after each evaluation; checkpoint steps rotation must keep.
+    after_eval: Callable[[Any, Any], None] | None = None
+    protected_steps: set[int] = field(default_factory=set)
 
 
 def count_tokens(inputs: dict[str, Any]) -> int:
@@ -219,7 +222,9 @@ class MlstepsCallback(TrainerCallback):
             }
             (checkpoint / RESUME_STATE_FILE).write_text(json.dumps(resume_state), encoding="utf-8")
             ckpt.mark_complete(checkpoint, state.global_step)
-            ckpt.rotate_checkpoints(checkpoints_dir, self.spec.keep_checkpoints)
+            ckpt.rotate_checkpoints(
+                checkpoints_dir, self.spec.keep_checkpoints, protected=self.shared.protected_steps
+            )
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.progress.stop()

@@ -37,8 +37,10 @@ from transformers.utils import logging as hf_logging
 
 from mlsteps import distributed
 from mlsteps.context import StageContext
+from mlsteps.engine import best as best_ckpt
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.engine.progress import RichProgress
+from mlsteps.engine.trackers import Trackers
 from mlsteps.engine.train_callbacks import (
     ExtraEval,
     JsonlWriter,
@@ -103,6 +105,8 @@ class _MlstepsTrainerMixin:
         shared.eval_seconds += time.perf_counter() - started
         shared.last_eval_step = self.state.global_step  # type: ignore[attr-defined]
         shared.last_eval = {rename_metric(k): v for k, v in metrics.items()}
+        if shared.after_eval is not None:
+            shared.after_eval(self.state, self.control)  # type: ignore[attr-defined]
         return metrics
 
 
@@ -233,10 +237,16 @@ def train(
         ctx.log(f"resuming from {resume.name}")
         consumed = restore_collator_state(resume, data_collator)
 
+    trackers = Trackers(spec, ctx)
+    overrides = {**trackers.training_args(), **(args_overrides or {})}
     args = build_training_args(
-        spec, ctx, args_cls=args_cls, group_by_length=group_by_length, **(args_overrides or {})
+        spec, ctx, args_cls=args_cls, group_by_length=group_by_length, **overrides
     )
     shared = Shared(ctx=ctx, extra_eval=extra_eval)
+    best = None
+    if spec.keep_best is not None or spec.early_stopping is not None:
+        best = best_ckpt.BestCallback(spec, shared, resume)
+        shared.after_eval = best.after_eval
     shared.batches_consumed = consumed
     # Only rank 0 writes metrics.jsonl (the logged loss is already averaged over ranks).
     writer = JsonlWriter(ctx.metrics_path, resume_step) if distributed.is_main() else _NullWriter()
@@ -256,6 +266,8 @@ def train(
     trainer._mlsteps = shared
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
+    if best is not None:
+        trainer.add_callback(best)  # before MlstepsCallback: its file goes into the manifest
     callback_cls = _DistributedCallback if distributed.is_distributed() else MlstepsCallback
     trainer.add_callback(callback_cls(shared, writer, spec, progress))
     shared.peak_flops = peak_flops(args.bf16 or args.fp16)
@@ -264,11 +276,38 @@ def train(
 
     # Our progress bar replaces the hub/save tqdm bars ("Writing model shards").
     hf_logging.disable_progress_bar()
-    if eval_at_start and resume is None and (eval_dataset is not None or extra_eval is not None):
+    trackers.attach(trainer)
+    try:
+        outcome = _run(trainer, args, shared, writer, progress, resume, best, ctx, eval_at_start)
+    except BaseException as exc:
+        trackers.finish(trainer, {}, "KILLED" if isinstance(exc, StageInterrupted) else "FAILED")
+        raise
+    trackers.finish(trainer, outcome.metrics)
+    return outcome
+
+
+def _run(
+    trainer: Any,
+    args: TrainingArguments,
+    shared: Shared,
+    writer: JsonlWriter,
+    progress: RichProgress,
+    resume: Path | None,
+    best: best_ckpt.BestCallback | None,
+    ctx: StageContext,
+    eval_at_start: bool,
+) -> TrainOutcome:
+    """Evaluate first if asked, train or restore a finished run, evaluate last, collect."""
+    resume_step = ckpt.checkpoint_step(resume) if resume is not None else None
+    evaluates = trainer.eval_dataset is not None or shared.extra_eval is not None
+    if eval_at_start and resume is None and evaluates:
         trainer.evaluate()
     started = time.perf_counter()
+    finished = resume is not None and (
+        _training_complete(resume) or best_ckpt.stopped_early(resume)
+    )
     try:
-        if resume is not None and _training_complete(resume) and not (args.fsdp or args.deepspeed):
+        if finished and resume is not None and not (args.fsdp or args.deepspeed):
             _restore_finished(trainer, resume, shared, writer, ctx)
         else:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -292,13 +331,15 @@ def train(
             f"stopped at step {step}; resumable checkpoint {ctx.checkpoints_dir / f'checkpoint-{step}'}",
             hint="run the same command again to resume",
         )
-    if shared.last_eval_step != step and (eval_dataset is not None or extra_eval is not None):
+    if shared.last_eval_step != step and evaluates:
         trainer.evaluate()
     if distributed.is_distributed():
         shared.tokens_total = int(distributed.all_sum(shared.tokens_total))
-        if args.fsdp or args.deepspeed:
-            # A full state dict for final/ (a collective: every rank takes part, rank 0 keeps it).
-            _FULL_STATE[model] = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    # final/ is the best checkpoint's model when keep_best is set (its val_* describe it).
+    best_metrics = best.load_best(trainer, step) if best is not None else {}
+    if distributed.is_distributed() and (args.fsdp or args.deepspeed):
+        # A full state dict for final/ (a collective: every rank takes part, rank 0 keeps it).
+        _FULL_STATE[trainer.model] = trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
     metrics: dict[str, float] = {"global_step": step}
     world = distributed.world_size()
@@ -325,8 +366,14 @@ def train(
             if isinstance(v, (int, float)) and k != "epoch" and not k.endswith(_TIMING_SUFFIXES)
         }
     )
+    metrics.update(best_metrics)
     initial = next(
-        (r for r in writer.previous + writer.history if r.get("step") == 0 and "val_loss" in r), {}
+        (
+            r
+            for r in writer.previous + writer.history
+            if r.get("step") == 0 and any(k.startswith("val_") for k in r)
+        ),
+        {},
     )
     return TrainOutcome(
         initial_metrics={k: v for k, v in initial.items() if k.startswith("val_")},

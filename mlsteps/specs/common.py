@@ -16,7 +16,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    StringConstraints,
+    Tag,
     field_validator,
     model_validator,
 )
@@ -144,7 +147,8 @@ def unused_without_validation(spec: Any, names: tuple[str, ...] = ()) -> list[Un
         return []
     why = "there are no validation rows (no 'validation', validation_fraction 0)"
     found: list[Unused] = spec._unused(names, why)
-    found += [(f"train.{k}", w, f) for k, w, f in spec.train._unused(("eval_every_steps",), why)]
+    train_fields = ("eval_every_steps", "keep_best", "early_stopping")
+    found += [(f"train.{k}", w, f) for k, w, f in spec.train._unused(train_fields, why)]
     return found
 
 
@@ -303,10 +307,101 @@ def _as_sources(value: Any) -> Any:
 # to the recipe text, before this runs.
 DataSources = Annotated[list[DataSpec], BeforeValidator(_as_sources), Field(min_length=1)]
 
+# Named validation sets (``validation: {web: a.txt, books: b.txt}``): each is evaluated on its
+# own and logged as val_<name>_<metric>. The name becomes part of metric names: keep it plain.
+SetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")]
+NamedValidation = Annotated[dict[SetName, DataSources], Field(min_length=1)]
+
+
+def _validation_form(value: Any) -> str:
+    """Named sets: a mapping whose keys are not DataSpec fields, nor near misses of one (a
+    misspelled 'filez' gets "unknown key, did you mean 'files'" rather than a set 'filez')."""
+    import difflib
+
+    if isinstance(value, dict):
+        fields = list(DataSpec.model_fields)
+        if not any(k in fields or difflib.get_close_matches(str(k), fields, 1, 0.8) for k in value):
+            return "form[named]"
+    return "form[one]"
+
+
+# A ``validation`` field: one source, a list evaluated together, or named sets. The
+# form is decided up front so that an error inside a named set is reported there (a plain union
+# would report the first form's complaint: "unknown key '<set name>'").
+ValidationSources = Annotated[
+    # Tags with brackets: error places leave them out like other pydantic internals.
+    Annotated[DataSources, Tag("form[one]")] | Annotated[NamedValidation, Tag("form[named]")],
+    Discriminator(_validation_form),
+]
+
+
+def validation_sets(value: Any) -> dict[str, list[DataSpec]]:
+    """A ``validation`` field as {set name: sources}; the single, unnamed form has the name ''."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    return {"": value if isinstance(value, list) else [value]}
+
 
 def column_list(value: str | list[str]) -> list[str]:
     """A ``text_column`` field (one name or a list) as a list."""
     return [value] if isinstance(value, str) else list(value)
+
+
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "clearml", "dvclive"]
+
+
+def _tracker_missing(name: str) -> str | None:
+    """Why tracker ``name`` cannot log here (its package is missing), or None. No import."""
+    import importlib.util
+
+    modules = ("tensorboard", "tensorboardX") if name == "tensorboard" else (name,)
+    if any(importlib.util.find_spec(m) is not None for m in modules):
+        return None
+    return f"the {modules[0]} package is not installed"
+
+
+class KeepBestSpec(Strict):
+    """Which validation metric picks the best checkpoint."""
+
+    metric: str = Field(
+        "val_loss",
+        description="A validation metric as written to metrics.jsonl, e.g. val_loss, "
+        "val_perplexity, val_accuracy, val_bleu, val_<set>_loss for a named validation set.",
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None,
+        description="min: lower is better, max: higher is better; default min for names with "
+        "loss, perplexity, ter or bits_per_byte, else max.",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _is_validation_metric(cls, value: str) -> str:
+        if not value.startswith("val_"):
+            raise ValueError(
+                f"{value!r} is not a validation metric: give its val_ name, e.g. 'val_{value}'"
+            )
+        return value
+
+    def direction(self) -> Literal["min", "max"]:
+        """The mode, given or inferred from the metric's name."""
+        if self.mode is not None:
+            return self.mode
+        lower = ("loss", "perplexity", "ter", "bits_per_byte")
+        return "min" if any(w in self.metric for w in lower) else "max"
+
+
+class EarlyStoppingSpec(Strict):
+    """Stop training once the validation metric stops improving."""
+
+    patience: PositiveInt = Field(
+        3, description="Evaluations without an improvement larger than min_delta before stopping."
+    )
+    min_delta: NonNegativeFloat = Field(
+        0.0, description="The smallest change of the metric that counts as an improvement."
+    )
 
 
 class TrainSpec(Strict):
@@ -349,11 +444,49 @@ class TrainSpec(Strict):
         True, description="Batch examples of similar length together (less padding)."
     )
     dataloader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes.")
+    # Experiment tracking, best checkpoint and early stopping (engine/trackers.py, engine/best.py).
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers the Trainer logs to, one run per stage named "
+        "'<recipe>/<stage>' with the stage config as hyperparameters: tensorboard (event files "
+        "in <stage>/tensorboard), mlflow (file:<stage>/mlruns unless MLFLOW_TRACKING_URI is "
+        "set), wandb, trackio, comet_ml, clearml, dvclive. Default none: nothing logs in or "
+        "reaches the network.",
+    )
+    keep_best: KeepBestSpec | None = Field(
+        None,
+        description="Keep the checkpoint with the best validation metric through rotation and "
+        "make final/ that model (metrics best_step, best_value). Needs validation and "
+        "eval_every_steps.",
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None,
+        description="Stop when the keep_best metric (else val_loss, lower is better) has not "
+        "improved for 'patience' evaluations. Needs validation and eval_every_steps.",
+    )
 
     def _ignored(self) -> list[Unused]:
         if self.max_steps is None:
             return []
         return self._unused(("epochs",), "max_steps is set and wins", "remove one of them")
+
+    def _invalid(self) -> list[Unused]:
+        out: list[Unused] = []
+        for i, name in enumerate(self.report_to):
+            missing = _tracker_missing(name)
+            if missing:
+                fix = "pip install 'mlsteps[trackers]' (tensorboard, mlflow) or remove it"
+                out.append((f"report_to.{i}", f"{name}: {missing}", fix))
+        for key in ("keep_best", "early_stopping"):
+            if getattr(self, key) is not None and self.eval_every_steps is None:
+                out.append(
+                    (
+                        key,
+                        "needs evaluations during training (only the end is evaluated)",
+                        "set train.eval_every_steps",
+                    )
+                )
+        return out
 
 
 class ArchSpec(Strict):

@@ -16,6 +16,7 @@ from mlsteps.specs.common import (
     Strict,
     TrainSpec,
     Unused,
+    ValidationSources,
     column_list,
     unused_without_validation,
 )
@@ -48,9 +49,11 @@ class PretrainSpec(Strict):
         description="Training text: one data source, or a list of sources trained on together "
         "(e.g. [builtin:toy/corpus, {builtin: toy/translate}]).",
     )
-    validation: DataSources | None = Field(
+    validation: ValidationSources | None = Field(
         None,
-        description="Validation text, one source or a list (else a held-out fraction of 'data').",
+        description="Validation text, one source or a list (else a held-out fraction of "
+        "'data'); or a mapping name -> source(s), e.g. {web: a.txt, books: b.txt}: each set is "
+        "evaluated on its own and logged as val_<name>_loss, val_<name>_perplexity, ...",
     )
     validation_fraction: Fraction = Field(
         0.05,

@@ -201,7 +201,8 @@ def _score_model(
     data: dict[str, Any],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics of one loaded model, and its prediction records (empty when it predicts nothing)."""
-    from mlsteps.metrics import classification, perplexity, text
+    from mlsteps.metrics import classification, perplexity
+    from mlsteps.metrics.generated import score_texts
 
     where = f"stages.{ctx.stage}.metrics"
     out: dict[str, Any] = {}
@@ -252,22 +253,7 @@ def _score_model(
         post = getattr(loaded.prompter, "postprocess", None)
         preds = [post(p) for p in preds] if post else preds
         refs = data["references"]
-        lang = spec.target_lang
-        for metric in gen:
-            if metric == "bleu":
-                out.update(text.bleu(preds, refs, target_lang=lang, where=where))
-            elif metric == "chrf":
-                out.update(text.chrf(preds, refs, where=where))
-            elif metric == "ter":
-                out.update(text.ter(preds, refs, target_lang=lang, where=where))
-            elif metric == "rouge":
-                out.update(text.rouge(preds, refs, target_lang=lang, where=where))
-            elif metric == "exact_match":
-                out["exact_match"] = classification.exact_match(preds, refs, where=where)
-                out["exact_match_convention"] = classification.NORMALISATION
-            else:
-                out["token_f1"] = classification.token_f1(preds, refs, where=where)
-                out["token_f1_convention"] = classification.NORMALISATION
+        out.update(score_texts(preds, refs, gen, target_lang=spec.target_lang, where=where))
         for rec, src, pred, ref in zip(records, inputs, preds, refs, strict=True):
             rec.update(input=src, prediction=pred, reference=ref)
     labels_wanted = [m for m in metrics if m in LABELS]

@@ -39,7 +39,7 @@ _EVAL_MASK_SEED_OFFSET = 7919
 
 def _load_text(
     spec: PretrainSpec, ctx: StageContext, where: str
-) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+) -> tuple[datasets.Dataset, datasets.Dataset | None | dict[str, datasets.Dataset]]:
     def text(sources: list[Any], field: str) -> datasets.Dataset:
         return load_text(
             sources,
@@ -50,6 +50,8 @@ def _load_text(
         )
 
     rows = text(spec.data, "data")
+    if isinstance(spec.validation, dict):  # named sets, each evaluated on its own
+        return rows, {n: text(v, f"validation.{n}") for n, v in spec.validation.items()}
     if spec.validation is not None:
         return rows, text(spec.validation, "validation")
     return split_validation(
@@ -105,10 +107,10 @@ def _pack(
     ctx: StageContext,
     *,
     train_split: bool,
+    set_name: str = "",
 ) -> datasets.Dataset:
-    where = (
-        f"stages.{ctx.stage}.{'data' if train_split or spec.validation is None else 'validation'}"
-    )
+    field = "data" if train_split or spec.validation is None else "validation"
+    where = f"stages.{ctx.stage}.{field}" + (f".{set_name}" if set_name else "")
     if spec.objective == "clm":
         end_id = (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
@@ -137,13 +139,17 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     tokenizer, model = _load_tokenizer_and_model(spec, ctx, where)
     with main_process_first():
         train_blocks = _pack(spec, train_rows, tokenizer, ctx, train_split=True)
-        val_blocks = _pack(spec, val_rows, tokenizer, ctx, train_split=False) if val_rows else None
+        named = val_rows if isinstance(val_rows, dict) else {"": val_rows} if val_rows else {}
+        val_sets = {
+            n: _pack(spec, rows, tokenizer, ctx, train_split=False, set_name=n)
+            for n, rows in named.items()
+        }
     n_params = count_parameters(model)
     vocab_size = model.get_input_embeddings().num_embeddings
     seen = lm_data.seen_token_ids(train_blocks, vocab_size)
     ctx.log(
         f"{spec.objective}: {len(train_blocks)} training blocks of {spec.max_seq_len} tokens, "
-        f"{len(val_blocks) if val_blocks is not None else 0} validation blocks, "
+        f"{sum(len(b) for b in val_sets.values())} validation blocks, "
         f"{n_params:,} parameters; {len(seen):,} of {vocab_size:,} token ids occur in the "
         "training text"
     )
@@ -151,12 +157,12 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         _freeze_unseen(model, tokenizer, seen, ctx)
 
     collator: Any
-    evaluator = None
+    evaluators = {}
     if spec.objective == "clm":
         collator = lm_data.CausalCollator(tokenizer.pad_token_id)
-        if val_blocks is not None:
+        for set_name, val_blocks in val_sets.items():
             batches = lm_data.eval_batches(val_blocks, collator, spec.train.batch_size)
-            evaluator = lm_data.LossEvaluator(batches, causal=True)
+            evaluators[set_name] = lm_data.LossEvaluator(batches, causal=True)
     else:
         collator = lm_data.MaskingCollator(
             tokenizer,
@@ -164,7 +170,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
             whole_word=spec.whole_word_mask,
             seed=ctx.seed,
         )
-        if val_blocks is not None:
+        for set_name, val_blocks in val_sets.items():
             eval_masker = lm_data.MaskingCollator(
                 tokenizer,
                 probability=spec.mlm_probability,
@@ -172,7 +178,8 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
                 seed=ctx.seed + _EVAL_MASK_SEED_OFFSET,
             )
             batches = lm_data.eval_batches(val_blocks, eval_masker, spec.train.batch_size)
-            evaluator = lm_data.LossEvaluator(batches, causal=False)
+            evaluators[set_name] = lm_data.LossEvaluator(batches, causal=False)
+    evaluator = named_evaluation(evaluators)
 
     outcome = train(
         model=model,
@@ -196,10 +203,10 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     # freeze_unseen_tokens): a later stage that needs many of them is better served by more data.
     metrics["train_vocab_coverage"] = len(seen) / vocab_size
     initial = outcome.initial_metrics
-    if "val_perplexity" in initial:
-        metrics["initial_val_loss"] = initial["val_loss"]
-        metrics["initial_val_perplexity"] = initial["val_perplexity"]
-    if "val_perplexity" in metrics:
+    for key, value in initial.items():
+        if key.endswith(("_loss", "_perplexity")):
+            metrics[f"initial_{key}"] = value
+    if any(k.startswith("val_") and k.endswith("_perplexity") for k in metrics):
         metrics["perplexity_convention"] = _convention(spec)
     limit = max_positions(model)
     if limit is not None:
@@ -208,6 +215,24 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         tokenizer.model_max_length = limit
     final = save_final(model, tokenizer, ctx)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+def named_evaluation(evaluators: dict[str, Any]) -> Any:
+    """One ``extra_eval`` over several validation sets: set ``name``'s ``val_<metric>`` becomes
+    ``val_<name>_<metric>`` (the unnamed set, '', keeps ``val_<metric>``)."""
+    if not evaluators:
+        return None
+    if list(evaluators) == [""]:
+        return evaluators[""]
+
+    def evaluate(model: Any) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, evaluator in evaluators.items():
+            for key, value in evaluator(model).items():
+                out[f"val_{name}_{key.removeprefix('val_')}"] = value
+        return out
+
+    return evaluate
 
 
 def _freeze_unseen(model: Any, tokenizer: Any, seen: Any, ctx: StageContext) -> None:
