@@ -120,3 +120,21 @@ def test_small_ladder_runs_with_calibration_and_majority_baseline(
     ]
     assert losses and abs(losses[0] - math.log(2)) < 0.35
     assert losses[-1] < losses[0]
+
+
+def test_unigram_perplexity_matches_brute_force() -> None:
+    """The pretrain stage's context-free reference (unigram_val_perplexity), by hand."""
+    import datasets
+
+    from mlsteps.engine.lm_data import unigram_perplexity
+
+    train = datasets.Dataset.from_dict({"input_ids": [[0, 5, 5, 6, 1], [0, 7, 5, 1]]})
+    val = datasets.Dataset.from_dict({"input_ids": [[0, 5, 6, 9, 1]]})
+    vocab, special = 10, [0, 1]
+    counts = Counter(t for row in train["input_ids"] for t in row if t not in special)
+    kept = [t for t in range(vocab) if t not in special]
+    total = sum(counts[t] + 1 for t in kept)  # add-one smoothing over the non-special ids
+    val_tokens = [t for t in val["input_ids"][0] if t not in special]
+    nll = -sum(math.log((counts[t] + 1) / total) for t in val_tokens) / len(val_tokens)
+    got = unigram_perplexity(train, val, vocab, skip_ids=special)
+    assert got == pytest.approx(math.exp(nll), rel=1e-12)
