@@ -149,6 +149,11 @@ def continuation_logprobs(
         or getattr(getattr(model, "config", None), "n_positions", None)
         or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     )
+    active = getattr(model, "active_peft_config", None)
+    if limit and not max_seq_len and getattr(active, "is_prompt_learning", False):
+        # The virtual tokens occupy positions in front of every input (else: IndexError in the
+        # position embedding for prompts near the model's limit).
+        limit -= int(getattr(active, "num_virtual_tokens", 0) or 0)
     examples = []
     for prompt, cont in zip(prompts, continuations, strict=True):
         p_ids = encode_prompt(tokenizer, prompt, seq2seq=seq2seq)

@@ -155,3 +155,23 @@ def test_prompted_model_keeps_its_calibration(tmp_path: Path) -> None:
     assert Prompter.from_json(data).calibration == "domain_pmi"
     legacy = {k: v for k, v in data.items() if k != "calibration"}  # written before the field
     assert Prompter.from_json(legacy).calibration == "none"
+
+
+def test_soft_prompt_scoring_fits_prompts_at_the_position_limit(tiny: tuple[Any, Any]) -> None:
+    """A prompt as long as the model's positions, scored through a soft prompt: the virtual
+    tokens take positions too, so the prompt must lose that many more tokens from its start
+    (this raised IndexError in the position embedding, in eval of a prompt_tuning model)."""
+    import copy
+
+    from mlsteps.engine.soft_prompt import wrap
+
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    peft_model = wrap(
+        copy.deepcopy(model), tokenizer, method="prompt_tuning", num_virtual_tokens=4,
+        init_text=None, gradient_checkpointing=False, where="stages.t",
+    )  # fmt: skip
+    long_prompt = " ".join(WORDS * 40)  # far beyond the 128 positions
+    assert len(tokenizer(long_prompt)["input_ids"]) > 128
+    got = classify_prompted(peft_model, tokenizer, _prompter("none"), [long_prompt, "good film"])
+    assert len(got) == 2 and set(got) <= set(VERBALIZER)
