@@ -33,6 +33,8 @@ PROMPT_FILE = "mlsteps_prompt.json"
 # Trained with peft; the hard-prompt methods (zero_shot, few_shot) have no weights of their own.
 SOFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 FORMAT_VERSION = 1
+# Contextual calibration (Zhao et al. 2021) averages the label distribution over these inputs.
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
 TemplateFormat = Literal["format", "jinja"]
 
@@ -230,6 +232,8 @@ class Prompter:
     has_adapter: bool = False
     model_kind: Literal["causal", "seq2seq"] = "causal"
     num_virtual_tokens: int = 0
+    # Verbalizer-score calibration at classification time (see engine.prompt_scoring).
+    calibration: str = "none"
 
     def __post_init__(self) -> None:
         self.template_format = resolve_format(self.template, self.template_format)
@@ -298,6 +302,19 @@ class Prompter:
         query = self.render_row(row, where=where)
         demos = self.demos_for(row)
         return "".join(self.format_demo(d) + self.demo_separator for d in demos) + query
+
+    def content_free_rows(self) -> list[dict[str, str]]:
+        """Rows whose every template field is one content-free input (contextual calibration)."""
+        return [dict.fromkeys(self.fields, text) for text in CONTENT_FREE_INPUTS]
+
+    def domain_premise(self) -> str:
+        """The template's text after its last field, up to the answer: the domain-conditional
+        PMI premise (Holtzman et al. 2021), e.g. "\nSentiment:" of "Review: {text}\nSentiment:".
+        No demonstrations: the premise is how likely each answer is in the domain, without input."""
+        marker = "\x00mlsteps-field\x00"
+        rendered = self._renderer.render(dict.fromkeys(self.fields, marker))
+        head = split_separator(self.answer_separator)[0]
+        return rendered.rsplit(marker, 1)[-1] + head
 
     def postprocess(self, generated: str) -> str:
         """Clean a generated continuation: cut at the next demonstration, strip whitespace.

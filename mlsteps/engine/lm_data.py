@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -52,6 +53,32 @@ def seen_token_ids(blocks: datasets.Dataset, vocab_size: int) -> np.ndarray:
     """The distinct token ids below ``vocab_size`` that occur in ``blocks`` (sorted)."""
     ids = _flat_ids(blocks)
     return np.unique(ids[(ids >= 0) & (ids < vocab_size)])
+
+
+def unigram_perplexity(
+    train_blocks: datasets.Dataset,
+    val_blocks: datasets.Dataset,
+    vocab_size: int,
+    skip_ids: Sequence[int] = (),
+) -> float:
+    """Perplexity on the validation tokens of the training text's token frequencies (add-one
+    smoothed), ``skip_ids`` (special tokens) left out on both sides: the number a language model
+    that ignores all context reaches. A pretrained model near it has learned only how frequent
+    each token is; its hidden states carry almost nothing of the input (see docs/quickstart.md,
+    "Why the MLM start lost")."""
+    train_ids, val_ids = _flat_ids(train_blocks), _flat_ids(val_blocks)
+    counts = np.bincount(
+        train_ids[(train_ids >= 0) & (train_ids < vocab_size)], minlength=vocab_size
+    )
+    keep = np.ones(vocab_size, dtype=bool)
+    keep[[i for i in skip_ids if 0 <= i < vocab_size]] = False
+    probs = np.where(keep, counts + 1.0, 0.0)
+    probs /= probs.sum()
+    val = val_ids[(val_ids >= 0) & (val_ids < vocab_size)]
+    val = val[keep[val]]
+    if not len(val):
+        return float("nan")
+    return float(np.exp(-np.log(probs[val]).astype(np.float64).mean()))
 
 
 def _from_blocks(values: np.ndarray, offsets: np.ndarray) -> datasets.Dataset:

@@ -15,6 +15,7 @@ Works with plain transformers models and with peft prompt-learning models (whose
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +149,11 @@ def continuation_logprobs(
         or getattr(getattr(model, "config", None), "n_positions", None)
         or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     )
+    active = getattr(model, "active_peft_config", None)
+    if limit and not max_seq_len and getattr(active, "is_prompt_learning", False):
+        # The virtual tokens occupy positions in front of every input (else: IndexError in the
+        # position embedding for prompts near the model's limit).
+        limit -= int(getattr(active, "num_virtual_tokens", 0) or 0)
     examples = []
     for prompt, cont in zip(prompts, continuations, strict=True):
         p_ids = encode_prompt(tokenizer, prompt, seq2seq=seq2seq)
@@ -224,6 +230,32 @@ def check_verbalizer(
         seen[full] = word
 
 
+def label_logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    verbalizer: Mapping[str, str],
+    *,
+    answer_prefix: str = "",
+    batch_size: int = 16,
+    length_normalize: bool = False,
+) -> list[list[float]]:
+    """log p(answer_prefix + word | prompt) for every prompt (rows) and label (columns, in
+    verbalizer order)."""
+    labels = list(verbalizer)
+    pairs_p = [p for p in prompts for _ in labels]
+    pairs_c = [answer_prefix + verbalizer[label] for _ in prompts for label in labels]
+    scores = continuation_logprobs(
+        model, tokenizer, pairs_p, pairs_c, batch_size=batch_size, length_normalize=length_normalize
+    )
+    return [scores[i * len(labels) : (i + 1) * len(labels)] for i in range(len(prompts))]
+
+
+def _argmax_labels(labels: Sequence[str], rows: Sequence[Sequence[float]]) -> list[str]:
+    # Ties go to the first label in verbalizer order (max returns the first maximum).
+    return [labels[max(range(len(labels)), key=row.__getitem__)] for row in rows]
+
+
 def rank_classify(
     model: Any,
     tokenizer: Any,
@@ -240,14 +272,79 @@ def rank_classify(
     in demonstrations and soft-prompt training. Returns verbalizer keys (labels as text); ties go
     to the first label in verbalizer order.
     """
-    labels = list(verbalizer)
-    pairs_p = [p for p in prompts for _ in labels]
-    pairs_c = [answer_prefix + verbalizer[label] for _ in prompts for label in labels]
-    scores = continuation_logprobs(
-        model, tokenizer, pairs_p, pairs_c, batch_size=batch_size, length_normalize=length_normalize
+    rows = label_logprobs(
+        model,
+        tokenizer,
+        prompts,
+        verbalizer,
+        answer_prefix=answer_prefix,
+        batch_size=batch_size,
+        length_normalize=length_normalize,
     )
-    out = []
-    for i in range(len(prompts)):
-        row = scores[i * len(labels) : (i + 1) * len(labels)]
-        out.append(labels[max(range(len(labels)), key=row.__getitem__)])
-    return out
+    return _argmax_labels(list(verbalizer), rows)
+
+
+def _log_normalize(row: Sequence[float]) -> list[float]:
+    """log of the distribution over labels (softmax of the row), in float64."""
+    peak = max(row)
+    log_z = peak + math.log(sum(math.exp(x - peak) for x in row))
+    return [x - log_z for x in row]
+
+
+def calibration_offsets(
+    model: Any, tokenizer: Any, prompter: Any, *, batch_size: int = 16
+) -> list[float] | None:
+    """Per-label log offsets subtracted from every row's label scores (None: no calibration).
+
+    - ``contextual`` (Zhao et al. 2021): p_cf = the mean, over the content-free inputs
+      ("N/A", "", "[MASK]") put into the full prompt (demonstrations included), of the label
+      distribution renormalised over the verbalizer words; the decision is argmax p(y|x) / p_cf(y),
+      i.e. log p(y|x) - log p_cf(y). This removes the prompt's prior towards one label word
+      (majority-label and recency bias of the demonstrations, a word's frequency).
+    - ``domain_pmi`` (Holtzman et al. 2021): log p(y|x) - log p(y|premise), the premise being the
+      template's text after its last field (see ``Prompter.domain_premise``).
+    """
+    mode = getattr(prompter, "calibration", "none")
+    if mode in (None, "none"):
+        return None
+    verbalizer = prompter.verbalizer
+    prefix = prompter.answer_prefix
+    if mode == "contextual":
+        prompts = [prompter.render(row) for row in prompter.content_free_rows()]
+        rows = label_logprobs(
+            model, tokenizer, prompts, verbalizer, answer_prefix=prefix, batch_size=batch_size
+        )
+        probs = [[math.exp(x) for x in _log_normalize(row)] for row in rows]
+        mean = [sum(col) / len(probs) for col in zip(*probs, strict=True)]
+        return [math.log(max(p, 1e-300)) for p in mean]
+    if mode == "domain_pmi":
+        (row,) = label_logprobs(
+            model,
+            tokenizer,
+            [prompter.domain_premise()],
+            verbalizer,
+            answer_prefix=prefix,
+            batch_size=batch_size,
+        )
+        return list(row)
+    raise ValueError(f"unknown calibration {mode!r}")
+
+
+def classify_prompted(
+    model: Any, tokenizer: Any, prompter: Any, prompts: Sequence[str], *, batch_size: int = 16
+) -> list[str]:
+    """Rank classification of rendered ``prompts`` with the prompter's verbalizer, calibrated as
+    ``prompter.calibration`` says (see :func:`calibration_offsets`)."""
+    verbalizer = prompter.verbalizer
+    rows = label_logprobs(
+        model,
+        tokenizer,
+        prompts,
+        verbalizer,
+        answer_prefix=prompter.answer_prefix,
+        batch_size=batch_size,
+    )
+    offsets = calibration_offsets(model, tokenizer, prompter, batch_size=batch_size)
+    if offsets is not None:
+        rows = [[x - o for x, o in zip(row, offsets, strict=True)] for row in rows]
+    return _argmax_labels(list(verbalizer), rows)

@@ -20,7 +20,8 @@ import contextlib
 import copy
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,14 @@ from peft import (
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import Trainer
 
-from mlsteps.engine.prompt_scoring import PromptCollator, build_example, pad_id_of, rank_classify
+from mlsteps.engine.prompt_scoring import (
+    PromptCollator,
+    build_example,
+    classify_prompted,
+    encode_answer,
+    encode_prompt,
+    pad_id_of,
+)
 from mlsteps.errors import UserError
 
 
@@ -203,6 +211,85 @@ def build_dataset(
     return datasets.Dataset.from_list(examples)
 
 
+def build_verbalizer_dataset(
+    rows: list[dict[str, Any]], prompter: Any, tokenizer: Any, *, max_seq_len: int
+) -> Any:
+    """Classification through the verbalizer: per row, one candidate sequence per label (prompt +
+    that label's word, the word's tokens as ``labels``) and the gold label's index.
+
+    :class:`VerbalizerTrainer` scores every candidate as rank classification does (the summed
+    log-probability of the word, no EOS) and takes the cross-entropy over the labels: the soft
+    prompt learns to make the right word win against the other words, not to predict the word
+    against the whole vocabulary (which a frequent word can satisfy for every row).
+    """
+    import datasets
+
+    labels = list(prompter.verbalizer)
+    words = [
+        encode_answer(tokenizer, prompter.continuation(prompter.verbalizer[lb])) for lb in labels
+    ]
+    examples = []
+    for row in rows:
+        prompt_ids = encode_prompt(tokenizer, prompter.render(row))
+        candidates, targets = [], []
+        for word in words:
+            word = word[: max_seq_len - 1]
+            prompt = prompt_ids[-(max_seq_len - len(word)) :]
+            candidates.append(prompt + word)
+            targets.append([-100] * len(prompt) + word)
+        gold = labels.index(str(row[prompter.target_column]))
+        examples.append(
+            {"candidates": candidates, "candidate_labels": targets, "class_label": gold}
+        )
+    return datasets.Dataset.from_list(examples)
+
+
+@dataclass
+class VerbalizerCollator:
+    """Flattens the candidates of a batch of rows into one right-padded batch (rows x labels)."""
+
+    pad_id: int
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        flat = [
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": target}
+            for f in features
+            for ids, target in zip(f["candidates"], f["candidate_labels"], strict=True)
+        ]
+        batch = PromptCollator(self.pad_id)(flat)
+        batch["class_labels"] = torch.tensor([f["class_label"] for f in features], dtype=torch.long)
+        return batch
+
+
+def candidate_logprobs(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Σ log p(label tokens) per candidate row of a collated batch (with gradient)."""
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    # Prompt-learning models may prepend virtual positions: the trailing ones are the input's.
+    logits = out.logits[:, -labels.shape[1] :][:, :-1]
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = targets != -100
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+class VerbalizerTrainer(SoftPromptTrainer):
+    """Soft-prompt trainer whose loss is the cross-entropy over the verbalizer words' scores."""
+
+    def compute_loss(  # type: ignore[override]
+        self,
+        model: Any,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        class_labels = inputs["class_labels"]
+        scores = candidate_logprobs(model, inputs).view(class_labels.shape[0], -1)
+        loss = torch.nn.functional.cross_entropy(scores, class_labels)
+        return (loss, {"logits": scores}) if return_outputs else loss
+
+
 def classification_eval(
     prompter: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int
 ) -> Callable[[torch.nn.Module], dict[str, float]]:
@@ -212,14 +299,7 @@ def classification_eval(
     gold = [str(r[prompter.target_column]) for r in rows]
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        predicted = rank_classify(
-            model,
-            tokenizer,
-            prompts,
-            prompter.verbalizer,
-            answer_prefix=prompter.answer_prefix,
-            batch_size=batch_size,
-        )
+        predicted = classify_prompted(model, tokenizer, prompter, prompts, batch_size=batch_size)
         return {
             "val_accuracy": sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
         }
@@ -239,9 +319,7 @@ def preview_records(
     targets = [prompter.label_word(r[prompter.target_column]) for r in rows]
     records = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
     if prompter.verbalizer:
-        labels = rank_classify(
-            model, tokenizer, prompts, prompter.verbalizer, answer_prefix=prompter.answer_prefix
-        )
+        labels = classify_prompted(model, tokenizer, prompter, prompts)
         for record, label in zip(records, labels, strict=True):
             record["predicted_label"] = label
             record["output"] = prompter.verbalizer[label]

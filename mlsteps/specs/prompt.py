@@ -17,6 +17,10 @@ from mlsteps.specs.common import (
     unused_without_validation,
 )
 
+# The default of hard prompts (zero_shot, few_shot) for classification; chosen by the measured
+# ladder in BENCHMARKS.md ("Low-label ladder").
+DEFAULT_HARD_CALIBRATION = "contextual"
+
 
 class PromptSpec(Strict):
     """Prompt learning: templates, few-shot demonstrations, or soft prompts trained with peft."""
@@ -63,6 +67,15 @@ class PromptSpec(Strict):
     verbalizer: dict[str, str] | None = Field(
         None,
         description="classification: label -> word scored by the model, e.g. {1: great, 0: bad}.",
+    )
+    calibration: Literal["none", "contextual", "domain_pmi"] | None = Field(
+        None,
+        description="classification: correct the verbalizer scores for the prompt's own bias "
+        "towards a label word. contextual (Zhao et al. 2021): divide p(label|input) by the mean "
+        "label distribution given content-free inputs ('N/A', '', '[MASK]') in the same prompt; "
+        "domain_pmi (Holtzman et al. 2021): divide by p(label|the template's text after its "
+        "last field); none: raw scores. Unset: contextual for zero_shot/few_shot (measured best, "
+        "see BENCHMARKS.md), none for soft prompts, which are trained through the verbalizer.",
     )
     num_virtual_tokens: PositiveInt = Field(20, description="Soft prompt length in tokens.")
     init_text: str | None = Field(
@@ -116,6 +129,15 @@ class PromptSpec(Strict):
             )
         return out
 
+    @property
+    def resolved_calibration(self) -> str:
+        """The calibration in force: the field, else the method's default (see its description)."""
+        if self.calibration is not None:
+            return self.calibration
+        if self.task != "classification" or self.method not in ("zero_shot", "few_shot"):
+            return "none"
+        return DEFAULT_HARD_CALIBRATION
+
     @model_validator(mode="after")
     def _needs_data(self) -> PromptSpec:
         if self.method != "zero_shot" and self.data is None:
@@ -124,6 +146,8 @@ class PromptSpec(Strict):
             raise ValueError("task classification needs a 'verbalizer' mapping labels to words")
         if self.verbalizer and self.task != "classification":
             raise ValueError("'verbalizer' only applies to task: classification")
+        if self.calibration is not None and self.task != "classification":
+            raise ValueError("'calibration' only applies to task: classification")
         if self.per_example and self.method != "few_shot":
             raise ValueError("'per_example' only applies to method: few_shot")
         if self.init_text is not None and self.method != "prompt_tuning":

@@ -307,22 +307,37 @@ def _predict_labels(
     if loaded.kind == "classification":
         texts = require_text(rows, spec.input_column, f"stages.{ctx.stage}.data", "input_column")
         return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
-    from mlsteps.engine.prompt_scoring import rank_classify
+    from mlsteps.engine.prompt_scoring import classify_prompted
 
     prompter = loaded.prompter
     prompts = _inputs(spec, rows, prompter, f"stages.{ctx.stage}.data")
+    # Calibrated as the prompted model says (mlsteps_prompt.json "calibration").
     predicted = map_sharded(
-        lambda xs: rank_classify(
-            loaded.model,
-            loaded.tokenizer,
-            xs,
-            prompter.verbalizer,
-            answer_prefix=getattr(prompter, "answer_prefix", " "),
-            batch_size=batch,
+        lambda xs: classify_prompted(
+            loaded.model, loaded.tokenizer, prompter, xs, batch_size=batch
         ),
         prompts,
     )
     return prompts, predicted
+
+
+def majority_baseline(gold: list[Any], metrics: list[str], where: str) -> dict[str, Any]:
+    """The ladder row of always predicting the most frequent label *of the eval data* (ties: the
+    smallest label as text): the floor any classifier in the ladder has to beat."""
+    from collections import Counter
+
+    from mlsteps.metrics import classification
+
+    counts = Counter(str(g) for g in gold)
+    top = max(sorted(counts), key=counts.__getitem__)
+    predicted = [top] * len(gold)
+    row: dict[str, Any] = {}
+    if "accuracy" in metrics:
+        row["accuracy"] = classification.accuracy(predicted, gold, where=where)
+    if "f1" in metrics:
+        row["f1"] = classification.macro_f1(predicted, gold, where=where)
+    row["majority_label"] = top
+    return row
 
 
 def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str) -> Any:
@@ -474,6 +489,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         records += [{"model": label, **rec} for rec in model_records]
         del loaded
         gc.collect()  # one model in memory at a time
+    if set(metrics) & LABELS and "majority_baseline" not in ladder:
+        ladder["majority_baseline"] = majority_baseline(data["labels"], metrics, base)
     outputs: dict[str, str] = {}
     if records:
         write_jsonl(ctx.predictions_path, records)

@@ -52,6 +52,7 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
         base_model=source,
         has_adapter=spec.method in SOFT_METHODS,
         num_virtual_tokens=spec.num_virtual_tokens if spec.method in SOFT_METHODS else 0,
+        calibration=spec.resolved_calibration,
     )
     template_fields(spec.template, spec.template_format, where=f"{where}.template")  # syntax
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
@@ -314,11 +315,16 @@ def _train_soft(
     )
     trainable, total = soft_prompt.trainable_parameters(model)
     ctx.log(f"{spec.method}: {trainable:,} trainable of {total:,} parameters")
-    train_ds = soft_prompt.build_dataset(rows, prompter, tokenizer, max_seq_len=max_seq_len)
-    eval_ds = (
-        soft_prompt.build_dataset(val_rows, prompter, tokenizer, max_seq_len=max_seq_len)
-        if val_rows
-        else None
+    # Classification trains through the verbalizer (cross-entropy over the label words' scores);
+    # generation trains the answer's tokens as a language model.
+    classify = spec.task == "classification"
+    build = soft_prompt.build_verbalizer_dataset if classify else soft_prompt.build_dataset
+    train_ds = build(rows, prompter, tokenizer, max_seq_len=max_seq_len)
+    eval_ds = build(val_rows, prompter, tokenizer, max_seq_len=max_seq_len) if val_rows else None
+    collator: Any = (
+        soft_prompt.VerbalizerCollator(pad_id_of(tokenizer))
+        if classify
+        else PromptCollator(pad_id_of(tokenizer))
     )
     extra_eval = None
     if spec.task == "classification" and val_rows:
@@ -330,14 +336,16 @@ def _train_soft(
         tokenizer=tokenizer,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=PromptCollator(pad_id_of(tokenizer)),
+        data_collator=collator,
         spec=spec.train,
         ctx=ctx,
-        trainer_cls=soft_prompt.SoftPromptTrainer,
+        trainer_cls=soft_prompt.VerbalizerTrainer if classify else soft_prompt.SoftPromptTrainer,
         extra_eval=extra_eval,
         # Our collator builds the batches; the Trainer must not drop columns by signature.
         args_overrides={"remove_unused_columns": False, "label_names": ["labels"]},
         seq_len_for_mfu=max_seq_len,
+        # Verbalizer rows hold candidate lists, which the length-grouping sampler cannot measure.
+        group_by_length=False if classify else None,
     )
     preview_rows = (val_rows or rows)[: spec.preview_rows]
     preview = write_preview(

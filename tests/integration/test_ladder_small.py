@@ -1,0 +1,140 @@
+"""A miniature of bench/ladder.py on builtin data (toy/sentiment), through the runner.
+
+A tiny GPT-2 (2 layers, width 32) pretrained for a few steps on the training text, then
+calibrated few-shot prompting and soft prompt tuning through the verbalizer, scored in one eval
+ladder that must end with the majority baseline of the eval labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mlsteps.recipe import validate_recipe
+from mlsteps.runner import run_recipe
+
+SENT = {"builtin": "toy/sentiment"}
+VERBALIZER = {"positive": "good", "negative": "bad"}
+TEMPLATE = "{text} It was"
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _recipe() -> dict[str, Any]:
+    quick = {"batch_size": 16, "save_every_steps": 1000, "log_every_steps": 5}
+    prompt = {
+        "kind": "prompt",
+        "from": "lm",
+        "task": "classification",
+        "template": TEMPLATE,
+        "verbalizer": VERBALIZER,
+        "target_column": "label",
+    }
+    return {
+        "name": "ladder-small",
+        "seed": 0,
+        "stages": {
+            "tok": {"kind": "tokenizer", "data": SENT, "vocab_size": 400, "target": "clm"},
+            "lm": {
+                "kind": "pretrain",
+                "tokenizer": "tok",
+                "data": SENT,
+                "model": {
+                    "family": "gpt2",
+                    "n_layers": 2,
+                    "hidden_size": 32,
+                    "n_heads": 2,
+                    "max_positions": 128,
+                },
+                "max_seq_len": 64,
+                "train": {**quick, "max_steps": 40, "lr": 3e-3},
+            },  # fmt: skip
+            "few_shot": {
+                **prompt,
+                "method": "few_shot",
+                "shots": 2,
+                "data": {**SENT, "max_samples": 50},
+            },  # fmt: skip
+            "soft": {
+                **prompt,
+                "method": "prompt_tuning",
+                "num_virtual_tokens": 4,
+                "data": {**SENT, "max_samples": 300},
+                "validation": {**SENT, "split": "validation", "max_samples": 40},
+                "train": {**quick, "max_steps": 30, "lr": 3e-2},
+            },
+            "test": {
+                "kind": "eval",
+                "models": ["few_shot", "soft"],
+                "data": {**SENT, "split": "test", "max_samples": 60},
+                "input_column": "text",
+                "metrics": ["accuracy", "f1"],
+            },
+        },
+    }
+
+
+def test_small_ladder_runs_with_calibration_and_majority_baseline(
+    tmp_path: Path, one_thread: Any
+) -> None:
+    run_dir = tmp_path / "run"
+    result = run_recipe(validate_recipe(_recipe()), run_dir, quiet=True)
+    assert result.exit_code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ladder = metrics["test"]
+    assert list(ladder) == ["few_shot", "soft", "majority_baseline"]
+
+    records = [json.loads(line) for line in (run_dir / "test" / "predictions.jsonl").open()]
+    gold = [r["label"] for r in records if r["model"] == "soft"]
+    top, count = Counter(gold).most_common(1)[0]
+    assert ladder["majority_baseline"]["majority_label"] == top
+    assert ladder["majority_baseline"]["accuracy"] == pytest.approx(count / len(gold))
+    for model in ("few_shot", "soft"):
+        rows = [r for r in records if r["model"] == model]
+        hits = sum(r["predicted_label"] == r["label"] for r in rows)
+        assert ladder[model]["accuracy"] == pytest.approx(hits / len(rows))
+
+    # Hard prompts default to contextual calibration; soft prompts to none (trained through it).
+    few = json.loads((run_dir / "few_shot" / "final" / "mlsteps_prompt.json").read_text())
+    soft = json.loads((run_dir / "soft" / "final" / "mlsteps_prompt.json").read_text())
+    assert (few["calibration"], soft["calibration"]) == ("contextual", "none")
+
+    # The soft prompt trains on the cross-entropy over the two verbalizer words: its loss starts
+    # near ln 2 (a 2-way guess), not near a language-model loss over the whole vocabulary.
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run_dir / "soft" / "metrics.jsonl").open()
+        if "loss" in json.loads(line)
+    ]
+    assert losses and abs(losses[0] - math.log(2)) < 0.35
+    assert losses[-1] < losses[0]
+
+
+def test_unigram_perplexity_matches_brute_force() -> None:
+    """The pretrain stage's context-free reference (unigram_val_perplexity), by hand."""
+    import datasets
+
+    from mlsteps.engine.lm_data import unigram_perplexity
+
+    train = datasets.Dataset.from_dict({"input_ids": [[0, 5, 5, 6, 1], [0, 7, 5, 1]]})
+    val = datasets.Dataset.from_dict({"input_ids": [[0, 5, 6, 9, 1]]})
+    vocab, special = 10, [0, 1]
+    counts = Counter(t for row in train["input_ids"] for t in row if t not in special)
+    kept = [t for t in range(vocab) if t not in special]
+    total = sum(counts[t] + 1 for t in kept)  # add-one smoothing over the non-special ids
+    val_tokens = [t for t in val["input_ids"][0] if t not in special]
+    nll = -sum(math.log((counts[t] + 1) / total) for t in val_tokens) / len(val_tokens)
+    got = unigram_perplexity(train, val, vocab, skip_ids=special)
+    assert got == pytest.approx(math.exp(nll), rel=1e-12)
