@@ -208,8 +208,8 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
             metrics[f"initial_{key}"] = value
     if any(k.startswith("val_") and k.endswith("_perplexity") for k in metrics):
         metrics["perplexity_convention"] = _convention(spec)
-        assert val_blocks is not None
-        _unigram_check(metrics, train_blocks, val_blocks, tokenizer, vocab_size, ctx)
+        for set_name, blocks in val_sets.items():
+            _unigram_check(metrics, train_blocks, blocks, tokenizer, vocab_size, ctx, set_name)
     limit = max_positions(model)
     if limit is not None:
         # Lets downstream users truncate to what the model can read (tokenizers trained here
@@ -257,6 +257,7 @@ def _unigram_check(
     tokenizer: Any,
     vocab_size: int,
     ctx: StageContext,
+    set_name: str = "",
 ) -> None:
     """Report the context-free (unigram) perplexity next to the model's, and warn when the model
     is not clearly below it: such a model has learned token frequencies only, and its features
@@ -265,12 +266,14 @@ def _unigram_check(
     unigram = lm_data.unigram_perplexity(
         train_blocks, val_blocks, vocab_size, skip_ids=tokenizer.all_special_ids
     )
-    metrics["unigram_val_perplexity"] = unigram
+    val = f"val_{set_name}_" if set_name else "val_"  # named sets: see named_evaluation
+    metrics[f"unigram_{val}perplexity"] = unigram
+    model_ppl = metrics.get(f"{val}perplexity")
     # 20% below the unigram perplexity is 0.22 nats of context used per token: little, but off
     # the plateau (the stuck BERT above was 20% below after 800 steps, and still collapsed).
-    if unigram == unigram and metrics["val_perplexity"] > 0.7 * unigram:
+    if unigram == unigram and model_ppl is not None and model_ppl > 0.7 * unigram:
         ctx.log(
-            f"warning: validation perplexity {metrics['val_perplexity']:.1f} is not clearly below the "
+            f"warning: {val}perplexity {model_ppl:.1f} is not clearly below the "
             f"{unigram:.1f} of token frequencies alone (unigram): the model has learned little context yet, "
             "and a fine-tune from it may start worse than from scratch. Train longer, with a "
             "higher lr, or (MLM) a higher mlm_probability."
