@@ -49,7 +49,11 @@ def test_version_is_instant_and_imports_nothing_heavy(tmp_path: Path) -> None:
 def test_completion_is_offered(tmp_path: Path) -> None:
     done = _mlsteps(["--help"], tmp_path)
     assert "--install-completion" in done.stdout and "--show-completion" in done.stdout
-    shown = _mlsteps(["--show-completion", "bash"], tmp_path)
+    # typer guesses the shell from the parent process unless told not to; under `make` (CI) the
+    # parent is sh, which typer cannot complete. Name the shell instead of guessing it.
+    shown = _mlsteps(
+        ["--show-completion", "bash"], tmp_path, _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"
+    )
     assert shown.returncode == 0 and "complete" in shown.stdout
     assert _imported_after(["--help"]) == []
 
