@@ -410,7 +410,7 @@ def print_report(run_dir: Path) -> None:
         console.print(t)
         console.print(
             "  [dim]best per column in bold green (ppl = perplexity, EM = exact match); every "
-            "score on 0-100 (ROUGE/accuracy/F1/EM x100); conventions in report.md[/dim]"
+            "score on 0-100 (ROUGE/accuracy/F1/EM/preference x100); conventions in report.md[/dim]"
         )
         for column in (c for c in PERPLEXITY_LEGEND if c in header):
             console.print(f"  [dim]{_TERMINAL_NAMES[column]} = {PERPLEXITY_LEGEND[column]}[/dim]")

@@ -123,3 +123,12 @@ def test_report_plots_label_axes_and_compare_only_like_losses(tmp_path, monkeypa
     assert labels.count("cross-entropy (nats/example)") == 3  # the comparison + 2 stage plots
     assert labels.count("loss (nats/target token)") == 1
     assert "loss (nats/token)" not in labels
+
+
+def test_preference_accuracy_is_on_the_ladder_scale_too() -> None:
+    # The demo's alignment ladder printed 0.84 under a note saying every score is on 0-100.
+    from mlsteps.report_text import ladder_value
+
+    assert ladder_value("preference_accuracy", 0.84) == 84.0
+    assert ladder_value("preference_accuracy_normalized", 0.5) == 50.0
+    assert ladder_value("preference_pairs", 100) == 100
