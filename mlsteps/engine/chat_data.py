@@ -172,3 +172,14 @@ def split_pair(
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading token ids two renderings share: where a template's answer starts (chat
+    SFT labels, preference_accuracy's answer tokens)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

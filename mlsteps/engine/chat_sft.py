@@ -24,15 +24,6 @@ from mlsteps.engine.finetune_data import IGNORE_INDEX
 from mlsteps.errors import UserError
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def encode_conversation(
     tokenizer: Any, messages: list[dict[str, str]]
 ) -> tuple[list[int], list[int]]:
@@ -46,8 +37,8 @@ def encode_conversation(
         through = chat_data.template_ids(tokenizer, messages[: k + 1], generation_prompt=False)
         # A template may render a prefix differently (e.g. it drops a trailing header): the
         # answer starts where the renderings first differ, never inside the prompt.
-        start = _common_prefix(before, ids)
-        end = _common_prefix(through, ids)
+        start = chat_data.common_prefix(before, ids)
+        end = chat_data.common_prefix(through, ids)
         if end <= start:
             end = len(through) if through == ids[: len(through)] else start
         labels[start:end] = ids[start:end]

@@ -52,15 +52,14 @@ _CJK_CHAR_RE = re.compile(
 DEFAULT_MAX_WINDOW = 2048
 
 
-@dataclass(frozen=True)
-class PerplexityResult:
-    """Sums behind a perplexity; the derived numbers are properties."""
+class PerplexityNumbers:
+    """Perplexity, bits per byte and word perplexity derived from the sums of a result class
+    (text perplexity here, response perplexity in response_perplexity.py)."""
 
     nll_sum_nats: float
-    scored_tokens: int
-    utf8_bytes: int
-    words: int
-    convention: str
+    scored_tokens: float
+    utf8_bytes: float
+    words: float
 
     @property
     def perplexity(self) -> float:
@@ -73,6 +72,17 @@ class PerplexityResult:
     @property
     def word_perplexity(self) -> float:
         return math.exp(self.nll_sum_nats / self.words) if self.words else math.nan
+
+
+@dataclass(frozen=True)
+class PerplexityResult(PerplexityNumbers):
+    """Sums behind a perplexity; the derived numbers are properties."""
+
+    nll_sum_nats: float
+    scored_tokens: int
+    utf8_bytes: int
+    words: int
+    convention: str
 
 
 def count_words(text: str) -> int:

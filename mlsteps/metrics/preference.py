@@ -40,15 +40,6 @@ class PreferenceResult:
     convention: str
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _encode(tokenizer: Any, prompt: Any, answer: Any) -> tuple[list[int], list[int]]:
     """(prompt ids, prompt+answer ids) the way TRL builds them."""
     if chat_data.is_conversation(prompt):
@@ -116,7 +107,7 @@ def pair_scores(
     for prompt, good, bad in zip(prompts, chosen, rejected, strict=True):
         p, full_good = _encode(tokenizer, prompt, good)
         _, full_bad = _encode(tokenizer, prompt, bad)
-        start = min(_common_prefix(p, full_good), _common_prefix(p, full_bad))
+        start = min(chat_data.common_prefix(p, full_good), chat_data.common_prefix(p, full_bad))
         if start >= len(full_good) or start >= len(full_bad):
             raise UserError(
                 "a preference pair has an empty answer after tokenisation",

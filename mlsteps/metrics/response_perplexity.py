@@ -42,6 +42,7 @@ from mlsteps.engine.generation import encode_prompts
 from mlsteps.errors import UserError
 from mlsteps.metrics.perplexity import (
     DEFAULT_MAX_WINDOW,
+    PerplexityNumbers,
     _batches,
     _device,
     _logits,
@@ -53,7 +54,7 @@ from mlsteps.metrics.perplexity import (
 
 
 @dataclass(frozen=True)
-class ResponsePerplexityResult:
+class ResponsePerplexityResult(PerplexityNumbers):
     """Sums behind a response perplexity (counts may be fractional: means over references)."""
 
     nll_sum_nats: float
@@ -61,18 +62,6 @@ class ResponsePerplexityResult:
     utf8_bytes: float
     words: float
     convention: str
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll_sum_nats / self.scored_tokens)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nll_sum_nats / (math.log(2) * self.utf8_bytes) if self.utf8_bytes else math.nan
-
-    @property
-    def word_perplexity(self) -> float:
-        return math.exp(self.nll_sum_nats / self.words) if self.words else math.nan
 
     def metrics(self) -> dict[str, Any]:
         """The eval stage's ``response_*`` metrics, convention included."""
