@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlsteps.errors import UserError
-from mlsteps.specs.evaluate import FITS, LABELS
+from mlsteps.specs.evaluate import FITS, LABELS, LM_EVAL_KINDS
 
 _ENCODER_ONLY = ("bert", "roberta")
 _ENCODER_DECODER = ("t5", "bart")
@@ -89,6 +89,8 @@ def check_kinds(recipe: Any, doc: Any = None) -> None:
             for i, ref in enumerate(value if isinstance(value, list) else [value]):
                 path = f"{base}.{key}" + (f".{i}" if isinstance(value, list) else "")
                 out = _source(stages, ref, seen)
+                if kind == "eval" and spec.lm_eval is not None:
+                    _check_lm_eval(stages, ref, out, path, doc)
                 if out is None:
                     continue  # unknown: the stage checks it when it reads the config
                 if out.kind in ("tokenizer", None):
@@ -100,6 +102,40 @@ def check_kinds(recipe: Any, doc: Any = None) -> None:
                         path, doc, "name a stage that trains a model",
                     )  # fmt: skip
                 _check_use(kind, spec, ref, out, path, doc)
+
+
+def _check_lm_eval(
+    stages: dict[str, Any], ref: str, out: Output | None, path: str, doc: Any
+) -> None:
+    """lm-eval's HF class scores plain causal LMs, LoRA adapters and seq2seq models; a prompted
+    model (a prompt stage, or a directory with mlsteps_prompt.json) is refused: lm-eval would
+    drop its template or misalign its soft prompt (see specs.evaluate.LM_EVAL_KINDS)."""
+    import json
+    from pathlib import Path
+
+    from mlsteps.prompting import PROMPT_FILE
+
+    prompted = ref in stages and stages[ref].kind == "prompt"
+    prompt_file = Path(ref).expanduser() / PROMPT_FILE
+    if ref not in stages and prompt_file.is_file():
+        try:  # a fine-tune's template file (method 'finetune') is a plain model for lm-eval
+            prompted = json.loads(prompt_file.read_text(encoding="utf-8")).get("method") != "finetune"
+        except (OSError, ValueError, AttributeError):
+            prompted = True  # unreadable: the eval stage names the problem when it loads it
+    if prompted:
+        _refuse(
+            f"lm_eval cannot score the prompted model '{ref}': lm-eval renders each task's own "
+            "prompts (a template would be dropped) and its HF class cannot take soft prompts",
+            path, doc, "evaluate the prompt's base model with lm_eval, or score the prompted "
+            "model with 'metrics' in an eval stage without lm_eval",
+        )  # fmt: skip
+    # A tokenizer or a stage without a model is refused with its own message by the caller.
+    if out is not None and out.kind not in (*LM_EVAL_KINDS, "tokenizer", None):
+        _refuse(
+            f"lm_eval cannot score '{ref}', {_KIND_NAMES.get(str(out.kind), out.kind)}: "
+            "lm-eval's HF class scores causal LMs and seq2seq models",
+            path, doc, "give lm_eval a causal LM (or its LoRA adapter) or a seq2seq model",
+        )  # fmt: skip
 
 
 def _check_use(kind: Any, spec: Any, ref: str, out: Output, path: str, doc: Any) -> None:

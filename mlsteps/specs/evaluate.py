@@ -10,6 +10,7 @@ from mlsteps.specs.common import (
     Bool,
     DataSpec,
     GenerationSpec,
+    NonNegativeInt,
     PositiveFraction,
     PositiveInt,
     Seed,
@@ -86,6 +87,47 @@ class PerplexitySpec(Strict):
         return self
 
 
+# Model kinds lm-eval's HF class (lm_eval.models.huggingface.HFLM) can score. A prompted model
+# (mlsteps_prompt.json) is refused: lm-eval renders the task's own prompts, so a hard prompt's
+# template would be silently dropped, and a soft prompt's virtual tokens shift the logits that
+# HFLM slices by input length.
+LM_EVAL_KINDS = ("clm", "seq2seq")
+
+
+class LmEvalSpec(Strict):
+    """lm-evaluation-harness tasks run on every model of the eval stage (docs/metrics.md)."""
+
+    tasks: list[str] = Field(
+        ...,
+        min_length=1,
+        description="lm-eval task or group names: its own tasks (hellaswag, ...; their data come "
+        "from the hub cache) or the tasks of include_path.",
+    )
+    include_path: str | None = Field(
+        None,
+        description="Directory of extra task YAMLs (lm-eval's --include_path); relative paths "
+        "start at the working directory. Its files are part of the stage's fingerprint.",
+    )
+    num_fewshot: NonNegativeInt | None = Field(
+        None, description="Few-shot examples per prompt; default: each task's own setting."
+    )
+    limit: PositiveInt | None = Field(
+        None,
+        description="At most this many documents per task (lm-eval --limit): for quick checks, "
+        "the numbers are then not the task's.",
+    )
+    apply_chat_template: Bool = Field(
+        False, description="Render prompts with each model's chat template (lm-eval's option)."
+    )
+    batch_size: PositiveInt = Field(
+        1, description="Requests per forward pass (lm-eval --batch_size)."
+    )
+    confirm_run_unsafe_code: Bool = Field(
+        False,
+        description="Allow tasks that run their own code (lm-eval's confirm_run_unsafe_code).",
+    )
+
+
 class EvalSpec(Strict):
     """Evaluate one or several models on one data set; one row per model in the stage ladder."""
 
@@ -97,9 +139,19 @@ class EvalSpec(Strict):
         min_length=1,
         description="Models to evaluate: earlier stages, local directories, hub ids.",
     )
-    data: DataSpec = Field(..., description="Evaluation rows.")
+    data: DataSpec | None = Field(
+        None, description="Evaluation rows of `metrics` (lm_eval tasks bring their own data)."
+    )
     metrics: list[str] = Field(
-        ..., min_length=1, description=f"Metrics, from: {', '.join(METRICS)}."
+        default_factory=list,
+        description=f"Metrics, from: {', '.join(METRICS)}. Needs `data`; an eval stage has "
+        "metrics, lm_eval, or both.",
+    )
+    lm_eval: LmEvalSpec | None = Field(
+        None,
+        description="lm-evaluation-harness tasks run on every model (causal LMs, LoRA adapters, "
+        "seq2seq models; not prompted models): lm-eval's own metric names, filters and task "
+        "versions in the ladder.",
     )
     text_column: str = Field(
         "text",
@@ -181,6 +233,16 @@ class EvalSpec(Strict):
         return out
 
     @model_validator(mode="after")
+    def _something_to_score(self) -> EvalSpec:
+        if not self.metrics and self.lm_eval is None:
+            raise ValueError("an eval stage needs 'metrics' (with 'data') or 'lm_eval'")
+        if self.metrics and self.data is None:
+            raise ValueError("'metrics' are computed on 'data': set data, or drop metrics")
+        if self.data is not None and not self.metrics:
+            raise ValueError("'data' is read only by 'metrics' (lm_eval tasks bring their own)")
+        return self
+
+    @model_validator(mode="after")
     def _distinct_reference_columns(self) -> EvalSpec:
         cols = self.reference_column
         if isinstance(cols, list) and len(set(cols)) != len(cols):
@@ -209,6 +271,8 @@ class EvalSpec(Strict):
         """Builtin data's columns are known without loading it, so `validate` checks them."""
         from mlsteps.builtin import list_builtin
 
+        if self.data is None:
+            return self
         info = next((i for i in list_builtin() if i.name == self.data.builtin), None)
         if info is None:
             return self  # not builtin data, or an unknown set (check_data_files names it)

@@ -423,31 +423,21 @@ def _needed(spec: EvalSpec, metrics: list[str], infos: dict[str, Any]) -> list[s
     return needed
 
 
-def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
-    """Evaluate every model of ``spec.models`` on ``spec.data``: ``{model: {metric: value}}``."""
+def _load_data(
+    spec: EvalSpec,
+    ctx: StageContext,
+    metrics: list[str],
+    infos: dict[str, Any],
+    data: dict[str, Any],
+) -> Any:
+    """The eval rows, every column the metrics read checked, their values put into ``data``."""
     from mlsteps.engine.data import load_rows, require_columns
-    from mlsteps.engine.inference import inspect_source, load_for_inference
 
-    base = f"stages.{ctx.stage}"
-    metrics = _check_metric_names(spec.metrics, f"{base}.metrics")
-    if len(set(spec.models)) != len(spec.models):
-        raise UserError("a model is listed twice", where=f"{base}.models")
-    infos = {}
-    for index, label in enumerate(spec.models):
-        info = inspect_source(
-            ctx.resolve_source(label),
-            trust_remote_code=spec.trust_remote_code,
-            where=f"{base}.models.{index}",
-        )
-        _check_fit(label, info, metrics, f"{base}.metrics")
-        _check_lengths(spec, label, info, metrics, base)
-        infos[label] = info
-
-    where_data = f"{base}.data"
+    assert spec.data is not None  # EvalSpec: metrics need data
+    where_data = f"stages.{ctx.stage}.data"
     rows = load_rows(
         spec.data, where=where_data, cache_dir=ctx.cache_dir, required=_needed(spec, metrics, infos)
     )
-    data: dict[str, Any] = {}
     if set(metrics) & (PERPLEXITY | MASKED):
         require_columns(rows, [spec.text_column], where_data)
         data["text"] = require_text(rows, spec.text_column, where_data, "text_column")
@@ -474,21 +464,66 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
         for info in infos.values():
             if info.prompter is not None:
                 info.prompter.check_columns(rows.column_names, where=where_data)
+    return rows
+
+
+def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
+    """Evaluate every model of ``spec.models`` on ``spec.data`` and on ``spec.lm_eval``'s tasks:
+    ``{model: {metric: value}}``."""
+    from mlsteps.engine.inference import inspect_source, load_for_inference
+
+    base = f"stages.{ctx.stage}"
+    metrics = _check_metric_names(spec.metrics, f"{base}.metrics")
+    if len(set(spec.models)) != len(spec.models):
+        raise UserError("a model is listed twice", where=f"{base}.models")
+    infos = {}
+    for index, label in enumerate(spec.models):
+        info = inspect_source(
+            ctx.resolve_source(label),
+            trust_remote_code=spec.trust_remote_code,
+            where=f"{base}.models.{index}",
+        )
+        _check_fit(label, info, metrics, f"{base}.metrics")
+        _check_lengths(spec, label, info, metrics, base)
+        infos[label] = info
+
+    manager = None
+    if spec.lm_eval is not None:
+        from mlsteps.engine import harness
+
+        harness.check_models(infos, base)
+        manager = harness.task_manager(spec.lm_eval, base)  # unknown task names fail here
+    data: dict[str, Any] = {}
+    rows = _load_data(spec, ctx, metrics, infos, data) if metrics else None
 
     ladder: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     for index, label in enumerate(spec.models):
-        ctx.log(f"evaluating {label} ({infos[label].kind}) on {rows.num_rows} rows")
-        loaded = load_for_inference(
-            infos[label].source,
-            trust_remote_code=spec.trust_remote_code,
-            where=f"{base}.models.{index}",
-        )
-        scores, model_records = _score_model(spec, ctx, loaded, rows, metrics, data)
-        ladder[label] = scores
-        records += [{"model": label, **rec} for rec in model_records]
-        del loaded
-        gc.collect()  # one model in memory at a time
+        ladder[label] = {}
+        if rows is not None:
+            ctx.log(f"evaluating {label} ({infos[label].kind}) on {rows.num_rows} rows")
+            loaded = load_for_inference(
+                infos[label].source,
+                trust_remote_code=spec.trust_remote_code,
+                where=f"{base}.models.{index}",
+            )
+            scores, model_records = _score_model(spec, ctx, loaded, rows, metrics, data)
+            ladder[label] = scores
+            records += [{"model": label, **rec} for rec in model_records]
+            del loaded
+            gc.collect()  # one model in memory at a time
+        if spec.lm_eval is not None:
+            ctx.log(f"lm-eval tasks {', '.join(spec.lm_eval.tasks)} on {label}")
+            ladder[label].update(
+                harness.evaluate(
+                    spec.lm_eval,
+                    infos[label],
+                    manager,
+                    trust_remote_code=spec.trust_remote_code,
+                    where=f"{base}.models.{index}",
+                )
+            )
+            gc.collect()
     if set(metrics) & LABELS and "majority_baseline" not in ladder:
         ladder["majority_baseline"] = majority_baseline(data["labels"], metrics, base)
     outputs: dict[str, str] = {}
