@@ -74,5 +74,10 @@ def fingerprint(spec: Any, seed: int, upstream: dict[str, str]) -> str:
         "local_dirs": local_dirs,
         "data": _data_identity(spec),
     }
+    # Files a stage reads besides its DataSpecs (an lm_eval include_path's task YAMLs and data).
+    # Only present when there are any, so other stages keep the fingerprints they had.
+    extra = getattr(spec, "input_files", None)
+    if extra is not None and (files := extra()):
+        payload["input_files"] = [_file_identity(p) for p in files]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

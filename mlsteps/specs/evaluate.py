@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -192,6 +193,14 @@ class EvalSpec(Strict):
         default_factory=GenerationSpec, description="Decoding options."
     )
     trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
+
+    def input_files(self) -> list[Path]:
+        """Every file under lm_eval.include_path (task YAMLs, and their data when kept there):
+        part of the fingerprint, so an edited task re-runs the stage."""
+        if self.lm_eval is None or self.lm_eval.include_path is None:
+            return []
+        root = Path(self.lm_eval.include_path).expanduser()
+        return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
     def _ignored(self) -> list[Unused]:
         chosen = set(self.metrics)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,53 @@ def test_unknown_task_is_exit_2(tmp_path: Path, tasks_dir: Path) -> None:
     assert "unknown lm-eval task 'toy_sentiment_mx'" in str(err.value)
     assert "toy_sentiment_mc" in str(err.value.hint)
     assert err.value.where == "stages.ev.lm_eval.tasks.0"
+
+
+def test_task_files_are_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """An edited task YAML under include_path re-runs the stage; no include_path, no change to
+    the fingerprints other stages had."""
+    from mlsteps.fingerprint import fingerprint
+    from mlsteps.specs.evaluate import EvalSpec
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: t\n", encoding="utf-8")
+    spec = EvalSpec(kind="eval", models=["m"], lm_eval={"tasks": ["t"], "include_path": str(tasks)})
+    before = fingerprint(spec, 0, {})
+    (tasks / "t.yaml").write_text("task: t\nmetadata: {version: 2}\n", encoding="utf-8")
+    assert fingerprint(spec, 0, {}) != before
+    plain = EvalSpec(kind="eval", models=["m"], lm_eval={"tasks": ["t"]})
+    assert plain.input_files() == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "needs 'metrics' (with 'data') or 'lm_eval'"),
+        ({"metrics": ["perplexity"]}, "'metrics' are computed on 'data'"),
+        ({"data": "builtin:toy/corpus", "lm_eval": {"tasks": ["t"]}}, "'data' is read only by"),
+        ({"lm_eval": {"tasks": []}}, "at least 1 item"),
+    ],
+)
+def test_eval_spec_needs_metrics_or_lm_eval(fields: dict[str, Any], message: str) -> None:
+    from pydantic import ValidationError
+
+    from mlsteps.specs.evaluate import EvalSpec
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        EvalSpec(kind="eval", models=["m"], **fields)
+
+
+def test_validate_with_lm_eval_imports_nothing_heavy(tmp_path: Path, tasks_dir: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(tasks="toy_corpus_ppl", include=tasks_dir), encoding="utf-8")
+    code = (
+        "import sys\nfrom mlsteps.cli import main\n"
+        f"try:\n    main(['validate', {str(recipe)!r}])\nexcept SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('lm_eval', 'torch', 'transformers', 'datasets') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -20,6 +20,7 @@ HEAVY = (
     "sacrebleu",
     "rouge_score",
     "nltk",
+    "lm_eval",
 )
 GOOD = """\
 name: cli
