@@ -32,7 +32,13 @@ app.add_typer(data_app, name="data")
 
 _STATE = {"debug": False, "json": False}
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+RecipeArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Recipe YAML file, or the name of a packaged recipe (mlsteps init --list).",
+        show_default=False,
+    ),
+]
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="Overrides KEY=VALUE (YAML value) or ~KEY to remove.", show_default=False),
@@ -226,6 +232,33 @@ def report(
     except OSError as exc:  # a read-only run directory can still be shown
         print(f"warning: could not write report.md: {exc}", file=sys.stderr)
     print_report(run_dir)
+
+
+# --- mlsteps init: the packaged recipes (mlsteps/starters.py) ---------------------------------
+@app.command()
+def init(
+    example: Annotated[
+        str, typer.Argument(help="Packaged recipe to copy (see --list).")
+    ] = "quickstart",
+    directory: Annotated[
+        Path, typer.Argument(help="Directory to write <EXAMPLE>.yaml into.")
+    ] = Path("."),
+    list_: Annotated[
+        bool, typer.Option("--list", help="List the packaged recipes and exit.")
+    ] = False,
+) -> None:
+    """Write a starter recipe (the quickstart, the alignment demo or an example) to edit."""
+    from mlsteps import starters
+
+    if list_:
+        for name, path in starters.recipes().items():
+            print(f"{name:32} {starters.summary(path)}")
+        return
+    target = starters.init(example, directory)
+    print(f"wrote {target}; run it with: mlsteps run {target}", file=sys.stderr)
+
+
+# --- end of mlsteps init ----------------------------------------------------------------------
 
 
 @app.command()

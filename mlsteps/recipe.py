@@ -311,7 +311,11 @@ def validate_recipe(
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe file. Raises UserError; never imports torch."""
+    """Load, override and validate a recipe file (or a packaged recipe named bare, as in
+    `mlsteps run quickstart`). Raises UserError; never imports torch."""
+    from mlsteps.starters import resolve
+
+    path = resolve(path)
     doc = load_yaml_file(path)
     raw = doc.data
     if overrides:

@@ -119,7 +119,9 @@ def _check_lm_eval(
     prompt_file = Path(ref).expanduser() / PROMPT_FILE
     if ref not in stages and prompt_file.is_file():
         try:  # a fine-tune's template file (method 'finetune') is a plain model for lm-eval
-            prompted = json.loads(prompt_file.read_text(encoding="utf-8")).get("method") != "finetune"
+            prompted = (
+                json.loads(prompt_file.read_text(encoding="utf-8")).get("method") != "finetune"
+            )
         except (OSError, ValueError, AttributeError):
             prompted = True  # unreadable: the eval stage names the problem when it loads it
     if prompted:

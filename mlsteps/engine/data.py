@@ -263,7 +263,8 @@ def load_rows(
     """Read the rows a DataSpec points at.
 
     ``where`` names the recipe field for error messages (``stages.pretrain.data``); ``cache_dir``
-    (normally ``ctx.cache_dir``) holds the Arrow caches of ``datasets``. A null in one of the
+    (normally ``ctx.cache_dir``) holds the Arrow caches of local files; hub datasets stay in
+    the user's HF cache. A null in one of the
     ``required`` columns is a UserError naming its file and line (found before any shuffle).
     """
     # Our own log lines describe progress; per-file "Generating/Map" bars only add noise.
@@ -299,12 +300,9 @@ def load_rows(
             note_header_row(ds, files[0])  # a missing column may mean a file without a header
     elif spec.hub:
         try:
-            loaded = datasets.load_dataset(
-                spec.hub,
-                spec.hub_config,
-                split=spec.split,
-                cache_dir=str(cache_dir) if cache_dir else None,
-            )
+            # The user's HF cache (HF_HOME / HF_DATASETS_CACHE), never the run directory's:
+            # a hub dataset is downloaded and prepared once for every run that reads it.
+            loaded = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.split)
         except Exception as exc:  # network, unknown id, unknown split: all user-fixable
             raise UserError(
                 f"cannot load hub dataset {spec.hub!r} (config {spec.hub_config}, split {spec.split}): "

@@ -190,8 +190,10 @@ def test_validate_refuses_what_lm_eval_cannot_score(tmp_path: Path, tasks_dir: P
         "  ev:\n",
         '  zs: {kind: prompt, method: zero_shot, from: pretrain, template: "{text}"}\n  ev:\n',
     ).replace("models: [pretrain, lora]", "models: [pretrain, zs]")
-    masked = base.replace("objective: clm", "objective: mlm").replace("family: gpt2", "family: bert").replace(
-        "models: [pretrain, lora]", "models: [pretrain]"
+    masked = (
+        base.replace("objective: clm", "objective: mlm")
+        .replace("family: gpt2", "family: bert")
+        .replace("models: [pretrain, lora]", "models: [pretrain]")
     )
     masked = masked[: masked.index("  lora:\n")] + masked[masked.index("  ev:\n") :]
     for name, text, message in [
