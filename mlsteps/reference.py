@@ -24,7 +24,7 @@ from mlsteps.specs.common import (
     TrainSpec,
 )
 from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
-from mlsteps.specs.evaluate import PerplexitySpec
+from mlsteps.specs.evaluate import LmEvalSpec, PerplexitySpec
 
 
 def _bound(value: Any) -> str:
@@ -124,7 +124,7 @@ def recipe_reference() -> str:
             model_table(model),
             "",
         ]
-    shared = (DataSpec, TrainSpec, ArchSpec, LoraSpec, GenerationSpec, PerplexitySpec)
+    shared = (DataSpec, TrainSpec, ArchSpec, LoraSpec, GenerationSpec, PerplexitySpec, LmEvalSpec)
     for model in (*shared, DistributedSpec, FsdpSpec, DeepSpeedSpec):
         doc = " ".join((model.__doc__ or "").split())
         parts += [f"## {model.__name__}", "", doc, "", model_table(model), ""]

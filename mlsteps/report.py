@@ -36,6 +36,10 @@ __all__ = [
 ]  # fmt: skip
 
 # Keys that describe a number rather than being one; shown under the table, not as columns.
+LM_EVAL_NOTE = (
+    "lm-eval columns (<task>/<metric>,<filter>) are lm-eval's numbers on its own scale "
+    "(accuracy 0-1), as in its results files"
+)
 _CONVENTION_SUFFIXES = ("_convention", "_signature", "_note", "_tokenizer")
 # ``key_error`` explains why ``key`` is null (a non-finite value); shown in key's cell.
 _ERROR_SUFFIX = "_error"
@@ -144,6 +148,8 @@ def ladder_rows(
             notes += [f"{model}: {key} = {value}" for model, value in per_model.items()]
     if PERCENT_SCALED & set(columns):
         notes.insert(0, LADDER_SCALE_NOTE)
+    if any("/" in c and "," in c for c in columns):  # engine.harness: <task>/<metric>,<filter>
+        notes.insert(0, LM_EVAL_NOTE)
     rows = [
         [model, *(_cell(values, c) for c in columns)] for model, values in stage_metrics.items()
     ]

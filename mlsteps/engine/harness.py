@@ -27,6 +27,14 @@ _KIND_NAMES = {"mlm": "a masked LM", "classification": "a sequence classifier"}
 def check_models(infos: dict[str, Any], where: str) -> None:
     """Refuse, before any work, the models lm-eval's HF class cannot score (the recipe check in
     stage_kinds only knows earlier stages; this one reads the configs of directories too)."""
+    from mlsteps.distributed import is_distributed
+
+    if is_distributed():  # HFLM would split the requests over the ranks its own way (untested)
+        raise UserError(
+            "lm_eval runs in a single process",
+            where=f"{where}.lm_eval",
+            hint="run this eval stage without --nproc-per-node (e.g. mlsteps run R --only STAGE)",
+        )
     for index, (label, info) in enumerate(infos.items()):
         # A fine-tune's own template (method 'finetune') is a habit of its data, not part of the
         # model: lm-eval scores its weights with each task's prompts, as for any model.

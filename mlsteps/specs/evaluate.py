@@ -144,7 +144,7 @@ class EvalSpec(Strict):
         None, description="Evaluation rows of `metrics` (lm_eval tasks bring their own data)."
     )
     metrics: list[str] = Field(
-        default_factory=list,
+        [],  # pydantic copies it per instance
         description=f"Metrics, from: {', '.join(METRICS)}. Needs `data`; an eval stage has "
         "metrics, lm_eval, or both.",
     )

@@ -179,7 +179,7 @@ def test_numbers_equal_the_lm_eval_command_line(
     assert 0 <= ladder["toy_sentiment_mc/acc,none"] <= 1
     assert ladder["toy_corpus_ppl/word_perplexity,none"] > 1
     report = (run / "report.md").read_text(encoding="utf-8")
-    assert "toy_sentiment_mc/acc,none" in report and "lm-eval " in report
+    assert "toy_sentiment_mc/acc,none" in report and "lm-eval columns" in report
 
 
 def test_validate_refuses_what_lm_eval_cannot_score(tmp_path: Path, tasks_dir: Path) -> None:
