@@ -177,6 +177,11 @@ def describe_stage(spec: dict[str, Any], *, short: bool = False) -> str:
     if kind == "eval":
         models = ", ".join(f"`{m}`" for m in spec.get("models") or [])
         metrics = ", ".join(spec.get("metrics") or [])
+        tasks = ", ".join((spec.get("lm_eval") or {}).get("tasks") or [])
+        if not spec.get("metrics"):  # lm_eval only: its tasks bring their own data
+            data, metrics = "lm-eval tasks", tasks
+        elif tasks:
+            metrics += f"; lm-eval tasks {tasks}"
         if short:
             return f"{len(spec.get('models') or [])} models on {data}"
         return f"scores {models} on {data}: {metrics}."

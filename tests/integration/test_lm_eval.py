@@ -274,3 +274,12 @@ def test_validate_with_lm_eval_imports_nothing_heavy(tmp_path: Path, tasks_dir: 
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_report_describes_an_lm_eval_stage() -> None:
+    from mlsteps.report_text import describe_stage
+
+    only = {"kind": "eval", "models": ["a", "b"], "lm_eval": {"tasks": ["t1", "t2"]}}
+    assert describe_stage(only) == "scores `a`, `b` on lm-eval tasks: t1, t2."
+    both = {**only, "data": {"builtin": "toy/translate"}, "metrics": ["bleu"]}
+    assert describe_stage(both).endswith(": bleu; lm-eval tasks t1, t2.")
