@@ -135,10 +135,13 @@ def run(tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cli_results(model_args: str, tasks_dir: Path, out: Path) -> dict[str, Any]:
     """`python -m lm_eval` on the same model and tasks, its aggregated results file read back."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the device the stage used
     proc = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,
          "--include_path", str(tasks_dir), "--tasks", ",".join(TASKS), "--num_fewshot", "1",
-         "--limit", "12", "--batch_size", "4", "--device", "cpu", "--output_path", str(out)],
+         "--limit", "12", "--batch_size", "4", "--device", device, "--output_path", str(out)],
         env=_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
