@@ -373,6 +373,15 @@ def check_data_files(recipe: Recipe) -> None:
                             where=where,
                             hint="check the path (relative paths start at the working directory)",
                         )
+        lm_eval = getattr(spec, "lm_eval", None)  # its tasks read their own data
+        if lm_eval is not None and lm_eval.include_path is not None:
+            if not Path(lm_eval.include_path).expanduser().is_dir():
+                raise UserError(
+                    f"lm_eval.include_path '{lm_eval.include_path}' is not a directory",
+                    where=f"stages.{stage_name}.lm_eval.include_path",
+                    hint="point at the directory holding the task YAML files (relative paths "
+                    "start at the working directory)",
+                )
 
 
 def _check_builtin(data: DataSpec, where: str) -> None:

@@ -214,6 +214,17 @@ def test_validate_refuses_what_lm_eval_cannot_score(tmp_path: Path, tasks_dir: P
         assert "Traceback" not in proc.stderr
 
 
+def test_missing_include_path_fails_validate(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(tasks="t", include=tmp_path / "no-such-dir"), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlsteps", "validate", str(recipe)],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "stages.ev.lm_eval.include_path" in proc.stderr and "is not a directory" in proc.stderr
+
+
 @pytest.mark.slow  # an unknown name is looked up in lm-eval's full task index (about 35 s)
 def test_unknown_task_is_exit_2(tmp_path: Path, tasks_dir: Path) -> None:
     """A misspelled task fails before any model is loaded, with lm-eval's names suggested."""
