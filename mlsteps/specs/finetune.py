@@ -20,6 +20,7 @@ from mlsteps.specs.common import (
     Unused,
     unused_without_validation,
 )
+from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
 
 # {{ and }} are literal braces; any other text between single braces names a column (so that
 # column names such as "Hi." from a headerless TSV work, unlike str.format fields).
@@ -85,8 +86,8 @@ class FinetuneSpec(Strict):
         None, description="Tokenizer source; defaults to the one saved with 'from'."
     )
     data: DataSpec = Field(..., description="Training rows.")
-    validation: DataSpec | None = Field(
-        None, description="Validation rows (else a held-out fraction)."
+    validation: ValidationRows | None = Field(
+        None, description="Validation rows (else a held-out fraction)" + VALIDATION_NAMED + "."
     )
     validation_fraction: Fraction = Field(
         0.1, description="Fraction held out for validation when 'validation' is unset."

@@ -16,6 +16,7 @@ from mlsteps.specs.common import (
     Unused,
     unused_without_validation,
 )
+from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
 
 # The default of hard prompts (zero_shot, few_shot) for classification; chosen by the measured
 # ladder in BENCHMARKS.md ("Low-label ladder").
@@ -50,8 +51,8 @@ class PromptSpec(Strict):
     data: DataSpec | None = Field(
         None, description="Training rows: demonstrations (few_shot) or soft-prompt training data."
     )
-    validation: DataSpec | None = Field(
-        None, description="Validation rows for soft-prompt training."
+    validation: ValidationRows | None = Field(
+        None, description="Validation rows for soft-prompt training" + VALIDATION_NAMED + "."
     )
     validation_fraction: Fraction = Field(
         0.1, description="Held-out fraction when no 'validation'."

@@ -30,6 +30,7 @@ from mlsteps.engine.modeling import (
     max_positions,
 )
 from mlsteps.engine.training import save_final, train
+from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError
 from mlsteps.specs.pretrain import PretrainSpec
 
@@ -217,24 +218,6 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         tokenizer.model_max_length = limit
     final = save_final(model, tokenizer, ctx)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
-
-
-def named_evaluation(evaluators: dict[str, Any]) -> Any:
-    """One ``extra_eval`` over several validation sets: set ``name``'s ``val_<metric>`` becomes
-    ``val_<name>_<metric>`` (the unnamed set, '', keeps ``val_<metric>``)."""
-    if not evaluators:
-        return None
-    if list(evaluators) == [""]:
-        return evaluators[""]
-
-    def evaluate(model: Any) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, evaluator in evaluators.items():
-            for key, value in evaluator(model).items():
-                out[f"val_{name}_{key.removeprefix('val_')}"] = value
-        return out
-
-    return evaluate
 
 
 def _freeze_unseen(model: Any, tokenizer: Any, seen: Any, ctx: StageContext) -> None:
