@@ -20,11 +20,11 @@ from mlsteps.specs.common import (
     ArchSpec,
     DataSpec,
     GenerationSpec,
-    LoraSpec,
     TrainSpec,
 )
 from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
 from mlsteps.specs.evaluate import PerplexitySpec
+from mlsteps.specs.loading import LoraSpec, QuantizationSpec
 
 
 def _bound(value: Any) -> str:
@@ -124,7 +124,8 @@ def recipe_reference() -> str:
             model_table(model),
             "",
         ]
-    shared = (DataSpec, TrainSpec, ArchSpec, LoraSpec, GenerationSpec, PerplexitySpec)
+    shared = (DataSpec, TrainSpec, ArchSpec, LoraSpec, QuantizationSpec, GenerationSpec)
+    shared += (PerplexitySpec,)
     for model in (*shared, DistributedSpec, FsdpSpec, DeepSpeedSpec):
         doc = " ".join((model.__doc__ or "").split())
         parts += [f"## {model.__name__}", "", doc, "", model_table(model), ""]

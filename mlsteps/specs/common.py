@@ -546,14 +546,3 @@ class GenerationSpec(Strict):
             "do_sample is false (greedy or beam decoding)",
             "set do_sample: true, or remove it",
         )
-
-
-class LoraSpec(Strict):
-    """LoRA adapter settings (peft)."""
-
-    r: PositiveInt = Field(8, description="LoRA rank.")
-    alpha: PositiveFloat = Field(16, description="LoRA scaling alpha.")
-    dropout: Fraction = Field(0.05, description="Dropout on the LoRA path.")
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; default chosen per model family."
-    )

@@ -16,6 +16,13 @@ from mlsteps.specs.common import (
     Strict,
     Unused,
 )
+from mlsteps.specs.loading import (
+    AttnImplementation,
+    ModelDtype,
+    attn_field,
+    loading_problems,
+    model_dtype_field,
+)
 
 METRICS = (
     "perplexity",
@@ -139,7 +146,12 @@ class EvalSpec(Strict):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Decoding options."
     )
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
     trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
+
+    def _invalid(self) -> list[Unused]:
+        return loading_problems(self, weights_train=False)
 
     def _ignored(self) -> list[Unused]:
         chosen = set(self.metrics)
@@ -248,4 +260,9 @@ class PredictSpec(Strict):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Decoding options."
     )
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
     trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
+
+    def _invalid(self) -> list[Unused]:
+        return loading_problems(self, weights_train=False)

@@ -49,6 +49,8 @@ from mlsteps.engine.modeling import (
     load_config,
     load_model,
     load_tokenizer,
+    loaded_metrics,
+    loading_kwargs,
     max_positions,
 )
 from mlsteps.engine.training import save_final, train
@@ -131,10 +133,12 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     if spec.task in ("causal_lm", "chat"):
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False
+    loaded = loaded_metrics(model, spec)
     if spec.method == "lora":
         model = lora.wrap(
             model, spec.lora, _model_task(spec), where=f"{where}.lora.target_modules",
-            loading_info=loading_info,
+            loading_info=loading_info, kbit=spec.quantization is not None,
+            gradient_checkpointing=spec.train.gradient_checkpointing,
         )  # fmt: skip
     if spec.task == "seq2seq":
         prep.collator = DataCollatorForSeq2Seq(
@@ -183,6 +187,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
 
     metrics: dict[str, Any] = dict(outcome.metrics)
     metrics.update(trainable_params=n_trainable, train_rows=len(train_rows), **truncation)
+    metrics.update(loaded)
     for name, gen_eval in gen_evals.items():
         if gen_eval.outputs is not None:
             metrics.update({vs.metric_name(k, name): v for k, v in gen_eval.conventions().items()})
@@ -431,6 +436,7 @@ def _model(
             _model_task(spec),
             num_labels=kwargs.get("num_labels"),
             where=f"{where}.model",
+            attn_implementation=spec.attn_implementation,
         )
         if label2id is not None:
             model.config.id2label, model.config.label2id = kwargs["id2label"], label2id
@@ -449,6 +455,7 @@ def _model(
             trust_remote_code=spec.trust_remote_code,
             where=f"{where}.from",
             loading_info=loading_info,
+            **loading_kwargs(spec),
             **extra,
         )
     config = model.config

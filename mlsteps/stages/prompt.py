@@ -291,14 +291,19 @@ def _train_soft(
 
     from mlsteps.engine import soft_prompt
     from mlsteps.engine import validation_sets as vs
-    from mlsteps.engine.modeling import load_model, max_positions
+    from mlsteps.engine.modeling import load_model, loaded_metrics, loading_kwargs, max_positions
     from mlsteps.engine.prompt_scoring import PromptCollator, pad_id_of
     from mlsteps.engine.training import save_final, train
 
     task = "seq2seq" if prompter.model_kind == "seq2seq" else "clm"
     base = load_model(
-        prompter.base_model, task, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
+        prompter.base_model,
+        task,
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.from",
+        **loading_kwargs(spec),
     )
+    loaded = loaded_metrics(base, spec)
     max_seq_len = spec.max_seq_len
     limit = max_positions(base)
     if (
@@ -382,5 +387,6 @@ def _train_soft(
         total_params=total,
         num_virtual_tokens=spec.num_virtual_tokens,
         **prompt_length_metrics(prompter, tokenizer, rows),
+        **loaded,
     )
     return StageResult(metrics=metrics, outputs={"final": str(final), "preview": str(preview)})
