@@ -124,8 +124,8 @@ def recipe_reference() -> str:
             model_table(model),
             "",
         ]
-    shared = (DataSpec, TrainSpec, ArchSpec, LoraSpec, QuantizationSpec, GenerationSpec)
-    shared += (PerplexitySpec,)
+    shared: tuple[type[BaseModel], ...] = (DataSpec, TrainSpec, ArchSpec, LoraSpec)
+    shared += (QuantizationSpec, GenerationSpec, PerplexitySpec)
     for model in (*shared, DistributedSpec, FsdpSpec, DeepSpeedSpec):
         doc = " ".join((model.__doc__ or "").split())
         parts += [f"## {model.__name__}", "", doc, "", model_table(model), ""]
