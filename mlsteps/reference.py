@@ -20,6 +20,7 @@ from mlsteps.specs.common import (
     ArchSpec,
     DataSpec,
     GenerationSpec,
+    Strict,
     TrainSpec,
 )
 from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
@@ -124,7 +125,7 @@ def recipe_reference() -> str:
             model_table(model),
             "",
         ]
-    shared: tuple[type[BaseModel], ...] = (DataSpec, TrainSpec, ArchSpec, LoraSpec)
+    shared: tuple[type[Strict], ...] = (DataSpec, TrainSpec, ArchSpec, LoraSpec)
     shared += (QuantizationSpec, GenerationSpec, PerplexitySpec)
     for model in (*shared, DistributedSpec, FsdpSpec, DeepSpeedSpec):
         doc = " ".join((model.__doc__ or "").split())
