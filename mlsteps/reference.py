@@ -125,9 +125,9 @@ def recipe_reference() -> str:
             model_table(model),
             "",
         ]
-    shared: tuple[type[Strict], ...] = (DataSpec, TrainSpec, ArchSpec, LoraSpec)
-    shared += (QuantizationSpec, GenerationSpec, PerplexitySpec)
-    for model in (*shared, DistributedSpec, FsdpSpec, DeepSpeedSpec):
+    shared: list[type[Strict]] = [DataSpec, TrainSpec, ArchSpec, LoraSpec, QuantizationSpec]
+    shared += [GenerationSpec, PerplexitySpec, DistributedSpec, FsdpSpec, DeepSpeedSpec]
+    for model in shared:
         doc = " ".join((model.__doc__ or "").split())
         parts += [f"## {model.__name__}", "", doc, "", model_table(model), ""]
     return "\n".join(parts).rstrip() + "\n"
