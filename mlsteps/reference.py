@@ -20,12 +20,13 @@ from mlsteps.specs.common import (
     ArchSpec,
     DataSpec,
     GenerationSpec,
+    LoraSpec,
     Strict,
     TrainSpec,
 )
 from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
 from mlsteps.specs.evaluate import PerplexitySpec
-from mlsteps.specs.loading import LoraSpec, QuantizationSpec
+from mlsteps.specs.loading import QuantizationSpec
 
 
 def _bound(value: Any) -> str:

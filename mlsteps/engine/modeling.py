@@ -7,6 +7,7 @@ passed to transformers when the recipe asks for it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -200,9 +201,9 @@ def loading_kwargs(spec: Any) -> dict[str, Any]:
         if "bnb_4bit_compute_dtype" in bnb:
             bnb["bnb_4bit_compute_dtype"] = getattr(torch, bnb["bnb_4bit_compute_dtype"])
         out["quantization_config"] = BitsAndBytesConfig(**bnb)
-        # k-bit weights are made on the GPU; the run-start check (specs/loading.check_devices)
-        # has already refused a machine without one.
-        out["device_map"] = {"": torch.cuda.current_device()}
+        # k-bit weights are made on the GPU, each process on its own one (torchrun's LOCAL_RANK);
+        # the run-start check (specs/loading.check_devices) refused a machine without CUDA.
+        out["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return out
 
 

@@ -10,12 +10,12 @@ from mlsteps.specs.common import (
     ArchSpec,
     DataSpec,
     GenerationSpec,
+    LoraSpec,
     Strict,
     TrainSpec,
 )
 from mlsteps.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
 from mlsteps.specs.finetune import FinetuneSpec
-from mlsteps.specs.loading import LoraSpec
 from mlsteps.specs.preference import PreferenceSpec
 from mlsteps.specs.pretrain import PretrainSpec
 from mlsteps.specs.prompt import PromptSpec

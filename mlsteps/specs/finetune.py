@@ -13,6 +13,7 @@ from mlsteps.specs.common import (
     DataSpec,
     Fraction,
     GenerationSpec,
+    LoraSpec,
     PositiveInt,
     Strict,
     TrainSpec,
@@ -22,7 +23,6 @@ from mlsteps.specs.common import (
 from mlsteps.specs.loading import (
     QUANT_DESCRIPTION,
     AttnImplementation,
-    LoraSpec,
     ModelDtype,
     QuantizationSpec,
     attn_field,

@@ -1,6 +1,6 @@
-"""How a stage loads its model: weight dtype, attention kernel, k-bit quantization (QLoRA), and
-the LoRA settings (peft ``LoraConfig``). Recipe pieces only; the loading itself is in
-engine/modeling.py and engine/lora.py, through transformers, bitsandbytes and peft.
+"""How a stage loads its model: weight dtype, attention kernel, k-bit quantization (QLoRA).
+Recipe pieces only (LoraSpec stays in common.py); the loading itself is in engine/modeling.py
+and engine/lora.py, through transformers, bitsandbytes and peft.
 
 The dtype rule (docs/recipe-reference.md, README): ``model_dtype`` is the dtype of the weights
 as loaded; ``train.precision`` is the dtype of the compute (autocast). Weights that train stay
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from mlsteps.specs.common import Bool, Fraction, PositiveFloat, PositiveInt, Strict, Unused
+from mlsteps.specs.common import Bool, Strict, Unused
 
 ModelDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -202,27 +202,4 @@ def check_devices(recipe: Any) -> None:
         f"{what} needs a CUDA GPU, and this machine has none",
         where=f"stages.{name}.{key}",
         hint="remove it to run on CPU (model_dtype: bf16 works on CPU for frozen weights)",
-    )
-
-
-class LoraSpec(Strict):
-    """LoRA adapter settings (peft LoraConfig)."""
-
-    r: PositiveInt = Field(8, description="LoRA rank.")
-    alpha: PositiveFloat = Field(16, description="LoRA scaling alpha.")
-    dropout: Fraction = Field(0.05, description="Dropout on the LoRA path.")
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None,
-        description="Module names to adapt, or 'all-linear' (every linear layer but the output "
-        "head, peft's rule); default chosen per model family.",
-    )
-    use_dora: Bool = Field(
-        False,
-        description="DoRA (weight-decomposed LoRA, Liu et al. 2024): a trained magnitude per "
-        "output plus a LoRA direction.",
-    )
-    use_rslora: Bool = Field(
-        False,
-        description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r (Kalajdzievski "
-        "2023), so higher ranks keep learning.",
     )

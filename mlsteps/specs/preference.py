@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from mlsteps.specs.common import (
     DataSpec,
     Fraction,
+    LoraSpec,
     PositiveInt,
     Strict,
     TrainSpec,
@@ -16,7 +17,6 @@ from mlsteps.specs.common import (
 )
 from mlsteps.specs.loading import (
     AttnImplementation,
-    LoraSpec,
     ModelDtype,
     attn_field,
     loading_problems,

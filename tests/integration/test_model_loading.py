@@ -178,3 +178,29 @@ def test_cuda_only_settings_are_refused_before_anything_is_written(
     assert len(lines) == 1 and f"stages.ft.{key}" in lines[0] and "CUDA" in lines[0], lines
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_quantization_is_wired_through_bitsandbytes_and_peft(
+    bases: dict[str, Path],  # noqa: F811
+) -> None:
+    """What can be checked without a GPU: the recipe's quantization becomes transformers'
+    BitsAndBytesConfig, and QLoRA's wrap calls peft's prepare_model_for_kbit_training (on an
+    unquantized bf16 model it casts every weight to fp32, which a plain wrap does not)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from mlsteps.engine import lora, modeling
+
+    spec = _lora_spec(bases, "causal_lm", quantization={"bits": 4, "quant_type": "fp4"})
+    kwargs = modeling.loading_kwargs(spec)
+    bnb = kwargs["quantization_config"]
+    assert isinstance(bnb, BitsAndBytesConfig) and bnb.load_in_4bit
+    assert bnb.bnb_4bit_quant_type == "fp4" and bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert kwargs["device_map"] == {"": 0} and kwargs["dtype"] == torch.float32
+
+    def base_dtypes(kbit: bool) -> set[torch.dtype]:
+        model = AutoModelForCausalLM.from_pretrained(bases["gpt2"], dtype=torch.bfloat16)
+        wrapped = lora.wrap(model, spec.lora, "causal_lm", where="w", kbit=kbit)
+        return {p.dtype for n, p in wrapped.named_parameters() if "lora_" not in n}
+
+    assert base_dtypes(kbit=False) == {torch.bfloat16}
+    assert base_dtypes(kbit=True) == {torch.float32}
