@@ -31,7 +31,7 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     from mlsteps.engine.chat_data import reference_of
     from mlsteps.engine.data import load_rows, require_columns
     from mlsteps.engine.inference import inspect_source, load_for_inference
-    from mlsteps.engine.modeling import loading_kwargs
+    from mlsteps.engine.modeling import loaded_metrics, loading_kwargs
 
     where = f"stages.{ctx.stage}"
     info = inspect_source(
@@ -93,7 +93,7 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
         records.append(rec)
     write_jsonl(ctx.predictions_path, records)
     return StageResult(
-        metrics={"predictions": len(records)},
+        metrics={"predictions": len(records), **loaded_metrics(loaded.model, spec)},
         outputs={"predictions": str(ctx.predictions_path)},
     )
 
@@ -104,7 +104,7 @@ def _classify(
     """Label and label probabilities of a sequence classifier for every row."""
     from mlsteps.engine.data import require_columns
     from mlsteps.engine.inference import classify, load_for_inference
-    from mlsteps.engine.modeling import loading_kwargs
+    from mlsteps.engine.modeling import loaded_metrics, loading_kwargs
 
     require_columns(rows, [spec.input_column], f"{where}.data")
     texts = require_text(rows, spec.input_column, f"{where}.data", "input_column")
@@ -128,6 +128,6 @@ def _classify(
         records.append(rec)
     write_jsonl(ctx.predictions_path, records)
     return StageResult(
-        metrics={"predictions": len(records)},
+        metrics={"predictions": len(records), **loaded_metrics(loaded.model, spec)},
         outputs={"predictions": str(ctx.predictions_path)},
     )

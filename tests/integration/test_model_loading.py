@@ -146,6 +146,9 @@ def test_attn_implementation_is_recorded_in_the_run(tmp_path: Path) -> None:
         "  pt: {kind: pretrain, tokenizer: tok, data: c.txt, max_seq_len: 16,\n"
         "       model: {family: llama, n_layers: 2, hidden_size: 32, n_heads: 2},\n"
         "       attn_implementation: eager, train: {max_steps: 2, batch_size: 4}}\n"
+        "  pred: {kind: predict, model: pt, data: c.txt, input_column: text,\n"
+        "         model_dtype: bf16, attn_implementation: eager,\n"
+        "         generation: {max_new_tokens: 2}}\n"
     )
     out = _cli(tmp_path, "run", "r.yaml")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -154,6 +157,9 @@ def test_attn_implementation_is_recorded_in_the_run(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "runs/r/pt/stage.json").read_text())
     assert record["metrics"]["attn_implementation"] == "eager"
     assert "eager" in (tmp_path / "runs/r/report.md").read_text()
+    # predict reads the weights in bf16 (they stay frozen) with the kernel asked for.
+    pred = json.loads((tmp_path / "runs/r/metrics.json").read_text())["pred"]
+    assert pred["model_dtype"] == "bfloat16" and pred["attn_implementation"] == "eager"
 
 
 @pytest.mark.skipif(
