@@ -6,6 +6,7 @@ attention kernel is passed through and recorded; CUDA-only settings are refused 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,3 +211,30 @@ def test_quantization_is_wired_through_bitsandbytes_and_peft(
 
     assert base_dtypes(kbit=False) == {torch.bfloat16}
     assert base_dtypes(kbit=True) == {torch.float32}
+
+
+def test_soft_prompt_on_a_bf16_base_stays_fp32(
+    bases: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from mlsteps.specs.prompt import PromptSpec
+    from mlsteps.stages import prompt
+
+    spec = PromptSpec.model_validate(
+        {
+            "kind": "prompt", "method": "prompt_tuning", "from": "base", "num_virtual_tokens": 4,
+            "template": "{source} =>", "data": _toy("toy/translate", "train", ":16"),
+            "validation": _toy("toy/translate", "validation", ":4"), "max_seq_len": 64,
+            "model_dtype": "bf16", "attn_implementation": "eager",
+            "train": {"batch_size": 8, "max_steps": 2, "save_every_steps": 1000},
+        }
+    )  # fmt: skip
+    ctx = StageContext(
+        run_dir=tmp_path, stage="pt", kind="prompt", seed=0, quiet=True,
+        upstream={"base": bases["gpt2"]},
+    )  # fmt: skip
+    m = prompt.run(spec, ctx).metrics
+    assert m["model_dtype"] == "bfloat16" and m["attn_implementation"] == "eager"
+    assert math.isfinite(m["val_loss"])  # bf16 base, fp32 prompt
+    weights = load_file(ctx.final_dir / "adapter_model.safetensors")
+    assert [t.dtype for t in weights.values()] == [torch.float32]
