@@ -192,21 +192,30 @@ def _execute(spec: Any, run_dir: str | None, *, as_json: bool, **kwargs: Any) ->
 def validate(recipe: RecipeArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
     """Validate a recipe fully without running anything (no torch import)."""
     from mlsteps.recipe import check_data_files, load_recipe
+    from mlsteps.specs.loading import needs_cuda
 
     _STATE["json"] = as_json
     spec = load_recipe(recipe, overrides or [])
     check_data_files(spec)
+    # Whether the machine that runs it has CUDA, validate cannot know (no torch import): it
+    # names the settings that need it; `run` refuses them up front where CUDA is absent.
+    cuda = [
+        (f"stages.{n}.{key}", what) for n, s in spec.stages.items() for key, what in needs_cuda(s)
+    ]
     if as_json:
         _emit(
             {
                 "valid": True,
                 "name": spec.name,
                 "stages": {n: s.kind for n, s in spec.stages.items()},
+                **({"needs_cuda": [where for where, _ in cuda]} if cuda else {}),
             }
         )
     else:
         kinds = ", ".join(f"{n} ({s.kind})" for n, s in spec.stages.items())
         print(f"{recipe}: valid recipe '{spec.name}' with {len(spec.stages)} stage(s): {kinds}")
+        for where, what in cuda:
+            print(f"note: {where} ({what}) needs a CUDA GPU where it runs")
 
 
 @app.command()

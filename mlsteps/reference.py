@@ -21,10 +21,12 @@ from mlsteps.specs.common import (
     DataSpec,
     GenerationSpec,
     LoraSpec,
+    Strict,
     TrainSpec,
 )
 from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
 from mlsteps.specs.evaluate import LmEvalSpec, PerplexitySpec
+from mlsteps.specs.loading import QuantizationSpec
 
 
 def _bound(value: Any) -> str:
@@ -124,8 +126,9 @@ def recipe_reference() -> str:
             model_table(model),
             "",
         ]
-    shared = (DataSpec, TrainSpec, ArchSpec, LoraSpec, GenerationSpec, PerplexitySpec, LmEvalSpec)
-    for model in (*shared, DistributedSpec, FsdpSpec, DeepSpeedSpec):
+    shared: list[type[Strict]] = [DataSpec, TrainSpec, ArchSpec, LoraSpec, QuantizationSpec]
+    shared += [GenerationSpec, PerplexitySpec, LmEvalSpec, DistributedSpec, FsdpSpec, DeepSpeedSpec]
+    for model in shared:
         doc = " ".join((model.__doc__ or "").split())
         parts += [f"## {model.__name__}", "", doc, "", model_table(model), ""]
     return "\n".join(parts).rstrip() + "\n"

@@ -35,6 +35,7 @@ from mlsteps.rundir import (
     read_state,
 )
 from mlsteps.runstate import open_run_dir, recipe_changed, report_stale, write_recipe
+from mlsteps.specs.loading import check_devices
 from mlsteps.stage_failures import error_text, record_failure, stage_failure
 
 
@@ -123,6 +124,7 @@ def run_recipe(
     """Run (or resume) a recipe in run_dir. Raises MlstepsError subclasses for the CLI."""
     _select(recipe, from_stage, only)
     check_data_files(recipe)
+    check_devices(recipe)  # a CUDA-only setting on a machine without CUDA: exit 2, nothing written
     main = rank() == 0
     quiet = quiet or not main  # rank 0 speaks for the run
     distributed.configure(recipe.distributed)

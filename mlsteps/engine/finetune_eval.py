@@ -111,17 +111,21 @@ class GenerationEval:
             out.update({f"val_{k}": v for k, v in result.items() if isinstance(v, str)})
         return out
 
-    def write_predictions(self, ctx: StageContext) -> None:
-        """predictions.jsonl of the last validation generation, in validation order (atomic)."""
+    def write_predictions(self, ctx: StageContext, set_name: str = "") -> None:
+        """predictions.jsonl of the last validation generation, in validation order (atomic);
+        a named validation set writes predictions_<name>.jsonl."""
         assert self.outputs is not None
-        tmp = ctx.predictions_path.with_name(ctx.predictions_path.name + ".tmp")
+        path = ctx.predictions_path
+        if set_name:
+            path = path.with_name(f"{path.stem}_{set_name}{path.suffix}")
+        tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as handle:
             for text, pred, refs in zip(self.inputs, self.outputs, self.refs, strict=True):
                 record = {"input": text, "prediction": pred, "references": refs}
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, ctx.predictions_path)
+        os.replace(tmp, path)
 
 
 def prompter_json(

@@ -199,9 +199,16 @@ def _has_tokenizer(source: str) -> bool:
 
 
 def load_for_inference(
-    source: str, *, trust_remote_code: bool = False, where: str = WHERE
+    source: str,
+    *,
+    trust_remote_code: bool = False,
+    where: str = WHERE,
+    loading: dict[str, Any] | None = None,
 ) -> Loaded:
-    """Load ``source`` (plain model, peft adapter or prompted model) for inference."""
+    """Load ``source`` (plain model, peft adapter or prompted model) for inference.
+
+    ``loading``: from_pretrained keyword arguments of the stage's model-loading fields
+    (engine.modeling.loading_kwargs: dtype, attn_implementation); fp32 weights by default."""
     import torch
     from transformers import AutoTokenizer
 
@@ -210,10 +217,14 @@ def load_for_inference(
         model = _model_class(info.kind).from_pretrained(
             info.model_source,
             trust_remote_code=trust_remote_code,
-            dtype=torch.float32,
             use_safetensors=True,  # never unpickle a pytorch_model.bin
+            **{"dtype": torch.float32, **(loading or {})},
             **_adapter_head_config(info, trust_remote_code),
         )
+    except (ValueError, ImportError) as exc:
+        from mlsteps.engine.modeling import attn_error
+
+        raise attn_error(exc, (loading or {}).get("attn_implementation"), where) from exc
     except OSError as exc:
         first = first_line(exc)
         raise UserError(

@@ -155,14 +155,30 @@ def wrap(
     *,
     where: str,
     loading_info: dict[str, Any] | None = None,
+    kbit: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> PeftModel:
     """Freeze the model and add LoRA adapters, plus a trainable copy, saved with the adapter
     (peft ``modules_to_save``), of the task head and of every module the load initialised
-    (``loading_info`` from :func:`mlsteps.engine.modeling.load_model`, see :func:`new_modules`)."""
-    targets = list(spec.target_modules) if spec.target_modules else default_targets(model)
+    (``loading_info`` from :func:`mlsteps.engine.modeling.load_model`, see :func:`new_modules`).
+
+    ``kbit``: the model was loaded quantized (QLoRA); peft's prepare_model_for_kbit_training
+    casts its unquantized layers to fp32 and enables input gradients first."""
+    targets: list[str] | str
+    if spec.target_modules == "all-linear":
+        targets = "all-linear"  # peft's rule: every linear layer except the output head
+    else:
+        targets = list(spec.target_modules) if spec.target_modules else default_targets(model)
     heads = head_modules(model) if task == "classification" else []
     heads = _outermost(list(dict.fromkeys(heads + new_modules(model, loading_info))))
-    check_targets(model, targets, exclude=heads, where=where)
+    if isinstance(targets, list):
+        check_targets(model, targets, exclude=heads, where=where)
+    if kbit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
     config = LoraConfig(
         task_type=TASK_TYPES[task],
         r=spec.r,
@@ -170,10 +186,35 @@ def wrap(
         lora_dropout=spec.dropout,
         target_modules=targets,
         modules_to_save=heads or None,
+        use_dora=spec.use_dora,
+        use_rslora=spec.use_rslora,
         # gpt2 stores its projections as Conv1D with transposed weights.
         fan_in_fan_out=getattr(model.config, "model_type", None) == "gpt2",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    _train_in_fp32(peft_model)
+    return peft_model
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _to_fp32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if torch.is_tensor(a) and a.dtype in _HALF else a for a in args)
+
+
+def _train_in_fp32(model: torch.nn.Module) -> None:
+    """Weights that train stay fp32 on a half-precision base (model_dtype bf16/fp16; the rule of
+    specs/loading.py). peft keeps LoRA weights in fp32 and casts their input itself
+    (autocast_adapter_dtype); the trained copies of heads (modules_to_save) would otherwise
+    train in the base's half type: they get fp32 weights and an input cast."""
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype in _HALF]
+        if not own:
+            continue
+        for param in own:
+            param.data = param.data.float()
+        module.register_forward_pre_hook(_to_fp32)
 
 
 def merge(model: PeftModel) -> Any:

@@ -7,6 +7,7 @@ passed to transformers when the recipe asks for it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -154,10 +155,12 @@ def build_model(
     *,
     num_labels: int | None = None,
     where: str | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A freshly initialised model of ``arch.family`` for ``task`` (clm, mlm, seq2seq, classification).
 
     Seed the RNG before calling (``transformers.set_seed``) for reproducible initial weights.
+    A new model is always fp32: its weights train (see specs/loading.py).
     """
     allowed = _FAMILIES_FOR_TASK.get(task)
     if allowed is None:
@@ -171,8 +174,65 @@ def build_model(
     config = _config_for(arch, tokenizer)
     if num_labels is not None:
         config.num_labels = num_labels
-    model = _auto_class(task).from_config(config)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model = _auto_class(task).from_config(config, **attn)
+    except (ValueError, ImportError) as exc:
+        raise attn_error(exc, attn_implementation, where) from exc
     return _name_causal_loss(model, task)
+
+
+def loading_kwargs(spec: Any) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments from a stage spec's model-loading fields
+    (``model_dtype``, ``attn_implementation``, ``quantization``; absent fields: the defaults).
+    ``auto`` is fp32: the master copy mixed precision trains from (specs/loading.py)."""
+    from mlsteps.specs.loading import TORCH_DTYPES
+
+    dtype = getattr(spec, "model_dtype", "auto")
+    out: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES.get(dtype, "float32"))}
+    attn = getattr(spec, "attn_implementation", None)
+    if attn:
+        out["attn_implementation"] = attn
+    quant = getattr(spec, "quantization", None)
+    if quant is not None:
+        from transformers import BitsAndBytesConfig  # needs bitsandbytes only when used
+
+        bnb = quant.bnb_kwargs()
+        if "bnb_4bit_compute_dtype" in bnb:
+            bnb["bnb_4bit_compute_dtype"] = getattr(torch, bnb["bnb_4bit_compute_dtype"])
+        out["quantization_config"] = BitsAndBytesConfig(**bnb)
+        # k-bit weights are made on the GPU, each process on its own one (torchrun's LOCAL_RANK);
+        # the run-start check (specs/loading.check_devices) refused a machine without CUDA.
+        out["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return out
+
+
+def loaded_metrics(model: Any, spec: Any) -> dict[str, str]:
+    """What the stage record says about how the model was loaded: the weights' dtype, the
+    attention kernel transformers chose (``sdpa`` when the recipe left it unset) and the
+    quantization."""
+    config = getattr(model, "config", None)
+    out = {"model_dtype": str(getattr(model, "dtype", "")).removeprefix("torch.")}
+    attn = getattr(config, "_attn_implementation", None)
+    if attn:
+        out["attn_implementation"] = str(attn)
+    quant = getattr(spec, "quantization", None)
+    if quant is not None:
+        out["quantization"] = quant.describe()
+    return out
+
+
+def attn_error(exc: BaseException, attn: str | None, where: str | None) -> BaseException:
+    """A UserError at attn_implementation when the kernel is what failed, else ``exc``."""
+    text = first_line(exc)
+    if not attn or not any(w in text.lower() for w in ("attn", "attention", "flash")):
+        return exc
+    stage = where.rsplit(".", 1)[0] if where else None
+    return UserError(
+        f"attn_implementation {attn!r} cannot be used: {text}",
+        where=f"{stage}.attn_implementation" if stage else None,
+        hint="use sdpa or eager (or install the kernel's package on a CUDA machine)",
+    )
 
 
 def _name_causal_loss(model: Any, task: str) -> Any:
@@ -238,14 +298,19 @@ def load_model(
         # fp32 always: transformers 5 otherwise keeps the stored dtype ("auto"), and a bf16
         # checkpoint would train in pure bf16 whatever train.precision says. Mixed precision
         # (bf16/fp16) autocasts the compute and keeps these fp32 weights as the master copy.
+        # (``kwargs`` from loading_kwargs may name another dtype for frozen weights.)
+        kwargs.setdefault("dtype", torch.float32)
         model, info = auto.from_pretrained(
             source, config=config, use_safetensors=True, output_loading_info=True,
-            dtype=torch.float32, **remote, **kwargs,
+            **remote, **kwargs,
         )  # fmt: skip
         if loading_info is not None:
             loading_info.update(info)
         return _name_causal_loss(model, task)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
+        error = attn_error(exc, kwargs.get("attn_implementation"), where)
+        if error is not exc or isinstance(exc, ImportError):
+            raise error from exc
         raise UserError(
             f"{source!r} is a {config.model_type} model, which cannot do {task}: {first_line(exc)}",
             where=where,

@@ -85,6 +85,10 @@ class _MlstepsTrainerMixin:
         return loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
+        if isinstance(eval_dataset, str):
+            # The Trainer's own call for one set of a dict of validation sets (by name, from
+            # inside the outer evaluate below): extra evaluation and keep_best run once, outside.
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # type: ignore[misc]
         shared = self._mlsteps
         started = time.perf_counter()
         metrics: dict[str, float] = {}

@@ -549,11 +549,23 @@ class GenerationSpec(Strict):
 
 
 class LoraSpec(Strict):
-    """LoRA adapter settings (peft)."""
+    """LoRA adapter settings (peft LoraConfig)."""
 
     r: PositiveInt = Field(8, description="LoRA rank.")
     alpha: PositiveFloat = Field(16, description="LoRA scaling alpha.")
     dropout: Fraction = Field(0.05, description="Dropout on the LoRA path.")
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; default chosen per model family."
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="Module names to adapt, or 'all-linear' (every linear layer but the output "
+        "head, peft's rule); default chosen per model family.",
+    )
+    use_dora: Bool = Field(
+        False,
+        description="DoRA (weight-decomposed LoRA, Liu et al. 2024): a trained magnitude per "
+        "output plus a LoRA direction.",
+    )
+    use_rslora: Bool = Field(
+        False,
+        description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r (Kalajdzievski "
+        "2023), so higher ranks keep learning.",
     )

@@ -18,6 +18,13 @@ from mlsteps.specs.common import (
     Strict,
     Unused,
 )
+from mlsteps.specs.loading import (
+    AttnImplementation,
+    ModelDtype,
+    attn_field,
+    loading_problems,
+    model_dtype_field,
+)
 
 METRICS = (
     "perplexity",
@@ -192,6 +199,8 @@ class EvalSpec(Strict):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Decoding options."
     )
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
     trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
 
     def input_files(self) -> list[Path]:
@@ -201,6 +210,9 @@ class EvalSpec(Strict):
             return []
         root = Path(self.lm_eval.include_path).expanduser()
         return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+    def _invalid(self) -> list[Unused]:
+        return loading_problems(self, weights_train=False)
 
     def _ignored(self) -> list[Unused]:
         chosen = set(self.metrics)
@@ -321,4 +333,9 @@ class PredictSpec(Strict):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Decoding options."
     )
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
     trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
+
+    def _invalid(self) -> list[Unused]:
+        return loading_problems(self, weights_train=False)

@@ -20,6 +20,16 @@ from mlsteps.specs.common import (
     Unused,
     unused_without_validation,
 )
+from mlsteps.specs.loading import (
+    QUANT_DESCRIPTION,
+    AttnImplementation,
+    ModelDtype,
+    QuantizationSpec,
+    attn_field,
+    loading_problems,
+    model_dtype_field,
+)
+from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
 
 # {{ and }} are literal braces; any other text between single braces names a column (so that
 # column names such as "Hi." from a headerless TSV work, unlike str.format fields).
@@ -85,8 +95,8 @@ class FinetuneSpec(Strict):
         None, description="Tokenizer source; defaults to the one saved with 'from'."
     )
     data: DataSpec = Field(..., description="Training rows.")
-    validation: DataSpec | None = Field(
-        None, description="Validation rows (else a held-out fraction)."
+    validation: ValidationRows | None = Field(
+        None, description="Validation rows (else a held-out fraction)" + VALIDATION_NAMED + "."
     )
     validation_fraction: Fraction = Field(
         0.1, description="Fraction held out for validation when 'validation' is unset."
@@ -157,6 +167,9 @@ class FinetuneSpec(Strict):
         200,
         description="Generate for at most N validation rows (generation is slow); null: all.",
     )
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
+    quantization: QuantizationSpec | None = Field(None, description=QUANT_DESCRIPTION)
     trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
 
@@ -174,6 +187,28 @@ class FinetuneSpec(Strict):
             out += self._unused(("validation_fraction",), "'validation' is given")
         generated = ("generation", "target_lang", "validation_max_samples")
         return out + unused_without_validation(self, generated)
+
+    def _invalid(self) -> list[Unused]:
+        out = loading_problems(self, weights_train=self.method == "full")
+        if self.quantization is not None and self.method != "lora":
+            out.append(
+                (
+                    "quantization",
+                    "k-bit weights cannot be trained; QLoRA trains a LoRA adapter on the frozen "
+                    "quantized base",
+                    "set method: lora, or remove it",
+                )
+            )
+        if self.quantization is not None and self.merge:
+            out.append(
+                (
+                    "merge",
+                    "merging into a k-bit base rounds the adapter away",
+                    "keep the adapter (merge: false) and merge it onto the full-precision base "
+                    "later",
+                )
+            )
+        return out
 
     @model_validator(mode="after")
     def _model_source(self) -> FinetuneSpec:

@@ -13,6 +13,14 @@ from mlsteps.specs.common import (
     PositiveInt,
     Strict,
     TrainSpec,
+    Unused,
+)
+from mlsteps.specs.loading import (
+    AttnImplementation,
+    ModelDtype,
+    attn_field,
+    loading_problems,
+    model_dtype_field,
 )
 
 # Finite, positive, and a real number: YAML `true` is not a beta.
@@ -121,12 +129,17 @@ class PreferenceSpec(Strict):
     merge: bool = Field(
         False, description="lora: write a merged plain model to final/ instead of the adapter."
     )
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
     train: TrainSpec = Field(
         default_factory=lambda: TrainSpec(lr=5e-6, batch_size=8),
         description="Optimisation settings (default lr 5e-6: preference tuning moves a tuned "
         "model only a little).",
     )
+
+    def _invalid(self) -> list[Unused]:
+        return loading_problems(self, weights_train=self.tuning == "full")
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceSpec:

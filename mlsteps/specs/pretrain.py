@@ -20,6 +20,13 @@ from mlsteps.specs.common import (
     column_list,
     unused_without_validation,
 )
+from mlsteps.specs.loading import (
+    AttnImplementation,
+    ModelDtype,
+    attn_field,
+    loading_problems,
+    model_dtype_field,
+)
 
 
 class PretrainSpec(Strict):
@@ -82,6 +89,8 @@ class PretrainSpec(Strict):
         "held-out text full of tokens the training text lacks scores a worse perplexity early "
         "on, since those tokens keep their untrained logits.",
     )
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
     trust_remote_code: Bool = Field(
         False, description="Allow custom model code from a hub repository (security risk)."
     )
@@ -103,6 +112,9 @@ class PretrainSpec(Strict):
         if self.validation is not None:
             out += self._unused(("validation_fraction",), "'validation' is given")
         return out + unused_without_validation(self)
+
+    def _invalid(self) -> list[Unused]:
+        return loading_problems(self, weights_train=True)
 
     @model_validator(mode="after")
     def _model_source(self) -> PretrainSpec:

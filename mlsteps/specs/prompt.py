@@ -16,6 +16,14 @@ from mlsteps.specs.common import (
     Unused,
     unused_without_validation,
 )
+from mlsteps.specs.loading import (
+    AttnImplementation,
+    ModelDtype,
+    attn_field,
+    loading_problems,
+    model_dtype_field,
+)
+from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
 
 # The default of hard prompts (zero_shot, few_shot) for classification; chosen by the measured
 # ladder in BENCHMARKS.md ("Low-label ladder").
@@ -50,8 +58,8 @@ class PromptSpec(Strict):
     data: DataSpec | None = Field(
         None, description="Training rows: demonstrations (few_shot) or soft-prompt training data."
     )
-    validation: DataSpec | None = Field(
-        None, description="Validation rows for soft-prompt training."
+    validation: ValidationRows | None = Field(
+        None, description="Validation rows for soft-prompt training" + VALIDATION_NAMED + "."
     )
     validation_fraction: Fraction = Field(
         0.1, description="Held-out fraction when no 'validation'."
@@ -84,6 +92,8 @@ class PromptSpec(Strict):
         "(repeated/cut to num_virtual_tokens); else from randomly sampled vocabulary embeddings.",
     )
     max_seq_len: PositiveInt = Field(256, description="Truncation length of prompt + answer.")
+    model_dtype: ModelDtype = model_dtype_field()
+    attn_implementation: AttnImplementation | None = attn_field()
     trust_remote_code: Bool = Field(False, description="Allow custom model code from the hub.")
     preview_rows: PositiveInt = Field(
         5,
@@ -115,7 +125,15 @@ class PromptSpec(Strict):
         out = []
         if self.method in ("zero_shot", "few_shot"):
             out += self._unused(
-                ("validation", "validation_fraction", "num_virtual_tokens", "max_seq_len", "train"),
+                (
+                    "validation",
+                    "validation_fraction",
+                    "num_virtual_tokens",
+                    "max_seq_len",
+                    "train",
+                    "model_dtype",
+                    "attn_implementation",
+                ),  # fmt: skip
                 f"method {self.method} trains nothing (these are for soft prompts)",
                 "remove it, or use a tuning method",
             )
@@ -128,6 +146,9 @@ class PromptSpec(Strict):
                 ("shots", "demo_separator"), f"method {self.method} shows no demonstrations"
             )
         return out
+
+    def _invalid(self) -> list[Unused]:
+        return loading_problems(self, weights_train=False)
 
     @property
     def resolved_calibration(self) -> str:

@@ -471,6 +471,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     """Evaluate every model of ``spec.models`` on ``spec.data`` and on ``spec.lm_eval``'s tasks:
     ``{model: {metric: value}}``."""
     from mlsteps.engine.inference import inspect_source, load_for_inference
+    from mlsteps.engine.modeling import loading_kwargs
 
     base = f"stages.{ctx.stage}"
     metrics = _check_metric_names(spec.metrics, f"{base}.metrics")
@@ -506,6 +507,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
                 infos[label].source,
                 trust_remote_code=spec.trust_remote_code,
                 where=f"{base}.models.{index}",
+                loading=loading_kwargs(spec),
             )
             scores, model_records = _score_model(spec, ctx, loaded, rows, metrics, data)
             ladder[label] = scores

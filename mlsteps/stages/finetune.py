@@ -40,6 +40,7 @@ from mlsteps.distributed import main_process_first
 from mlsteps.engine import chat_data, chat_sft, lora
 from mlsteps.engine import finetune_data as fd
 from mlsteps.engine import finetune_eval as fe
+from mlsteps.engine import validation_sets as vs
 from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.engine.modeling import (
     build_model,
@@ -48,6 +49,8 @@ from mlsteps.engine.modeling import (
     load_config,
     load_model,
     load_tokenizer,
+    loaded_metrics,
+    loading_kwargs,
     max_positions,
 )
 from mlsteps.engine.training import save_final, train
@@ -64,12 +67,13 @@ class _Prepared:
     """Tokenised data and task-specific hooks for one run."""
 
     train: datasets.Dataset
-    validation: datasets.Dataset | None
+    # Validation sets by name ('' for the one unnamed set; empty without validation).
+    validation: dict[str, datasets.Dataset]
     collator: Any = None
     compute_metrics: Callable[..., dict[str, float]] | None = None
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
-    gen_inputs: list[str] = field(default_factory=list)
-    gen_references: list[list[str]] = field(default_factory=list)
+    # Per validation set: generation inputs and their references.
+    gen: dict[str, tuple[list[str], list[list[str]]]] = field(default_factory=dict)
     label2id: dict[str, int] | None = None
     # Examples cut by max_seq_len / max_source_len / max_target_len: (training, validation).
     truncated: tuple[int, int] = (0, 0)
@@ -78,8 +82,9 @@ class _Prepared:
         """Move the tokenisers' per-row truncation flags out of the datasets into counts."""
         self.train, n_train = fd.pop_truncated(self.train)
         n_val = 0
-        if self.validation is not None:
-            self.validation, n_val = fd.pop_truncated(self.validation)
+        for name, ds in self.validation.items():
+            self.validation[name], n_cut = fd.pop_truncated(ds)
+            n_val += n_cut
         self.truncated = (n_train, n_val)
 
 
@@ -87,7 +92,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     """Fine-tune per ``spec``; returns train/validation metrics and the final/ path."""
     where = f"stages.{ctx.stage}"
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
-        train_rows, val_rows, explicit_val = _load_rows(spec, ctx, where)
+        train_rows, val_sets, explicit_val = _load_rows(spec, ctx, where)
     source = ctx.resolve_source(spec.from_) if spec.from_ else None
     tok_source = ctx.resolve_source(spec.tokenizer) if spec.tokenizer else source
     assert tok_source is not None  # the spec validator guarantees 'from' or 'tokenizer'
@@ -101,7 +106,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
 
     label2id = None
     if spec.task == "classification":
-        val_rows, label2id = _labels(spec, train_rows, val_rows, explicit_val, ctx, where)
+        val_sets, label2id = _labels(spec, train_rows, val_sets, explicit_val, ctx, where)
     loading_info: dict[str, Any] = {}
     model = _model(spec, ctx, tokenizer, source, label2id, where, loading_info)
     if spec.task == "chat":
@@ -117,53 +122,61 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     with main_process_first():
         if label2id is not None:
             prep = _prepare_classification(
-                spec, train_rows, val_rows, explicit_val, tokenizer, label2id, where
+                spec, train_rows, val_sets, explicit_val, tokenizer, label2id, where
             )
         elif spec.task == "seq2seq":
-            prep = _prepare_seq2seq(spec, train_rows, val_rows, tokenizer, where)
+            prep = _prepare_seq2seq(spec, train_rows, val_sets, tokenizer, where)
         elif spec.task == "chat":
-            prep = _prepare_chat(spec, train_rows, val_rows, tokenizer, where)
+            prep = _prepare_chat(spec, train_rows, val_sets, tokenizer, where)
         else:
-            prep = _prepare_sft(spec, train_rows, val_rows, tokenizer, where)
+            prep = _prepare_sft(spec, train_rows, val_sets, tokenizer, where)
     if spec.task in ("causal_lm", "chat"):
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False
+    loaded = loaded_metrics(model, spec)
     if spec.method == "lora":
         model = lora.wrap(
             model, spec.lora, _model_task(spec), where=f"{where}.lora.target_modules",
-            loading_info=loading_info,
+            loading_info=loading_info, kbit=spec.quantization is not None,
+            gradient_checkpointing=spec.train.gradient_checkpointing,
         )  # fmt: skip
     if spec.task == "seq2seq":
         prep.collator = DataCollatorForSeq2Seq(
             tokenizer, model=model, label_pad_token_id=fd.IGNORE_INDEX
         )
 
-    gen_eval = None
-    if prep.gen_inputs:
-        seed = spec.generation.seed if spec.generation.seed is not None else ctx.seed
-        gen_eval = fe.GenerationEval(
-            spec, tokenizer, prep.gen_inputs, prep.gen_references, seed=seed,
-            where=f"{where}.validation",
+    seed = spec.generation.seed if spec.generation.seed is not None else ctx.seed
+    gen_evals = {
+        name: fe.GenerationEval(
+            spec,
+            tokenizer,
+            inputs,
+            refs,
+            seed=seed,
+            where=vs.where_of(f"{where}.validation", name),
         )  # fmt: skip
+        for name, (inputs, refs) in prep.gen.items()
+        if inputs
+    }
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     truncation = fd.truncation_metrics(
-        spec, prep.truncated, len(train_rows), validation=prep.validation is not None, log=ctx.log
+        spec, prep.truncated, len(train_rows), validation=bool(prep.validation), log=ctx.log
     )
     ctx.log(
         f"{spec.task}/{spec.method}: {len(prep.train)} training sequences, "
-        f"{len(prep.validation) if prep.validation is not None else 0} validation, "
+        f"{sum(len(v) for v in prep.validation.values())} validation, "
         f"{n_trainable:,} trainable parameters"
     )
     outcome = train(
         model=model,
         tokenizer=tokenizer,
         train_dataset=prep.train,
-        eval_dataset=prep.validation,
+        eval_dataset=vs.trainer_eval_dataset(prep.validation),
         data_collator=prep.collator,
         spec=spec.train,
         ctx=ctx,
         compute_metrics=prep.compute_metrics,
-        extra_eval=gen_eval,
+        extra_eval=vs.named_evaluation(gen_evals),
         # Loss-only evaluation for LMs: gathering vocab-sized logits of the whole validation set
         # would need gigabytes for nothing.
         args_overrides={"prediction_loss_only": spec.task != "classification"},
@@ -174,9 +187,11 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
 
     metrics: dict[str, Any] = dict(outcome.metrics)
     metrics.update(trainable_params=n_trainable, train_rows=len(train_rows), **truncation)
-    if gen_eval is not None and gen_eval.outputs is not None:
-        metrics.update(gen_eval.conventions())
-        gen_eval.write_predictions(ctx)
+    metrics.update(loaded)
+    for name, gen_eval in gen_evals.items():
+        if gen_eval.outputs is not None:
+            metrics.update({vs.metric_name(k, name): v for k, v in gen_eval.conventions().items()})
+            gen_eval.write_predictions(ctx, name)
     model.config.use_cache = True
     extra_files = fe.prompter_json(spec, ctx, train_rows, source)
     final = _save(spec, ctx, model, tokenizer, source, label2id, extra_files)
@@ -188,35 +203,46 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
 
 def _load_rows(
     spec: FinetuneSpec, ctx: StageContext, where: str
-) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
+) -> tuple[datasets.Dataset, dict[str, datasets.Dataset], bool]:
+    """Training rows, the validation sets by name ('' unnamed) and whether they were given."""
     columns = fd.required_columns(spec)
     rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=columns)
     require_columns(rows, columns, f"{where}.data")
     if spec.validation is not None:
-        val = load_rows(
-            spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir, required=columns
-        )
-        require_columns(val, columns, f"{where}.validation")
-        fd.check_not_empty(val, name="validation", where=f"{where}.validation")
-        return rows, val, True
+
+        def load(name: str, data: Any) -> datasets.Dataset:
+            at = vs.where_of(f"{where}.validation", name)
+            val = load_rows(data, where=at, cache_dir=ctx.cache_dir, required=columns)
+            require_columns(val, columns, at)
+            fd.check_not_empty(val, name="validation", where=at)
+            return val
+
+        return rows, vs.map_sets(vs.data_sets(spec.validation), load), True
     train_rows, val_rows = split_validation(
         rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
     )
     fd.check_not_empty(train_rows, name="training", where=f"{where}.data")
-    return train_rows, val_rows, False
+    return train_rows, ({"": val_rows} if val_rows is not None else {}), False
 
 
 def _labels(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
-    val_rows: datasets.Dataset | None,
+    val_sets: dict[str, datasets.Dataset],
     explicit_val: bool,
     ctx: StageContext,
     where: str,
-) -> tuple[datasets.Dataset | None, dict[str, int]]:
-    """The label map (checked against validation) and the validation rows to use."""
+) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
+    """The label map (checked against every validation set) and the validation sets to use."""
     label_col = spec.label_column
-    if val_rows is not None and not explicit_val:
+    if explicit_val:
+        label2id = fd.label_mapping(train_rows[label_col], [], where=f"{where}.data")
+        for name, rows in val_sets.items():  # each set checked at its own place
+            at = vs.where_of(f"{where}.validation", name)
+            fd.label_mapping(train_rows[label_col], rows[label_col], where=at)
+        return val_sets, label2id
+    val_rows = val_sets.get("")
+    if val_rows is not None:
         # A random hold-out can catch the only rows of a rare class: drop those rows rather
         # than fail on a split the user did not choose.
         seen = {str(v) for v in train_rows[label_col]}
@@ -227,8 +253,8 @@ def _labels(
             )
         val_rows = kept if len(kept) else None
     val_labels = val_rows[label_col] if val_rows is not None else []
-    val_where = f"{where}.{'validation' if explicit_val else 'data'}"
-    return val_rows, fd.label_mapping(train_rows[label_col], val_labels, where=val_where)
+    label2id = fd.label_mapping(train_rows[label_col], val_labels, where=f"{where}.data")
+    return ({"": val_rows} if val_rows is not None else {}), label2id
 
 
 def _fit_lengths(spec: FinetuneSpec, model: Any, ctx: StageContext) -> FinetuneSpec:
@@ -251,23 +277,28 @@ def _fit_lengths(spec: FinetuneSpec, model: Any, ctx: StageContext) -> FinetuneS
     return spec.model_copy(update=update) if update else spec
 
 
+def _val_where(where: str, name: str, explicit_val: bool = True) -> str:
+    """Where rows of validation set ``name`` come from (a held-out part of 'data' if not given)."""
+    return vs.where_of(f"{where}.validation", name) if explicit_val else f"{where}.data"
+
+
 def _prepare_classification(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
-    val_rows: datasets.Dataset | None,
+    val_sets: dict[str, datasets.Dataset],
     explicit_val: bool,
     tokenizer: Any,
     label2id: dict[str, int],
     where: str,
 ) -> _Prepared:
-    val_where = f"{where}.{'validation' if explicit_val else 'data'}"
     train_ds = fd.tokenize_classification(
         train_rows, tokenizer, spec, label2id, where=f"{where}.data"
     )
-    val_ds = (
-        fd.tokenize_classification(val_rows, tokenizer, spec, label2id, where=val_where)
-        if val_rows is not None
-        else None
+    val_ds = vs.map_sets(
+        val_sets,
+        lambda name, rows: fd.tokenize_classification(
+            rows, tokenizer, spec, label2id, where=_val_where(where, name, explicit_val)
+        ),
     )
     prep = _Prepared(train_ds, val_ds, DataCollatorWithPadding(tokenizer), label2id=label2id)
     prep.pop_truncated()
@@ -281,39 +312,41 @@ def _prepare_classification(
 def _prepare_seq2seq(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
-    val_rows: datasets.Dataset | None,
+    val_sets: dict[str, datasets.Dataset],
     tokenizer: Any,
     where: str,
 ) -> _Prepared:
     train_ds = fd.tokenize_seq2seq(train_rows, tokenizer, spec, where=f"{where}.data")
-    val_ds = None
-    prep = _Prepared(train_ds, None)
-    if val_rows is not None:
-        val_ds = fd.tokenize_seq2seq(val_rows, tokenizer, spec, where=f"{where}.validation")
-        prep.validation = val_ds
+    val_ds = vs.map_sets(
+        val_sets,
+        lambda name, rows: fd.tokenize_seq2seq(
+            rows, tokenizer, spec, where=_val_where(where, name)
+        ),
+    )
+    prep = _Prepared(train_ds, val_ds)
     prep.pop_truncated()
-    if val_rows is not None:
-        sample = _sample(val_rows, spec)
-        prep.gen_inputs = [
+    for name, rows in val_sets.items():
+        sample = _sample(rows, spec)
+        inputs = [
             fd.seq2seq_source(v, spec, row=i, where=where)
             for i, v in enumerate(sample[spec.source_column])
         ]
-        prep.gen_references = fe.references(sample[spec.target_column], spec.target_column, where)
+        refs = fe.references(sample[spec.target_column], spec.target_column, where)
+        prep.gen[name] = (inputs, refs)
     return prep
 
 
 def _prepare_sft(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
-    val_rows: datasets.Dataset | None,
+    val_sets: dict[str, datasets.Dataset],
     tokenizer: Any,
     where: str,
 ) -> _Prepared:
     train_ds = fd.tokenize_sft(train_rows, tokenizer, spec, where=f"{where}.data")
-    val_ds = (
-        fd.tokenize_sft(val_rows, tokenizer, spec, where=f"{where}.validation")
-        if val_rows
-        else None
+    val_ds = vs.map_sets(
+        {n: rows for n, rows in val_sets.items() if len(rows)},
+        lambda name, rows: fd.tokenize_sft(rows, tokenizer, spec, where=_val_where(where, name)),
     )
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -322,43 +355,46 @@ def _prepare_sft(
     prep.pop_truncated()
     if spec.packing:
         prep.train = fd.pack_sft(prep.train, spec.max_seq_len)
-        if prep.validation is not None:
-            prep.validation = fd.pack_sft(prep.validation, spec.max_seq_len)
-    if val_rows is not None:
+        prep.validation = vs.map_sets(
+            prep.validation, lambda _, ds: fd.pack_sft(ds, spec.max_seq_len)
+        )
+    for name, val_rows in val_sets.items():
         sample = _sample(val_rows, spec)
         rows = sample.to_list()
-        prep.gen_inputs = [
+        inputs = [
             fd.split_trailing_spaces(fd.sft_prompt(r, spec, index=i, where=where))[0]
             for i, r in enumerate(rows)
         ]
-        prep.gen_references = fe.references(
-            sample[spec.response_column], spec.response_column, where
-        )
+        refs = fe.references(sample[spec.response_column], spec.response_column, where)
+        prep.gen[name] = (inputs, refs)
     return prep
 
 
 def _prepare_chat(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
-    val_rows: datasets.Dataset | None,
+    val_sets: dict[str, datasets.Dataset],
     tokenizer: Any,
     where: str,
 ) -> _Prepared:
     col, n = spec.messages_column, spec.max_seq_len
     train_ds = chat_sft.tokenize_chat(train_rows, tokenizer, col, n, where=f"{where}.data")
-    val_ds = None
-    if val_rows is not None:
-        val_ds = chat_sft.tokenize_chat(val_rows, tokenizer, col, n, where=f"{where}.validation")
+    val_ds = vs.map_sets(
+        val_sets,
+        lambda name, rows: chat_sft.tokenize_chat(
+            rows, tokenizer, col, n, where=_val_where(where, name)
+        ),
+    )
     if spec.packing:
         train_ds = fd.pack_sft(train_ds, n)
-        val_ds = fd.pack_sft(val_ds, n) if val_ds is not None else None
+        val_ds = vs.map_sets(val_ds, lambda _, ds: fd.pack_sft(ds, n))
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     prep = _Prepared(train_ds, val_ds, fd.SftCollator(pad_token_id=int(pad_id)))
-    if val_rows is not None:
-        prep.gen_inputs, prep.gen_references = chat_sft.generation_pairs(
-            _sample(val_rows, spec), tokenizer, col, where=f"{where}.validation"
+    for name, rows in val_sets.items():
+        prep.gen[name] = chat_sft.generation_pairs(
+            _sample(rows, spec), tokenizer, col, where=_val_where(where, name)
         )
     return prep
 
@@ -400,6 +436,7 @@ def _model(
             _model_task(spec),
             num_labels=kwargs.get("num_labels"),
             where=f"{where}.model",
+            attn_implementation=spec.attn_implementation,
         )
         if label2id is not None:
             model.config.id2label, model.config.label2id = kwargs["id2label"], label2id
@@ -418,6 +455,7 @@ def _model(
             trust_remote_code=spec.trust_remote_code,
             where=f"{where}.from",
             loading_info=loading_info,
+            **loading_kwargs(spec),
             **extra,
         )
     config = model.config

@@ -31,6 +31,7 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     from mlsteps.engine.chat_data import reference_of
     from mlsteps.engine.data import load_rows, require_columns
     from mlsteps.engine.inference import inspect_source, load_for_inference
+    from mlsteps.engine.modeling import loaded_metrics, loading_kwargs
 
     where = f"stages.{ctx.stage}"
     info = inspect_source(
@@ -66,7 +67,10 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     shown = column if column is not None else inputs
 
     loaded = load_for_inference(
-        info.source, trust_remote_code=spec.trust_remote_code, where=f"{where}.model"
+        info.source,
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.model",
+        loading=loading_kwargs(spec),
     )
     if prompter is None:  # conversations go through the model's chat template
         inputs = render_inputs(loaded, inputs, f"{where}.data", spec.input_column)
@@ -89,7 +93,7 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
         records.append(rec)
     write_jsonl(ctx.predictions_path, records)
     return StageResult(
-        metrics={"predictions": len(records)},
+        metrics={"predictions": len(records), **loaded_metrics(loaded.model, spec)},
         outputs={"predictions": str(ctx.predictions_path)},
     )
 
@@ -100,13 +104,17 @@ def _classify(
     """Label and label probabilities of a sequence classifier for every row."""
     from mlsteps.engine.data import require_columns
     from mlsteps.engine.inference import classify, load_for_inference
+    from mlsteps.engine.modeling import loaded_metrics, loading_kwargs
 
     require_columns(rows, [spec.input_column], f"{where}.data")
     texts = require_text(rows, spec.input_column, f"{where}.data", "input_column")
     if spec.reference_column is not None:
         require_columns(rows, [spec.reference_column], f"{where}.data")
     loaded = load_for_inference(
-        info.source, trust_remote_code=spec.trust_remote_code, where=f"{where}.model"
+        info.source,
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.model",
+        loading=loading_kwargs(spec),
     )
     ctx.log(f"classifying {len(texts)} rows with {spec.model}")
     batch = spec.generation.batch_size
@@ -120,6 +128,6 @@ def _classify(
         records.append(rec)
     write_jsonl(ctx.predictions_path, records)
     return StageResult(
-        metrics={"predictions": len(records)},
+        metrics={"predictions": len(records), **loaded_metrics(loaded.model, spec)},
         outputs={"predictions": str(ctx.predictions_path)},
     )

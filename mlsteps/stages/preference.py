@@ -32,7 +32,12 @@ from mlsteps.distributed import main_process_first
 from mlsteps.engine import chat_data, lora
 from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.engine.inference import inspect_source, load_for_inference
-from mlsteps.engine.modeling import ensure_pad_token, load_tokenizer
+from mlsteps.engine.modeling import (
+    ensure_pad_token,
+    load_tokenizer,
+    loaded_metrics,
+    loading_kwargs,
+)
 from mlsteps.engine.training import save_final, train
 from mlsteps.errors import UserError
 from mlsteps.specs.preference import PreferenceSpec
@@ -67,7 +72,9 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
         train_rows = train_rows.shuffle(seed=ctx.seed, keep_in_memory=True)
 
     set_seed(ctx.seed)  # same seed, same LoRA init: a resumed run rebuilds the model it left
-    loaded = load_for_inference(source, trust_remote_code=spec.trust_remote_code, where=where)
+    loaded = load_for_inference(
+        source, trust_remote_code=spec.trust_remote_code, where=where, loading=loading_kwargs(spec)
+    )
     tokenizer = loaded.tokenizer
     if spec.tokenizer is not None:
         tokenizer = load_tokenizer(
@@ -79,10 +86,16 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     if conversational or spec.chat_template is not None:
         chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
     model = _policy(loaded.model, tokenizer)
+    loaded_info = loaded_metrics(model, spec)
     ref_model = None
     if spec.method in ("dpo", "kto") and (spec.tuning == "full" or spec.reference_source):
         ref_source = ctx.resolve_source(spec.reference_source or spec.from_)
-        ref = load_for_inference(ref_source, trust_remote_code=spec.trust_remote_code, where=where)
+        ref = load_for_inference(
+            ref_source,
+            trust_remote_code=spec.trust_remote_code,
+            where=where,
+            loading=loading_kwargs(spec),
+        )
         ref_model = _policy(ref.model, tokenizer)
         ref_model.requires_grad_(False)
     if spec.tuning == "lora":
@@ -132,6 +145,7 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
         trainable_params=n_trainable,
         train_rows=len(train_rows),
         reward_convention=REWARD_CONVENTION[spec.method],
+        **loaded_info,
     )
     if hasattr(model, "peft_config") and "ref" in model.peft_config:
         model.delete_adapter("ref")  # TRL's frozen copy of the adapter, not part of the result

@@ -27,9 +27,12 @@ from mlsteps.engine.modeling import (
     freeze_unseen_embeddings,
     load_model,
     load_tokenizer,
+    loaded_metrics,
+    loading_kwargs,
     max_positions,
 )
 from mlsteps.engine.training import save_final, train
+from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError
 from mlsteps.specs.pretrain import PretrainSpec
 
@@ -90,10 +93,17 @@ def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext, where: str)
             spec.objective,
             trust_remote_code=spec.trust_remote_code,
             where=f"{where}.from",
+            **loading_kwargs(spec),
         )
     else:
         assert spec.model is not None
-        model = build_model(spec.model, tokenizer, spec.objective, where=f"{where}.model")
+        model = build_model(
+            spec.model,
+            tokenizer,
+            spec.objective,
+            where=f"{where}.model",
+            attn_implementation=spec.attn_implementation,
+        )
     where_vocab = f"{where}.tokenizer" if spec.tokenizer else f"{where}.from"
     check_compatible(model, tokenizer, max_seq_len=None, where=where_vocab)
     check_compatible(model, tokenizer, max_seq_len=spec.max_seq_len, where=f"{where}.max_seq_len")
@@ -197,6 +207,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
 
     metrics: dict[str, Any] = dict(outcome.metrics)
     metrics["parameters"] = n_params
+    metrics.update(loaded_metrics(model, spec))
     metrics["train_blocks"] = len(train_blocks)
     metrics["train_tokens_per_epoch"] = sum(len(b) for b in train_blocks["input_ids"])
     # Token ids that never occur in training learn nothing about their meaning (see
@@ -217,24 +228,6 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         tokenizer.model_max_length = limit
     final = save_final(model, tokenizer, ctx)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
-
-
-def named_evaluation(evaluators: dict[str, Any]) -> Any:
-    """One ``extra_eval`` over several validation sets: set ``name``'s ``val_<metric>`` becomes
-    ``val_<name>_<metric>`` (the unnamed set, '', keeps ``val_<metric>``)."""
-    if not evaluators:
-        return None
-    if list(evaluators) == [""]:
-        return evaluators[""]
-
-    def evaluate(model: Any) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, evaluator in evaluators.items():
-            for key, value in evaluator(model).items():
-                out[f"val_{name}_{key.removeprefix('val_')}"] = value
-        return out
-
-    return evaluate
 
 
 def _freeze_unseen(model: Any, tokenizer: Any, seen: Any, ctx: StageContext) -> None:

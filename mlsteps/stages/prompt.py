@@ -56,7 +56,7 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
     )
     template_fields(spec.template, spec.template_format, where=f"{where}.template")  # syntax
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
-        rows, val_rows = _load_data(spec, ctx, prompter, where)
+        rows, val_sets = _load_data(spec, ctx, prompter, where)
     from mlsteps.engine.inference import kind_from_config
     from mlsteps.engine.modeling import ensure_pad_token, load_config, load_tokenizer
 
@@ -97,11 +97,11 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
             prompter.demos = [
                 pool[i] for i in select_demonstrations(len(pool), spec.shots, ctx.seed)
             ]
-    preview_source = val_rows or rows or []
+    preview_source = next(iter(val_sets.values()), None) or rows or []
     if spec.method not in SOFT_METHODS:
         return _finish_hard(spec, ctx, prompter, tokenizer, preview_source, config)
     assert rows is not None
-    return _train_soft(spec, ctx, prompter, tokenizer, rows, val_rows, where)
+    return _train_soft(spec, ctx, prompter, tokenizer, rows, val_sets, where)
 
 
 def _check_source(source: str, ref: str, where: str) -> None:
@@ -152,39 +152,49 @@ def _check_rows(
 
 def _load_data(
     spec: PromptSpec, ctx: StageContext, prompter: Prompter, where: str
-) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
-    """Training/demonstration rows and validation rows, checked; None where not given."""
+) -> tuple[list[dict[str, Any]] | None, dict[str, list[dict[str, Any]]]]:
+    """Training/demonstration rows (None without data) and the validation sets by name ('' for
+    the unnamed one), checked."""
     if spec.data is None:
-        return None, None
+        return None, {}
+    from mlsteps.engine import validation_sets as vs
     from mlsteps.engine.data import load_rows, split_validation
 
     soft = spec.method in SOFT_METHODS
     # Nulls are found at load time, by file line (row numbers change with the split below).
     need = [spec.target_column] if spec.method != "zero_shot" else []
     ds = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=need)
-    val_ds = None
+    val_ds: dict[str, Any] = {}
     if spec.validation is not None:
-        val_ds = load_rows(
-            spec.validation,
-            where=f"{where}.validation",
-            cache_dir=ctx.cache_dir,
-            required=[spec.target_column] if soft else [],
+        val_ds = vs.map_sets(
+            vs.data_sets(spec.validation),
+            lambda name, data: load_rows(
+                data,
+                where=vs.where_of(f"{where}.validation", name),
+                cache_dir=ctx.cache_dir,
+                required=[spec.target_column] if soft else [],
+            ),
         )
     elif soft:
-        ds, val_ds = split_validation(ds, spec.validation_fraction, ctx.seed, where=f"{where}.data")
+        ds, held_out = split_validation(
+            ds, spec.validation_fraction, ctx.seed, where=f"{where}.data"
+        )
+        val_ds = {"": held_out} if held_out is not None else {}
     rows = [dict(r) for r in ds]
-    val_rows = [dict(r) for r in val_ds] if val_ds is not None else None
+    val_sets = {name: [dict(r) for r in d] for name, d in val_ds.items()}
     need_target = spec.method != "zero_shot"
     _check_rows(rows, spec, prompter, f"{where}.data", need_target=need_target)
-    if val_rows:
-        _check_rows(val_rows, spec, prompter, f"{where}.validation", need_target=soft)
+    for name, val_rows in val_sets.items():
+        if val_rows:
+            at = vs.where_of(f"{where}.validation", name)
+            _check_rows(val_rows, spec, prompter, at, need_target=soft)
     if spec.method == "few_shot" and spec.shots > len(rows):
         raise UserError(
             f"shots is {spec.shots} but the data has only {len(rows)} rows",
             where=f"{where}.shots",
             hint=f"set shots <= {len(rows)} or give more demonstration rows",
         )
-    return rows, val_rows
+    return rows, val_sets
 
 
 def prompt_length_metrics(
@@ -274,20 +284,26 @@ def _train_soft(
     prompter: Prompter,
     tokenizer: Any,
     rows: list[dict[str, Any]],
-    val_rows: list[dict[str, Any]] | None,
+    val_sets: dict[str, list[dict[str, Any]]],
     where: str,
 ) -> StageResult:
     import transformers
 
     from mlsteps.engine import soft_prompt
-    from mlsteps.engine.modeling import load_model, max_positions
+    from mlsteps.engine import validation_sets as vs
+    from mlsteps.engine.modeling import load_model, loaded_metrics, loading_kwargs, max_positions
     from mlsteps.engine.prompt_scoring import PromptCollator, pad_id_of
     from mlsteps.engine.training import save_final, train
 
     task = "seq2seq" if prompter.model_kind == "seq2seq" else "clm"
     base = load_model(
-        prompter.base_model, task, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
+        prompter.base_model,
+        task,
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.from",
+        **loading_kwargs(spec),
     )
+    loaded = loaded_metrics(base, spec)
     max_seq_len = spec.max_seq_len
     limit = max_positions(base)
     if (
@@ -320,22 +336,33 @@ def _train_soft(
     classify = spec.task == "classification"
     build = soft_prompt.build_verbalizer_dataset if classify else soft_prompt.build_dataset
     train_ds = build(rows, prompter, tokenizer, max_seq_len=max_seq_len)
-    eval_ds = build(val_rows, prompter, tokenizer, max_seq_len=max_seq_len) if val_rows else None
+    val_sets = {name: val_rows for name, val_rows in val_sets.items() if val_rows}
+    eval_ds = vs.map_sets(
+        val_sets, lambda _, val_rows: build(val_rows, prompter, tokenizer, max_seq_len=max_seq_len)
+    )
     collator: Any = (
         soft_prompt.VerbalizerCollator(pad_id_of(tokenizer))
         if classify
         else PromptCollator(pad_id_of(tokenizer))
     )
     extra_eval = None
-    if spec.task == "classification" and val_rows:
-        extra_eval = soft_prompt.classification_eval(
-            prompter, tokenizer, val_rows[:VAL_CLASSIFY_ROWS], batch_size=spec.train.batch_size
+    if spec.task == "classification":
+        extra_eval = vs.named_evaluation(
+            vs.map_sets(
+                val_sets,
+                lambda _, val_rows: soft_prompt.classification_eval(
+                    prompter,
+                    tokenizer,
+                    val_rows[:VAL_CLASSIFY_ROWS],
+                    batch_size=spec.train.batch_size,
+                ),
+            )
         )
     outcome = train(
         model=model,
         tokenizer=tokenizer,
         train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        eval_dataset=vs.trainer_eval_dataset(eval_ds),
         data_collator=collator,
         spec=spec.train,
         ctx=ctx,
@@ -347,7 +374,7 @@ def _train_soft(
         # Verbalizer rows hold candidate lists, which the length-grouping sampler cannot measure.
         group_by_length=False if classify else None,
     )
-    preview_rows = (val_rows or rows)[: spec.preview_rows]
+    preview_rows = (next(iter(val_sets.values()), None) or rows)[: spec.preview_rows]
     preview = write_preview(
         ctx, soft_prompt.preview_records(model, tokenizer, prompter, preview_rows, seed=ctx.seed)
     )
@@ -360,5 +387,6 @@ def _train_soft(
         total_params=total,
         num_virtual_tokens=spec.num_virtual_tokens,
         **prompt_length_metrics(prompter, tokenizer, rows),
+        **loaded,
     )
     return StageResult(metrics=metrics, outputs={"final": str(final), "preview": str(preview)})
