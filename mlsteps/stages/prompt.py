@@ -352,7 +352,11 @@ def _train_soft(
         ctx, soft_prompt.preview_records(model, tokenizer, prompter, preview_rows, seed=ctx.seed)
     )
     final = save_final(
-        model, tokenizer, ctx, extra_files={PROMPT_FILE: prompter_json(prompter, ctx)}
+        model,
+        tokenizer,
+        ctx,
+        extra_files={PROMPT_FILE: prompter_json(prompter, ctx)},
+        state_dict=outcome.full_state_dict,
     )
     metrics: dict[str, Any] = dict(outcome.metrics)
     metrics.update(
