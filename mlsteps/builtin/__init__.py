@@ -12,8 +12,6 @@ fraction of a second per set and is cached per process.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from mlsteps.builtin.lang import translation_pair
 from mlsteps.builtin.tasks import Row, corpus_rows, distinct, qa_rows, summarize_rows
 from mlsteps.builtin.world import World, build_world
 from mlsteps.errors import UserError, did_you_mean
+from mlsteps.text_io import atomic_write_jsonl
 
 __all__ = [
     "DEFAULT_SEED",
@@ -215,13 +214,7 @@ def export_builtin(name: str, out_dir: Path, *, seed: int = DEFAULT_SEED) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, rows in _generate(name, seed).items():
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write_jsonl(out_dir / f"{split}.jsonl", rows))
     return paths
 
 

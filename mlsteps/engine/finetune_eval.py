@@ -5,8 +5,6 @@ build model inputs exactly as training did.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +17,9 @@ from mlsteps.engine.finetune_data import as_text, split_trailing_spaces
 from mlsteps.engine.generation import generate
 from mlsteps.metrics import classification as cls_metrics
 from mlsteps.metrics import text as text_metrics
-from mlsteps.prompting import PROMPT_FILE, Prompter
+from mlsteps.prompting import PROMPT_FILE, Prompter, prompt_file
 from mlsteps.specs.finetune import FinetuneSpec, template_fields
+from mlsteps.text_io import atomic_write_jsonl
 
 
 def classification_metrics(where: str) -> Callable[..., dict[str, float]]:
@@ -114,14 +113,13 @@ class GenerationEval:
     def write_predictions(self, ctx: StageContext) -> None:
         """predictions.jsonl of the last validation generation, in validation order (atomic)."""
         assert self.outputs is not None
-        tmp = ctx.predictions_path.with_name(ctx.predictions_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for text, pred, refs in zip(self.inputs, self.outputs, self.refs, strict=True):
-                record = {"input": text, "prediction": pred, "references": refs}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, ctx.predictions_path)
+        atomic_write_jsonl(
+            ctx.predictions_path,
+            (
+                {"input": text, "prediction": pred, "references": refs}
+                for text, pred, refs in zip(self.inputs, self.outputs, self.refs, strict=True)
+            ),
+        )
 
 
 def prompter_json(
@@ -169,5 +167,4 @@ def prompter_json(
         has_adapter=adapter,
         model_kind="seq2seq" if spec.task == "seq2seq" else "causal",
     )
-    text = json.dumps(prompter.to_json(ctx.final_dir), indent=2, ensure_ascii=False) + "\n"
-    return {PROMPT_FILE: text}
+    return prompt_file(prompter, ctx.final_dir)

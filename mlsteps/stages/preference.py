@@ -353,11 +353,10 @@ def _save(
 def _prompter_file(info: Any, ctx: StageContext, *, base: str, adapter: bool) -> dict[str, str]:
     """The SFT model's prompt template (mlsteps_prompt.json) carried over, so eval/predict build
     inputs for the tuned model exactly as for its start."""
-    from mlsteps.prompting import PROMPT_FILE
+    from mlsteps.prompting import prompt_file
 
     prompter = info.prompter
     if prompter is None or prompter.method != "finetune":
         return {}
     prompter = dataclasses.replace(prompter, base_model=base, has_adapter=adapter)
-    text = json.dumps(prompter.to_json(ctx.final_dir), indent=2, ensure_ascii=False) + "\n"
-    return {PROMPT_FILE: text}
+    return prompt_file(prompter, ctx.final_dir)
