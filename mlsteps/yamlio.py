@@ -150,10 +150,34 @@ _OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMap
 _CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
 
 
-def _prescan(text: str, source: str) -> None:
-    """Refuse tags and over-deep nesting from the token stream (the scanner is not recursive)."""
+class _Replay(_StrictLoader):
+    """Parses the tokens ``_prescan`` scanned: the pure-Python scanner is the slow part of
+    loading, and scanning the text once is enough."""
+
+    def __init__(self, tokens: list[yaml.Token]):
+        super().__init__("")
+        self._tokens, self._next = tokens, 0
+
+    def check_token(self, *choices: Any) -> bool:
+        if self._next >= len(self._tokens):
+            return False
+        return not choices or isinstance(self._tokens[self._next], choices)
+
+    def peek_token(self) -> yaml.Token | None:
+        return self._tokens[self._next] if self._next < len(self._tokens) else None
+
+    def get_token(self) -> yaml.Token | None:
+        token = self.peek_token()
+        self._next += token is not None
+        return token
+
+
+def _prescan(text: str, source: str) -> list[yaml.Token]:
+    """Refuse tags and over-deep nesting from the token stream (the scanner is not recursive);
+    the tokens, for ``_Replay``."""
     depth = 0
-    for token in yaml.scan(text, Loader=_StrictLoader):
+    tokens = list(yaml.scan(text, Loader=_StrictLoader))
+    for token in tokens:
         if isinstance(token, _OPEN):
             depth += 1
             if depth > MAX_DEPTH:
@@ -172,14 +196,14 @@ def _prescan(text: str, source: str) -> None:
                 where=source,
                 hint="remove the tag; recipes hold plain data only",
             )
+    return tokens
 
 
 def parse_yaml(text: str, source: str = "<string>") -> LoadedYaml:
     """Parse one YAML document strictly; raise UserError with file:line on any problem."""
     out = LoadedYaml(data=None, source=source)
     try:
-        _prescan(text, source)
-        loader = _StrictLoader(text)
+        loader = _Replay(_prescan(text, source))
         try:
             node = loader.get_single_node()
             if node is not None:
