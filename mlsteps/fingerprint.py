@@ -81,3 +81,12 @@ def fingerprint(spec: Any, seed: int, upstream: dict[str, str]) -> str:
         payload["input_files"] = [_file_identity(p) for p in files]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def recipe_fingerprints(recipe: Any) -> dict[str, str]:
+    """Every stage's fingerprint, in recipe order (each one folds in its upstream stages')."""
+    fingerprints: dict[str, str] = {}
+    for name, spec in recipe.stages.items():
+        refs = [r for r in stage_refs(spec) if r in recipe.stages]
+        fingerprints[name] = fingerprint(spec, recipe.seed, {r: fingerprints[r] for r in refs})
+    return fingerprints

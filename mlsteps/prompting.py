@@ -360,11 +360,18 @@ class Prompter:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def prompt_file(prompter: Prompter, final_dir: Path) -> dict[str, str]:
+    """``{mlsteps_prompt.json: text}`` for ``save_final(extra_files=...)``: the one writer of the
+    prompt file; ``base_model`` is also stored relative to ``final_dir``, where it will live."""
+    text = json.dumps(prompter.to_json(final_dir), indent=2, ensure_ascii=False) + "\n"
+    return {PROMPT_FILE: text}
+
+
 def save_prompter(prompter: Prompter, directory: Path, *, final_dir: Path | None = None) -> Path:
     """Write mlsteps_prompt.json into ``directory`` (final.tmp/ while building final/)."""
     path = Path(directory) / PROMPT_FILE
-    payload = prompter.to_json(final_dir if final_dir is not None else directory)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = prompt_file(prompter, final_dir if final_dir is not None else Path(directory))
+    path.write_text(text[PROMPT_FILE], encoding="utf-8")
     return path
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.recipe_errors import field_keys, format_error, short
-from mlsteps.specs import SPEC_BY_KIND, StageSpec
+from mlsteps.specs import SPEC_BY_KIND, StageSpec, _build
 from mlsteps.specs.common import SAFE_NAME_RE, STAGE_NAME_RE, DataSpec, Seed, Strict
 from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.stage_kinds import check_kinds
@@ -21,6 +21,9 @@ from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
 # Files at the top of a run directory; a stage directory of the same name would clobber them.
 RESERVED_NAMES = frozenset({"state.json", "metrics.json", "report.md", "env.json", "recipe.yaml"})
+
+
+_build.off()  # see mlsteps.specs._build
 
 
 class Recipe(Strict):
@@ -67,6 +70,9 @@ class Recipe(Strict):
     def resolved_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults applied) as plain data, using YAML key names."""
         return self.model_dump(mode="json", by_alias=True, exclude={"defaults"})
+
+
+_build.done()
 
 
 def stage_name_problem(name: str) -> str | None:

@@ -63,6 +63,55 @@ MAX_NODES = 200_000
 MAX_DEPTH = 50
 
 
+def _convert_mapping(
+    node: yaml.MappingNode, loader: _StrictLoader, path: str, out: LoadedYaml, depth: int
+) -> dict[str, Any]:
+    """A mapping's keys checked (plain names, no merge keys, no duplicates) and its values
+    converted, each key's line recorded."""
+    result: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise UserError(
+                f"complex mapping key at {_mark(key_node)}",
+                where=out.source,
+                hint="use plain string keys",
+            )
+        # '<<' resolves to the merge tag, which has no constructor: catch it before constructing.
+        if key_node.tag == "tag:yaml.org,2002:merge" or key_node.value == "<<":
+            raise UserError(
+                f"merge keys '<<' are not supported ({_mark(key_node)})",
+                where=out.source,
+                hint="write the keys out, or use the recipe's 'defaults' block",
+            )
+        raw_key = loader.construct_object(key_node)
+        if raw_key is None or isinstance(raw_key, bool):
+            # str() would turn 'null:' into a key 'None' and 'yes:' into 'True'.
+            text = key_node.value or "(empty)"
+            line = key_node.start_mark.line + 1
+            raise UserError(
+                f"key '{text}' is "
+                + ("null" if raw_key is None else f"the boolean {str(raw_key).lower()}")
+                + " in YAML, not a name",
+                where=f"{out.source}:{line}" + (f" ({path})" if path else ""),
+                hint=f"quote it ('{key_node.value}') or rename it"
+                if key_node.value
+                else "give the key a name",
+            )
+        key = str(raw_key)
+        child = f"{path}.{key}" if path else key
+        if key in result:
+            first = out.lines.get(child)
+            raise UserError(
+                f"duplicate key '{key}' at line {key_node.start_mark.line + 1}"
+                + (f" (first defined at line {first})" if first else ""),
+                where=f"{out.source} ({child})",
+                hint="remove one of them",
+            )
+        out.lines[child] = key_node.start_mark.line + 1
+        result[key] = _convert(value_node, loader, child, out, depth + 1)
+    return result
+
+
 def _convert(
     node: yaml.Node, loader: _StrictLoader, path: str, out: LoadedYaml, depth: int = 0
 ) -> Any:
@@ -80,48 +129,7 @@ def _convert(
             hint="remove the repeated aliases",
         )
     if isinstance(node, yaml.MappingNode):
-        result: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise UserError(
-                    f"complex mapping key at {_mark(key_node)}",
-                    where=out.source,
-                    hint="use plain string keys",
-                )
-            # '<<' resolves to the merge tag, which has no constructor: catch it before constructing.
-            if key_node.tag == "tag:yaml.org,2002:merge" or key_node.value == "<<":
-                raise UserError(
-                    f"merge keys '<<' are not supported ({_mark(key_node)})",
-                    where=out.source,
-                    hint="write the keys out, or use the recipe's 'defaults' block",
-                )
-            raw_key = loader.construct_object(key_node)
-            if raw_key is None or isinstance(raw_key, bool):
-                # str() would turn 'null:' into a key 'None' and 'yes:' into 'True'.
-                text = key_node.value or "(empty)"
-                line = key_node.start_mark.line + 1
-                raise UserError(
-                    f"key '{text}' is "
-                    + ("null" if raw_key is None else f"the boolean {str(raw_key).lower()}")
-                    + " in YAML, not a name",
-                    where=f"{out.source}:{line}" + (f" ({path})" if path else ""),
-                    hint=f"quote it ('{key_node.value}') or rename it"
-                    if key_node.value
-                    else "give the key a name",
-                )
-            key = str(raw_key)
-            child = f"{path}.{key}" if path else key
-            if key in result:
-                first = out.lines.get(child)
-                raise UserError(
-                    f"duplicate key '{key}' at line {key_node.start_mark.line + 1}"
-                    + (f" (first defined at line {first})" if first else ""),
-                    where=f"{out.source} ({child})",
-                    hint="remove one of them",
-                )
-            out.lines[child] = key_node.start_mark.line + 1
-            result[key] = _convert(value_node, loader, child, out, depth + 1)
-        return result
+        return _convert_mapping(node, loader, path, out, depth)
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, item in enumerate(node.value):
@@ -150,10 +158,34 @@ _OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMap
 _CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
 
 
-def _prescan(text: str, source: str) -> None:
-    """Refuse tags and over-deep nesting from the token stream (the scanner is not recursive)."""
+class _Replay(_StrictLoader):
+    """Parses the tokens ``_prescan`` scanned: the pure-Python scanner is the slow part of
+    loading, and scanning the text once is enough."""
+
+    def __init__(self, tokens: list[yaml.Token]):
+        super().__init__("")
+        self._tokens, self._next = tokens, 0
+
+    def check_token(self, *choices: Any) -> bool:
+        if self._next >= len(self._tokens):
+            return False
+        return not choices or isinstance(self._tokens[self._next], choices)
+
+    def peek_token(self) -> yaml.Token | None:
+        return self._tokens[self._next] if self._next < len(self._tokens) else None
+
+    def get_token(self) -> yaml.Token | None:
+        token = self.peek_token()
+        self._next += token is not None
+        return token
+
+
+def _prescan(text: str, source: str) -> list[yaml.Token]:
+    """Refuse tags and over-deep nesting from the token stream (the scanner is not recursive);
+    the tokens, for ``_Replay``."""
     depth = 0
-    for token in yaml.scan(text, Loader=_StrictLoader):
+    tokens = list(yaml.scan(text, Loader=_StrictLoader))
+    for token in tokens:
         if isinstance(token, _OPEN):
             depth += 1
             if depth > MAX_DEPTH:
@@ -172,14 +204,14 @@ def _prescan(text: str, source: str) -> None:
                 where=source,
                 hint="remove the tag; recipes hold plain data only",
             )
+    return tokens
 
 
 def parse_yaml(text: str, source: str = "<string>") -> LoadedYaml:
     """Parse one YAML document strictly; raise UserError with file:line on any problem."""
     out = LoadedYaml(data=None, source=source)
     try:
-        _prescan(text, source)
-        loader = _StrictLoader(text)
+        loader = _Replay(_prescan(text, source))
         try:
             node = loader.get_single_node()
             if node is not None:

@@ -12,26 +12,21 @@ fraction of a second per set and is cached per process.
 
 from __future__ import annotations
 
-import json
-import os
+import importlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from mlsteps.builtin.alignment import (
-    Deriver,
-    chat_preference_rows,
-    chat_rows,
-    kto_rows,
-    preference_rows,
-)
-from mlsteps.builtin.classify import sentiment_rows, topic_rows
-from mlsteps.builtin.lang import translation_pair
-from mlsteps.builtin.tasks import Row, corpus_rows, distinct, qa_rows, summarize_rows
-from mlsteps.builtin.world import World, build_world
 from mlsteps.errors import UserError, did_you_mean
+from mlsteps.text_io import atomic_write_jsonl
+
+if TYPE_CHECKING:
+    from mlsteps.builtin.world import World
+
+Row = dict[str, str]
 
 __all__ = [
     "DEFAULT_SEED",
@@ -66,21 +61,30 @@ class BuiltinInfo:
         return sum(self.split_sizes.values())
 
 
-Builder = Callable[[World, random.Random, int], list[Row]]
-
-
 @dataclass(frozen=True)
 class _Spec:
     description: str
     columns: tuple[str, ...]
     sizes: tuple[int, int, int]  # train, validation, test
-    build: Builder | None
+    # "module:function" of the builder (world, rng, n) -> rows. Named, not imported: the
+    # generators are only loaded to generate, so `validate` and `data list` stay fast.
+    build: str | None
     # A derived set maps each split of ``parent`` row by row (sizes and splits follow it).
     parent: str | None = None
-    derive: Deriver | None = None
+    derive: str | None = None  # "module:function" (rows, rng) -> rows
+
+
+def _function(name: str) -> Callable[..., Any]:
+    module, _, attr = name.partition(":")
+    where = f"mlsteps.builtin.{module}" if module else __name__  # ":_qa": one of this module's
+    func: Callable[..., Any] = getattr(importlib.import_module(where), attr)
+    return func
 
 
 def _translate(world: World, rng: random.Random, n: int) -> list[Row]:
+    from mlsteps.builtin.lang import translation_pair
+    from mlsteps.builtin.tasks import distinct
+
     del world  # the translation grammar has its own small vocabulary (see lang.py)
 
     def make() -> Row:
@@ -91,6 +95,8 @@ def _translate(world: World, rng: random.Random, n: int) -> list[Row]:
 
 
 def _qa(world: World, rng: random.Random, n: int) -> list[Row]:
+    from mlsteps.builtin.tasks import qa_rows
+
     # One row per fact; shuffle before cutting so every kind of question reaches every split.
     rows = qa_rows(world, rng)
     rng.shuffle(rows)
@@ -105,41 +111,41 @@ _SPECS: dict[str, _Spec] = {
         "small counting stories.",
         ("text",),
         (4000, 200, 200),
-        corpus_rows,
+        "tasks:corpus_rows",
     ),
     "toy/translate": _Spec(
         "English-like sentences (5-12 words) and their translation into a rule-based made-up "
         "language (own lexicon, subject-object-verb, adjectives after the noun).",
         ("source", "target"),
         (4000, 200, 200),
-        _translate,
+        ":_translate",
     ),
     "toy/summarize": _Spec(
         "Fact paragraphs (3-5 sentences about one person or town) and a one-sentence summary "
         "derived from them by rule.",
         ("source", "target"),
         (1600, 200, 200),
-        summarize_rows,
+        "tasks:summarize_rows",
     ),
     "toy/sentiment": _Spec(
         "Opinions about things in the toy world labelled 'positive' or 'negative' (negation "
         "flips, after 'but' the second clause decides).",
         ("text", "label"),
         (3000, 200, 200),
-        sentiment_rows,
+        "classify:sentiment_rows",
     ),
     "toy/topic": _Spec(
         "One or two sentences labelled with their topic: weather, food, animals, travel, work.",
         ("text", "label"),
         (2000, 200, 200),
-        topic_rows,
+        "classify:topic_rows",
     ),
     "toy/qa": _Spec(
         "Questions about facts of the toy world with short answers; 'context' is the entity's "
         "profile, 'source'/'target' repeat question/answer. No fact is asked in two splits.",
         ("question", "context", "answer", "source", "target"),
         (2000, 200, 200),
-        _qa,
+        ":_qa",
     ),
     "toy/chat": _Spec(
         "Conversations ('messages': system/user/assistant turns) asking for toy/translate "
@@ -148,7 +154,7 @@ _SPECS: dict[str, _Spec] = {
         (4000, 200, 200),
         None,
         parent="toy/translate",
-        derive=chat_rows,
+        derive="alignment:chat_rows",
     ),
     "toy/preference": _Spec(
         "Preference pairs for toy/translate: 'prompt', 'chosen' = the translation, 'rejected' "
@@ -158,7 +164,7 @@ _SPECS: dict[str, _Spec] = {
         (4000, 200, 200),
         None,
         parent="toy/translate",
-        derive=preference_rows,
+        derive="alignment:preference_rows",
     ),
     "toy/chat_preference": _Spec(
         "Preference pairs as whole conversations (user turn + correct or corrupted assistant "
@@ -167,7 +173,7 @@ _SPECS: dict[str, _Spec] = {
         (4000, 200, 200),
         None,
         parent="toy/translate",
-        derive=chat_preference_rows,
+        derive="alignment:chat_preference_rows",
     ),
     "toy/kto": _Spec(
         "Unpaired feedback for toy/translate (KTO): 'prompt', 'completion', 'label' (true = "
@@ -176,7 +182,7 @@ _SPECS: dict[str, _Spec] = {
         (4000, 200, 200),
         None,
         parent="toy/translate",
-        derive=kto_rows,
+        derive="alignment:kto_rows",
     ),
 }
 
@@ -215,13 +221,7 @@ def export_builtin(name: str, out_dir: Path, *, seed: int = DEFAULT_SEED) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, rows in _generate(name, seed).items():
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write_jsonl(out_dir / f"{split}.jsonl", rows))
     return paths
 
 
@@ -237,6 +237,8 @@ def _spec(name: str) -> _Spec:
 
 @lru_cache(maxsize=4)
 def _world(seed: int) -> World:
+    from mlsteps.builtin.world import build_world
+
     return build_world(seed)
 
 
@@ -250,10 +252,11 @@ def _generate(name: str, seed: int) -> dict[str, tuple[Row, ...]]:
     rng = random.Random(f"mlsteps-builtin:{name}:{seed}")
     if spec.parent is not None and spec.derive is not None:
         parent = _generate(spec.parent, seed)
-        return {split: tuple(spec.derive(list(parent[split]), rng)) for split in SPLITS}
+        derive = _function(spec.derive)
+        return {split: tuple(derive(list(parent[split]), rng)) for split in SPLITS}
     assert spec.build is not None
     n_train, n_val, n_test = spec.sizes
-    rows = spec.build(_world(seed), rng, n_train + n_val + n_test)
+    rows = _function(spec.build)(_world(seed), rng, n_train + n_val + n_test)
     rng.shuffle(rows)
     return {
         "train": tuple(rows[n_val + n_test :]),

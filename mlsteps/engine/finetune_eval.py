@@ -5,8 +5,6 @@ build model inputs exactly as training did.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +17,9 @@ from mlsteps.engine.finetune_data import as_text, split_trailing_spaces
 from mlsteps.engine.generation import generate
 from mlsteps.metrics import classification as cls_metrics
 from mlsteps.metrics import text as text_metrics
-from mlsteps.prompting import PROMPT_FILE, Prompter
+from mlsteps.prompting import PROMPT_FILE, Prompter, prompt_file
 from mlsteps.specs.finetune import FinetuneSpec, template_fields
+from mlsteps.text_io import atomic_write_jsonl
 
 
 def classification_metrics(where: str) -> Callable[..., dict[str, float]]:
@@ -118,14 +117,13 @@ class GenerationEval:
         path = ctx.predictions_path
         if set_name:
             path = path.with_name(f"{path.stem}_{set_name}{path.suffix}")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for text, pred, refs in zip(self.inputs, self.outputs, self.refs, strict=True):
-                record = {"input": text, "prediction": pred, "references": refs}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write_jsonl(
+            path,
+            (
+                {"input": text, "prediction": pred, "references": refs}
+                for text, pred, refs in zip(self.inputs, self.outputs, self.refs, strict=True)
+            ),
+        )
 
 
 def prompter_json(
@@ -173,5 +171,4 @@ def prompter_json(
         has_adapter=adapter,
         model_kind="seq2seq" if spec.task == "seq2seq" else "causal",
     )
-    text = json.dumps(prompter.to_json(ctx.final_dir), indent=2, ensure_ascii=False) + "\n"
-    return {PROMPT_FILE: text}
+    return prompt_file(prompter, ctx.final_dir)

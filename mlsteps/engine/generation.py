@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mlsteps.errors import UserError
-from mlsteps.metrics.perplexity import max_positions
+from mlsteps.positions import max_positions
 from mlsteps.specs.common import GenerationSpec
 
 

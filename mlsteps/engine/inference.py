@@ -296,7 +296,7 @@ def classify(
     in input order; probabilities are the softmax of the logits (computed in float64)."""
     import torch
 
-    from mlsteps.metrics.perplexity import max_positions
+    from mlsteps.positions import max_positions
 
     if not texts:
         return []

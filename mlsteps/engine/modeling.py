@@ -29,6 +29,7 @@ from transformers import (
 
 from mlsteps.engine.files import check_model_dir
 from mlsteps.errors import UserError, first_line
+from mlsteps.positions import max_positions  # the one rule; stages import it from here too
 from mlsteps.specs.common import ArchSpec
 
 # Stage tasks -> Auto classes. "causal_lm" is the finetune spelling of "clm".
@@ -322,19 +323,6 @@ def load_model(
             hint="mlsteps loads weights only from safetensors files; convert a pickled checkpoint "
             "with save_pretrained(..., safe_serialization=True)",
         ) from exc
-
-
-def max_positions(model: Any) -> int | None:
-    """Longest input the model's position embeddings cover (None: relative/rotary without limit)."""
-    config = model.config
-    if config.model_type == "t5":
-        return None
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        return None
-    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        limit -= (config.pad_token_id or 0) + 1
-    return int(limit)
 
 
 def check_compatible(

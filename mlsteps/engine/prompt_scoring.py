@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mlsteps.errors import UserError
+from mlsteps.positions import max_positions
 
 
 def is_seq2seq(model: Any) -> bool:
@@ -144,16 +145,9 @@ def continuation_logprobs(
     if len(prompts) != len(continuations):
         raise ValueError("prompts and continuations differ in length")
     seq2seq = is_seq2seq(model)
-    limit = (
-        max_seq_len
-        or getattr(getattr(model, "config", None), "n_positions", None)
-        or getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    )
-    active = getattr(model, "active_peft_config", None)
-    if limit and not max_seq_len and getattr(active, "is_prompt_learning", False):
-        # The virtual tokens occupy positions in front of every input (else: IndexError in the
-        # position embedding for prompts near the model's limit).
-        limit -= int(getattr(active, "num_virtual_tokens", 0) or 0)
+    # The model's limit is less a soft prompt's virtual tokens, which occupy positions in front
+    # of every input (else: IndexError in the position embedding for prompts near the limit).
+    limit = max_seq_len or max_positions(model)
     examples = []
     for prompt, cont in zip(prompts, continuations, strict=True):
         p_ids = encode_prompt(tokenizer, prompt, seq2seq=seq2seq)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from mlsteps import distributed
 from mlsteps.context import StageContext
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.engine.progress import RichProgress
@@ -228,6 +229,85 @@ class MlstepsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.progress.stop()
+
+
+class NullWriter(JsonlWriter):
+    """metrics.jsonl stand-in on ranks other than 0: keeps the records, writes nothing."""
+
+    def __init__(self) -> None:
+        self.previous = []
+        self.history = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+
+
+class DistributedCallback(MlstepsCallback):
+    """Multi-process additions: one stop decision for all ranks, one checkpoint marker writer."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        # A stop request seen by any rank stops every rank at the same step (else one rank would
+        # save while another waits in the next step's all-reduce).
+        ctx = self.shared.ctx
+        flag = torch.tensor([1.0 if ctx.stop_requested else 0.0])
+        if torch.cuda.is_available() and distributed.backend().startswith("cuda"):
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            ctx.stop_event.set()
+        return super().on_step_end(args, state, control, **kwargs)
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        # Every rank has written its part (RNG state, shards) before rank 0 marks it COMPLETE.
+        distributed.barrier()
+        if distributed.is_main():
+            super().on_save(args, state, control, **kwargs)
+        distributed.barrier()
+
+
+class MlstepsTrainerMixin:
+    """Per-step loss capture (NaN guard), token counting and the extra evaluation hook."""
+
+    _mlsteps: Shared
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        shared = self._mlsteps
+        # Accumulate on device; the single host sync happens once per optimizer step.
+        detached = loss.detach().float()
+        shared.loss_acc = detached if shared.loss_acc is None else shared.loss_acc + detached
+        shared.tokens_acc += count_tokens(inputs)
+        shared.batches_consumed += 1
+        return loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
+        if isinstance(eval_dataset, str):
+            # The Trainer's own call for one set of a dict of validation sets (by name, from
+            # inside the outer evaluate below): extra evaluation and keep_best run once, outside.
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # type: ignore[misc]
+        shared = self._mlsteps
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        # Evaluation must not shift the training RNG stream (MLM masking, dropout), otherwise a
+        # resumed run would diverge from an uninterrupted one depending on where evals fell.
+        with torch.random.fork_rng():
+            if eval_dataset is not None or getattr(self, "eval_dataset", None) is not None:
+                metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))  # type: ignore[misc]
+            if shared.extra_eval is not None:
+                model = self.model  # type: ignore[attr-defined]
+                was_training = model.training
+                model.eval()
+                with torch.no_grad():
+                    extra = shared.extra_eval(model)
+                model.train(was_training)
+                self.log(dict(extra))  # type: ignore[attr-defined]
+                metrics.update(extra)
+        shared.eval_seconds += time.perf_counter() - started
+        shared.last_eval_step = self.state.global_step  # type: ignore[attr-defined]
+        shared.last_eval = {rename_metric(k): v for k, v in metrics.items()}
+        if shared.after_eval is not None:
+            shared.after_eval(self.state, self.control)  # type: ignore[attr-defined]
+        return metrics
 
 
 def read_resume_state(checkpoint: Path) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import json
 import pickle
 import re
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,19 +40,21 @@ from mlsteps.engine import best as best_ckpt
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.engine.progress import RichProgress
 from mlsteps.engine.trackers import Trackers
+from mlsteps.engine.train_args import build_training_args
 from mlsteps.engine.train_callbacks import (
+    DistributedCallback,
     ExtraEval,
     JsonlWriter,
     MlstepsCallback,
+    MlstepsTrainerMixin,
+    NullWriter,
     Shared,
-    count_tokens,
     flops_per_token,
     peak_flops,
     read_resume_state,
-    rename_metric,
     restore_collator_state,
 )
-from mlsteps.errors import StageFailed, StageInterrupted, UserError
+from mlsteps.errors import StageFailed, StageInterrupted
 from mlsteps.specs.common import TrainSpec
 
 
@@ -67,129 +68,9 @@ class TrainOutcome:
     resumed_from_step: int | None = None
     step_losses: list[float] = field(default_factory=list)  # per optimizer step, this process
     initial_metrics: dict[str, float] = field(default_factory=dict)  # val_* before step 1
-
-
-class _MlstepsTrainerMixin:
-    """Per-step loss capture (NaN guard), token counting and the extra evaluation hook."""
-
-    _mlsteps: Shared
-
-    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
-        shared = self._mlsteps
-        # Accumulate on device; the single host sync happens once per optimizer step.
-        detached = loss.detach().float()
-        shared.loss_acc = detached if shared.loss_acc is None else shared.loss_acc + detached
-        shared.tokens_acc += count_tokens(inputs)
-        shared.batches_consumed += 1
-        return loss
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[no-untyped-def]
-        if isinstance(eval_dataset, str):
-            # The Trainer's own call for one set of a dict of validation sets (by name, from
-            # inside the outer evaluate below): extra evaluation and keep_best run once, outside.
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # type: ignore[misc]
-        shared = self._mlsteps
-        started = time.perf_counter()
-        metrics: dict[str, float] = {}
-        # Evaluation must not shift the training RNG stream (MLM masking, dropout), otherwise a
-        # resumed run would diverge from an uninterrupted one depending on where evals fell.
-        with torch.random.fork_rng():
-            if eval_dataset is not None or getattr(self, "eval_dataset", None) is not None:
-                metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))  # type: ignore[misc]
-            if shared.extra_eval is not None:
-                model = self.model  # type: ignore[attr-defined]
-                was_training = model.training
-                model.eval()
-                with torch.no_grad():
-                    extra = shared.extra_eval(model)
-                model.train(was_training)
-                self.log(dict(extra))  # type: ignore[attr-defined]
-                metrics.update(extra)
-        shared.eval_seconds += time.perf_counter() - started
-        shared.last_eval_step = self.state.global_step  # type: ignore[attr-defined]
-        shared.last_eval = {rename_metric(k): v for k, v in metrics.items()}
-        if shared.after_eval is not None:
-            shared.after_eval(self.state, self.control)  # type: ignore[attr-defined]
-        return metrics
-
-
-def _use_bf16(spec: TrainSpec) -> bool:
-    if spec.precision == "bf16":
-        return True
-    return spec.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _cpu_fused_adamw() -> bool:
-    try:
-        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
-    except (RuntimeError, TypeError):
-        return False
-    return True
-
-
-def build_training_args(
-    spec: TrainSpec,
-    ctx: StageContext,
-    *,
-    args_cls: type[TrainingArguments] = TrainingArguments,
-    group_by_length: bool | None = None,
-    **overrides: Any,
-) -> TrainingArguments:
-    """TrainingArguments from a TrainSpec; evaluation and saving cadence is driven by callbacks."""
-    bf16 = _use_bf16(spec)
-    if spec.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError(
-            "precision fp16 needs a CUDA GPU",
-            where=f"stages.{ctx.stage}.train.precision",
-            hint="use precision auto (bf16 where supported, else fp32)",
-        )
-    # torch has a fused AdamW for CUDA and (since 2.4) for CPU; on CPU it cut the optimizer step
-    # of a 5M-parameter model from 88 to 17 ms (bench/pretrain.py).
-    fused = spec.fused_adamw and (torch.cuda.is_available() or _cpu_fused_adamw())
-    by_length = spec.group_by_length if group_by_length is None else group_by_length
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(ctx.checkpoints_dir),
-        per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.grad_accum_steps,
-        learning_rate=spec.lr,
-        lr_scheduler_type={"constant": "constant_with_warmup"}.get(spec.schedule, spec.schedule),
-        warmup_steps=spec.warmup_steps,
-        weight_decay=spec.weight_decay,
-        max_grad_norm=spec.max_grad_norm,
-        max_steps=spec.max_steps or -1,
-        num_train_epochs=spec.epochs,
-        bf16=bf16,
-        fp16=spec.precision == "fp16",
-        optim="adamw_torch_fused" if fused else "adamw_torch",
-        torch_compile=spec.compile,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=ctx.seed,
-        data_seed=ctx.seed,
-        logging_strategy="steps",
-        logging_steps=spec.log_every_steps,
-        logging_nan_inf_filter=False,  # our guard fails loudly instead of hiding NaN steps
-        eval_strategy="no",  # evaluation cadence comes from MlstepsCallback
-        save_strategy="steps",
-        save_steps=spec.save_every_steps,
-        save_total_limit=None,  # rotation counts complete checkpoints only (on_save)
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=spec.dataloader_workers,
-        train_sampling_strategy="group_by_length" if by_length else "random",
-    )
-    # transformers 5 renamed gradient_checkpointing (the old name warns); support both.
-    fields = getattr(args_cls, "__dataclass_fields__", {})
-    ckpt_key = (
-        "activation_checkpointing"
-        if "activation_checkpointing" in fields
-        else "gradient_checkpointing"
-    )
-    kwargs[ckpt_key] = spec.gradient_checkpointing
-    kwargs.update(_distributed_args())
-    kwargs.update(overrides)
-    return args_cls(**kwargs)
+    # FSDP/DeepSpeed: the gathered full state dict, for save_final(state_dict=...) (None when
+    # the model's own state dict is complete).
+    full_state_dict: dict[str, Any] | None = None
 
 
 def train(
@@ -231,6 +112,69 @@ def train(
     Raises ``StageFailed`` on a non-finite loss and ``StageInterrupted`` after writing a complete
     checkpoint when ``ctx.stop_requested`` is set. Does not write ``final/``: see ``save_final``.
     """
+    run = build(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        spec=spec,
+        ctx=ctx,
+        compute_metrics=compute_metrics,
+        trainer_cls=trainer_cls,
+        extra_eval=extra_eval,
+        args_cls=args_cls,
+        args_overrides=args_overrides,
+        trainer_kwargs=trainer_kwargs,
+        group_by_length=group_by_length,
+        seq_len_for_mfu=seq_len_for_mfu,
+    )
+    run.trackers.attach(run.trainer)
+    try:
+        train_seconds = fit(run, eval_at_start=eval_at_start)
+        outcome = collect(run, train_seconds)
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, StageInterrupted) else "FAILED"
+        run.trackers.finish(run.trainer, {}, status)
+        raise
+    run.trackers.finish(run.trainer, outcome.metrics)
+    return outcome
+
+
+@dataclass
+class TrainingRun:
+    """A Trainer wired with mlsteps' callbacks, ready to fit (what ``build`` returns)."""
+
+    trainer: Any
+    args: TrainingArguments
+    shared: Shared  # what the callbacks and the trainer mixin share (losses, evals, tokens)
+    writer: JsonlWriter
+    progress: RichProgress
+    trackers: Trackers
+    resume: Path | None  # the newest complete checkpoint, resumed from
+    best: best_ckpt.BestCallback | None
+    ctx: StageContext
+
+
+def build(
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any | None,
+    data_collator: Any,
+    spec: TrainSpec,
+    ctx: StageContext,
+    compute_metrics: Callable[..., dict[str, float]] | None = None,
+    trainer_cls: type[Trainer] | None = None,
+    extra_eval: ExtraEval | None = None,
+    args_cls: type[TrainingArguments] = TrainingArguments,
+    args_overrides: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    group_by_length: bool | None = None,
+    seq_len_for_mfu: int | None = None,
+) -> TrainingRun:
+    """Find the checkpoint to resume from and build the Trainer with mlsteps' callbacks."""
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     resume = ckpt.newest_complete_checkpoint(ctx.checkpoints_dir, log=ctx.log)
     resume_step = ckpt.checkpoint_step(resume) if resume is not None else None
@@ -253,10 +197,10 @@ def train(
         shared.after_eval = best.after_eval
     shared.batches_consumed = consumed
     # Only rank 0 writes metrics.jsonl (the logged loss is already averaged over ranks).
-    writer = JsonlWriter(ctx.metrics_path, resume_step) if distributed.is_main() else _NullWriter()
+    writer = JsonlWriter(ctx.metrics_path, resume_step) if distributed.is_main() else NullWriter()
     progress = RichProgress(enabled=not ctx.quiet, label=ctx.stage)
     base = trainer_cls or Trainer
-    trainer_type = type(f"Mlsteps{base.__name__}", (_MlstepsTrainerMixin, base), {})
+    trainer_type = type(f"Mlsteps{base.__name__}", (MlstepsTrainerMixin, base), {})
     trainer = trainer_type(
         model=model,
         args=args,
@@ -272,7 +216,7 @@ def train(
         trainer.remove_callback(noisy)
     if best is not None:
         trainer.add_callback(best)  # before MlstepsCallback: its file goes into the manifest
-    callback_cls = _DistributedCallback if distributed.is_distributed() else MlstepsCallback
+    callback_cls = DistributedCallback if distributed.is_distributed() else MlstepsCallback
     trainer.add_callback(callback_cls(shared, writer, spec, progress))
     shared.peak_flops = peak_flops(args.bf16 or args.fp16)
     if seq_len_for_mfu:
@@ -280,31 +224,14 @@ def train(
 
     # Our progress bar replaces the hub/save tqdm bars ("Writing model shards").
     hf_logging.disable_progress_bar()
-    trackers.attach(trainer)
-    try:
-        outcome = _run(trainer, args, shared, writer, progress, resume, best, ctx, eval_at_start)
-    except BaseException as exc:
-        trackers.finish(trainer, {}, "KILLED" if isinstance(exc, StageInterrupted) else "FAILED")
-        raise
-    trackers.finish(trainer, outcome.metrics)
-    return outcome
+    return TrainingRun(trainer, args, shared, writer, progress, trackers, resume, best, ctx)
 
 
-def _run(
-    trainer: Any,
-    args: TrainingArguments,
-    shared: Shared,
-    writer: JsonlWriter,
-    progress: RichProgress,
-    resume: Path | None,
-    best: best_ckpt.BestCallback | None,
-    ctx: StageContext,
-    eval_at_start: bool,
-) -> TrainOutcome:
-    """Evaluate first if asked, train or restore a finished run, evaluate last, collect."""
-    resume_step = ckpt.checkpoint_step(resume) if resume is not None else None
-    evaluates = trainer.eval_dataset is not None or shared.extra_eval is not None
-    if eval_at_start and resume is None and evaluates:
+def fit(run: TrainingRun, *, eval_at_start: bool = False) -> float:
+    """Evaluate first if asked, train (or restore a finished run), evaluate last. Returns the
+    seconds spent training, evaluation excluded."""
+    trainer, args, shared, resume = run.trainer, run.args, run.shared, run.resume
+    if eval_at_start and resume is None and _evaluates(run):
         trainer.evaluate()
     started = time.perf_counter()
     finished = resume is not None and (
@@ -312,7 +239,7 @@ def _run(
     )
     try:
         if finished and resume is not None and not (args.fsdp or args.deepspeed):
-            _restore_finished(trainer, resume, shared, writer, ctx)
+            _restore_finished(trainer, resume, shared, run.writer, run.ctx)
         else:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except pickle.UnpicklingError as exc:
@@ -327,23 +254,36 @@ def _run(
             hint=f"delete {resume} to restart from the previous checkpoint",
         ) from exc
     finally:
-        progress.stop()
+        run.progress.stop()
     train_seconds = time.perf_counter() - started - shared.eval_seconds
     step = trainer.state.global_step
     if shared.interrupted:
         raise StageInterrupted(
-            f"stopped at step {step}; resumable checkpoint {ctx.checkpoints_dir / f'checkpoint-{step}'}",
+            f"stopped at step {step}; resumable checkpoint {run.ctx.checkpoints_dir / f'checkpoint-{step}'}",
             hint="run the same command again to resume",
         )
-    if shared.last_eval_step != step and evaluates:
+    if shared.last_eval_step != step and _evaluates(run):
         trainer.evaluate()
+    return train_seconds
+
+
+def _evaluates(run: TrainingRun) -> bool:
+    return run.trainer.eval_dataset is not None or run.shared.extra_eval is not None
+
+
+def collect(run: TrainingRun, train_seconds: float) -> TrainOutcome:
+    """The fitted run's numbers: steps, batch size, last train loss, throughput, last (or best)
+    evaluation, the evaluation before step 1; the best checkpoint's weights are loaded."""
+    trainer, args, shared, writer = run.trainer, run.args, run.shared, run.writer
+    step = trainer.state.global_step
     if distributed.is_distributed():
         shared.tokens_total = int(distributed.all_sum(shared.tokens_total))
     # final/ is the best checkpoint's model when keep_best is set (its val_* describe it).
-    best_metrics = best.load_best(trainer, step) if best is not None else {}
+    best_metrics = run.best.load_best(trainer, step) if run.best is not None else {}
+    full_state = None
     if distributed.is_distributed() and (args.fsdp or args.deepspeed):
         # A full state dict for final/ (a collective: every rank takes part, rank 0 keeps it).
-        _FULL_STATE[trainer.model] = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
     metrics: dict[str, float] = {"global_step": step}
     world = distributed.world_size()
@@ -384,8 +324,9 @@ def _run(
         metrics=metrics,
         global_step=step,
         log_history=writer.history,
-        resumed_from_step=resume_step,
+        resumed_from_step=ckpt.checkpoint_step(run.resume) if run.resume is not None else None,
         step_losses=shared.step_losses,
+        full_state_dict=full_state,
     )
 
 
@@ -419,14 +360,19 @@ def _restore_finished(
 
 
 def save_final(
-    model: Any, tokenizer: Any, ctx: StageContext, *, extra_files: dict[str, str] | None = None
+    model: Any,
+    tokenizer: Any,
+    ctx: StageContext,
+    *,
+    extra_files: dict[str, str] | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Write model + tokenizer to ``ctx.final_dir`` atomically (``final.tmp/`` then rename).
 
     ``extra_files`` maps file names to text written next to the weights (e.g. a model card).
+    ``state_dict``: the weights to write instead of the model's own (``TrainOutcome``'s
+    ``full_state_dict`` of a sharded FSDP/DeepSpeed run).
     """
-
-    state_dict = _FULL_STATE.pop(model, None)
     if distributed.is_distributed():
         if distributed.is_main():
             _write_final(model, tokenizer, ctx, extra_files, state_dict)
@@ -453,69 +399,3 @@ def _write_final(
             (directory / name).write_text(text, encoding="utf-8")
 
     return ckpt.write_dir_atomically(ctx.final_dir, write)
-
-
-# Full (gathered) state dicts of FSDP/DeepSpeed-trained models, kept by ``train`` for save_final.
-_FULL_STATE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def _distributed_args() -> dict[str, Any]:
-    """TrainingArguments for a multi-process run: backend, timeout, FSDP or DeepSpeed."""
-    if not distributed.is_distributed():
-        return {}
-    conf = distributed.settings()
-    out: dict[str, Any] = {
-        "ddp_backend": "nccl" if torch.cuda.is_available() and conf.backend != "gloo" else "gloo",
-        "ddp_timeout": conf.timeout_s,
-        "ddp_find_unused_parameters": conf.find_unused_parameters,
-        # accelerate only sets up multi-process CPU training (gloo DDP) when told it is on CPU.
-        "use_cpu": not torch.cuda.is_available(),
-    }
-    if (conf.fsdp is not None or conf.deepspeed is not None) and not torch.cuda.is_available():
-        # accelerate only shards on accelerators; on CPU it would silently fall back to DDP.
-        engine = "fsdp" if conf.fsdp is not None else "deepspeed"
-        raise UserError(
-            f"{engine} sharding needs CUDA GPUs; this process has none",
-            where=f"distributed.{engine}",
-            hint="remove the block to train with plain data parallelism (DDP) on CPU",
-        )
-    if conf.fsdp is not None:
-        out["fsdp"] = True
-        out["fsdp_config"] = conf.fsdp.trainer_config()
-    if conf.deepspeed is not None:
-        out["deepspeed"] = conf.deepspeed.trainer_config()
-    return out
-
-
-class _NullWriter(JsonlWriter):
-    """metrics.jsonl stand-in on ranks other than 0: keeps the records, writes nothing."""
-
-    def __init__(self) -> None:
-        self.previous = []
-        self.history = []
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-
-
-class _DistributedCallback(MlstepsCallback):
-    """Multi-process additions: one stop decision for all ranks, one checkpoint marker writer."""
-
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        # A stop request seen by any rank stops every rank at the same step (else one rank would
-        # save while another waits in the next step's all-reduce).
-        ctx = self.shared.ctx
-        flag = torch.tensor([1.0 if ctx.stop_requested else 0.0])
-        if torch.cuda.is_available() and distributed.backend().startswith("cuda"):
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() > 0:
-            ctx.stop_event.set()
-        return super().on_step_end(args, state, control, **kwargs)
-
-    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        # Every rank has written its part (RNG state, shards) before rank 0 marks it COMPLETE.
-        distributed.barrier()
-        if distributed.is_main():
-            super().on_save(args, state, control, **kwargs)
-        distributed.barrier()

@@ -42,6 +42,9 @@ import torch.nn.functional as F
 
 from mlsteps.errors import UserError
 
+# The one position rule; config_max_positions is re-exported for the eval stage.
+from mlsteps.positions import config_max_positions, max_positions  # noqa: F401
+
 _CJK_CHAR_RE = re.compile(
     "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]"
 )
@@ -89,28 +92,6 @@ def count_words(text: str) -> int:
     """Whitespace-separated words, with every CJK character counted as one word."""
     cjk = len(_CJK_CHAR_RE.findall(text))
     return cjk + len(_CJK_CHAR_RE.sub(" ", text).split())
-
-
-def config_max_positions(config: Any) -> int | None:
-    """Longest input a model config's position embeddings cover; None when unbounded/unknown."""
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            # RoBERTa-style position ids start after the padding index: two positions unusable.
-            model_type = str(getattr(config, "model_type", ""))
-            if "roberta" in model_type or model_type == "camembert":
-                value -= 2
-            return value
-    return None
-
-
-def max_positions(model: Any) -> int | None:
-    """Longest input the model takes (minus the virtual tokens of a peft soft prompt)."""
-    limit = config_max_positions(model.config)
-    if limit is None:
-        return None
-    virtual = getattr(getattr(model, "active_peft_config", None), "num_virtual_tokens", 0)
-    return limit - int(virtual or 0)
 
 
 def _prefix_token(tokenizer: Any) -> tuple[int | None, str]:

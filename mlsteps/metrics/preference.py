@@ -196,7 +196,7 @@ def ladder_scores(
     """preference_accuracy (and its length-normalised variant) of a loaded causal LM for the
     eval stage's ladder; under torchrun each rank scores a share of the pairs."""
     from mlsteps.distributed import map_sharded
-    from mlsteps.metrics.perplexity import config_max_positions
+    from mlsteps.positions import config_max_positions
 
     def score(idx: list[int]) -> list[tuple[bool, bool]]:
         return pair_hits(

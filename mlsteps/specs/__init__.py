@@ -6,6 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from mlsteps.specs import _build  # first: no plugin discovery while the models build
 from mlsteps.specs.common import (
     ArchSpec,
     DataSpec,
@@ -14,6 +15,7 @@ from mlsteps.specs.common import (
     Strict,
     TrainSpec,
 )
+from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
 from mlsteps.specs.finetune import FinetuneSpec
 from mlsteps.specs.preference import PreferenceSpec
@@ -42,9 +44,12 @@ SPEC_BY_KIND: dict[str, type[Strict]] = {
     "predict": PredictSpec,
 }
 
+_build.done()
+
 __all__ = [
     "ArchSpec",
     "DataSpec",
+    "DistributedSpec",
     "EvalSpec",
     "FinetuneSpec",
     "GenerationSpec",

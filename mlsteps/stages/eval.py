@@ -25,8 +25,6 @@ models in the order listed, rows in input order, each with a ``model`` field.
 from __future__ import annotations
 
 import gc
-import json
-import os
 from typing import Any
 
 from mlsteps.context import StageContext, StageResult
@@ -52,6 +50,7 @@ from mlsteps.specs.evaluate import (
     RESPONSE,
     EvalSpec,
 )
+from mlsteps.text_io import atomic_write_jsonl
 
 _KIND_NAMES = {
     "clm": "a causal LM",
@@ -400,12 +399,7 @@ def _response_perplexity(
 def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
     if not is_main():
         return  # every rank holds the gathered records; rank 0 writes them
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_jsonl(path, records)
 
 
 def _needed(spec: EvalSpec, metrics: list[str], infos: dict[str, Any]) -> list[str]:

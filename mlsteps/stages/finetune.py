@@ -194,7 +194,9 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
             gen_eval.write_predictions(ctx, name)
     model.config.use_cache = True
     extra_files = fe.prompter_json(spec, ctx, train_rows, source)
-    final = _save(spec, ctx, model, tokenizer, source, label2id, extra_files)
+    final = _save(
+        spec, ctx, model, tokenizer, source, label2id, extra_files, outcome.full_state_dict
+    )
     return StageResult(metrics=metrics, outputs={"final": str(final)})
 
 
@@ -504,6 +506,7 @@ def _save(
     source: str | None,
     label2id: dict[str, int] | None,
     extra: dict[str, str],
+    state_dict: dict[str, Any] | None,
 ) -> Any:
     if spec.method == "lora" and spec.merge:
         return save_final(lora.merge(model), tokenizer, ctx, extra_files=extra)
@@ -519,5 +522,5 @@ def _save(
             info.update(num_labels=len(label2id), label2id=label2id,
                         id2label={str(i): label for label, i in label2id.items()})  # fmt: skip
         extra["mlsteps_adapter.json"] = json.dumps(info, indent=1)
-        return save_final(model, tokenizer, ctx, extra_files=extra)
-    return save_final(model, tokenizer, ctx, extra_files=extra)
+        return save_final(model, tokenizer, ctx, extra_files=extra, state_dict=state_dict)
+    return save_final(model, tokenizer, ctx, extra_files=extra, state_dict=state_dict)

@@ -150,7 +150,7 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     if hasattr(model, "peft_config") and "ref" in model.peft_config:
         model.delete_adapter("ref")  # TRL's frozen copy of the adapter, not part of the result
     model.config.use_cache = True
-    final = _save(spec, ctx, model, tokenizer, source, info)
+    final = _save(spec, ctx, model, tokenizer, source, info, outcome.full_state_dict)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
 
 
@@ -351,6 +351,7 @@ def _save(
     tokenizer: Any,
     source: str,
     info: Any,
+    state_dict: dict[str, Any] | None,
 ) -> Path:
     adapter = spec.tuning == "lora" and not spec.merge
     extra = _prompter_file(info, ctx, base=source if adapter else "", adapter=adapter)
@@ -360,17 +361,16 @@ def _save(
         model.peft_config["default"].base_model_name_or_path = source
         info_json = {"base_model_name_or_path": source, "task": "causal_lm"}
         extra["mlsteps_adapter.json"] = json.dumps(info_json, indent=1)
-    return save_final(model, tokenizer, ctx, extra_files=extra)
+    return save_final(model, tokenizer, ctx, extra_files=extra, state_dict=state_dict)
 
 
 def _prompter_file(info: Any, ctx: StageContext, *, base: str, adapter: bool) -> dict[str, str]:
     """The SFT model's prompt template (mlsteps_prompt.json) carried over, so eval/predict build
     inputs for the tuned model exactly as for its start."""
-    from mlsteps.prompting import PROMPT_FILE
+    from mlsteps.prompting import prompt_file
 
     prompter = info.prompter
     if prompter is None or prompter.method != "finetune":
         return {}
     prompter = dataclasses.replace(prompter, base_model=base, has_adapter=adapter)
-    text = json.dumps(prompter.to_json(ctx.final_dir), indent=2, ensure_ascii=False) + "\n"
-    return {PROMPT_FILE: text}
+    return prompt_file(prompter, ctx.final_dir)

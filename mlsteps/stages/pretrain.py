@@ -226,7 +226,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         # Lets downstream users truncate to what the model can read (tokenizers trained here
         # start with an unlimited model_max_length).
         tokenizer.model_max_length = limit
-    final = save_final(model, tokenizer, ctx)
+    final = save_final(model, tokenizer, ctx, state_dict=outcome.full_state_dict)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
 
 

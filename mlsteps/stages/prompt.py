@@ -8,22 +8,24 @@ Every input problem is a UserError raised before anything is written.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
 from mlsteps.errors import UserError
+from mlsteps.positions import config_max_positions
 from mlsteps.prompting import (
     PROMPT_FILE,
     SOFT_METHODS,
     Prompter,
     demonstrations_from_rows,
+    prompt_file,
     select_demonstrations,
     template_fields,
 )
 from mlsteps.specs.prompt import PromptSpec
+from mlsteps.text_io import atomic_write_jsonl
 
 PREVIEW_FILE = "prompts_preview.jsonl"
 # Rank-classification accuracy during training is computed on at most this many validation rows.
@@ -218,19 +220,7 @@ def prompt_length_metrics(
 
 def write_preview(ctx: StageContext, records: list[dict[str, Any]]) -> Path:
     """prompts_preview.jsonl: one JSON object per previewed row (prompt, target, outputs)."""
-    path = ctx.stage_dir / PREVIEW_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
-    )
-    tmp.replace(path)
-    return path
-
-
-def prompter_json(prompter: Prompter, ctx: StageContext) -> str:
-    """mlsteps_prompt.json text, with base_model also relative to the final final/ location."""
-    return json.dumps(prompter.to_json(ctx.final_dir), indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_jsonl(ctx.stage_dir / PREVIEW_FILE, records)
 
 
 class _NoWeights:
@@ -261,19 +251,14 @@ def _finish_hard(
     preview = write_preview(ctx, records)
     metrics: dict[str, Any] = {"trainable_params": 0, "num_demonstrations": prompter.shots}
     metrics.update(prompt_length_metrics(prompter, tokenizer, rows))
-    limit = (
-        None
-        if config.model_type == "t5"
-        else getattr(config, "n_positions", None)
-        or getattr(config, "max_position_embeddings", None)
-    )
+    limit = config_max_positions(config)
     if limit and metrics.get("prompt_tokens_max", 0) > limit:
         ctx.log(
             f"warning: prompts reach {metrics['prompt_tokens_max']} tokens but the model reads "
             f"{limit}; their start (demonstrations) will be cut"
         )
     final = save_final(
-        _NoWeights(), tokenizer, ctx, extra_files={PROMPT_FILE: prompter_json(prompter, ctx)}
+        _NoWeights(), tokenizer, ctx, extra_files=prompt_file(prompter, ctx.final_dir)
     )
     return StageResult(metrics=metrics, outputs={"final": str(final), "preview": str(preview)})
 
@@ -379,7 +364,11 @@ def _train_soft(
         ctx, soft_prompt.preview_records(model, tokenizer, prompter, preview_rows, seed=ctx.seed)
     )
     final = save_final(
-        model, tokenizer, ctx, extra_files={PROMPT_FILE: prompter_json(prompter, ctx)}
+        model,
+        tokenizer,
+        ctx,
+        extra_files=prompt_file(prompter, ctx.final_dir),
+        state_dict=outcome.full_state_dict,
     )
     metrics: dict[str, Any] = dict(outcome.metrics)
     metrics.update(
