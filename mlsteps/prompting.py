@@ -234,6 +234,8 @@ class Prompter:
     num_virtual_tokens: int = 0
     # Verbalizer-score calibration at classification time (see engine.prompt_scoring).
     calibration: str = "none"
+    # Prompts go through the model's chat template (see "Chat models" below).
+    chat: bool = False
 
     def __post_init__(self) -> None:
         self.template_format = resolve_format(self.template, self.template_format)
@@ -256,6 +258,8 @@ class Prompter:
     @property
     def answer_prefix(self) -> str:
         """Text between the prompt and the answer on the answer side (whitespace, often " ")."""
+        if self.chat:
+            return ""  # the reply starts right after the template's assistant header
         return split_separator(self.answer_separator)[1] if self.model_kind == "causal" else ""
 
     def label_word(self, label: Any) -> str:
@@ -299,6 +303,8 @@ class Prompter:
 
     def render(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
         """Full prompt for one row: demonstrations, then the rendered row, up to the answer."""
+        if self.chat:
+            return self._chat_prompt(self.demos_for(row), self.render_row(row, where=where))
         query = self.render_row(row, where=where)
         demos = self.demos_for(row)
         return "".join(self.format_demo(d) + self.demo_separator for d in demos) + query
@@ -314,7 +320,8 @@ class Prompter:
         marker = "\x00mlsteps-field\x00"
         rendered = self._renderer.render(dict.fromkeys(self.fields, marker))
         head = split_separator(self.answer_separator)[0]
-        return rendered.rsplit(marker, 1)[-1] + head
+        premise = rendered.rsplit(marker, 1)[-1] + head
+        return self._chat_prompt([], premise) if self.chat else premise
 
     def postprocess(self, generated: str) -> str:
         """Clean a generated continuation: cut at the next demonstration, strip whitespace.
@@ -323,11 +330,30 @@ class Prompter:
         first ``demo_separator`` on is not part of the answer.
         """
         text = generated
-        if self.shots and self.demo_separator:
+        if self.shots and self.demo_separator and not self.chat:  # a chat reply ends its turn
             text = text.lstrip()
             cut = text.find(self.demo_separator)
             text = text if cut < 0 else text[:cut]
         return text.strip()
+
+    # Chat models: hard prompts of a causal LM whose tokenizer has a chat template are chat
+    # turns (each demonstration a user turn and the assistant's reply, the row the last user
+    # turn), rendered by that template with its generation prompt, so the model sees the
+    # format it was tuned on and exactly what apply_chat_template gives.
+
+    def use_chat_template(self, tokenizer: Any) -> None:
+        """Render prompts through ``tokenizer``'s chat template (for ``chat`` prompters)."""
+        self.__dict__["_chat_tokenizer"] = tokenizer
+
+    def _chat_prompt(self, demos: list[Demonstration], query: str) -> str:
+        from mlsteps.engine.chat_data import prompt_messages, render
+
+        tokenizer = self.__dict__.get("_chat_tokenizer")
+        if tokenizer is None:  # a caller bug, not a user error
+            raise RuntimeError("a chat prompter renders only after use_chat_template(tokenizer)")
+        head = split_separator(self.answer_separator)[0]
+        turns = prompt_messages([(d.prompt + head, d.answer) for d in demos], query)
+        return render(tokenizer, turns, generation_prompt=True)
 
     def to_json(self, final_dir: Path | None = None) -> dict[str, Any]:
         """The mlsteps_prompt.json payload; base_model also stored relative to final_dir."""

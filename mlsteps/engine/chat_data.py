@@ -117,13 +117,36 @@ def set_template(tokenizer: Any, chat_template: str | None, *, where: str) -> No
     tokenizer.chat_template = resolve_template(chat_template)
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+class ChatText(str):
+    """Text rendered by a chat template. It already holds every special token the template
+    writes (a BOS included, when the template has one), so it is tokenised without the
+    tokenizer's own special tokens, as ``apply_chat_template(tokenize=True)`` does; tokenising
+    it like plain text would add a second BOS for tokenizers that add one (Llama and friends)."""
+
+    __slots__ = ()
+
+
+def special_tokens_for(text: str) -> bool:
+    """``add_special_tokens`` for a model input: False for template-rendered text."""
+    return not isinstance(text, ChatText)
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> ChatText:
     """The template's text of ``messages`` (what ``apply_chat_template(tokenize=False)`` gives)."""
-    return str(
+    return ChatText(
         tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
     )
+
+
+def prompt_messages(demos: list[tuple[str, str]], query: str) -> list[dict[str, str]]:
+    """A hard prompt as chat turns: every (prompt, answer) demonstration an earlier user turn and
+    its assistant reply, then the row's prompt as the last user turn."""
+    turns = []
+    for prompt, answer in demos:
+        turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return [*turns, {"role": "user", "content": query}]
 
 
 def template_ids(

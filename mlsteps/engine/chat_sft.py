@@ -80,7 +80,8 @@ def generation_pairs(
     ds: datasets.Dataset, tokenizer: Any, column: str, *, where: str
 ) -> tuple[list[str], list[list[str]]]:
     """Validation by generation: (rendered prompt of the last assistant turn, [its text])."""
-    inputs, refs = [], []
+    inputs: list[str] = []
+    refs: list[list[str]] = []
     for i, value in enumerate(ds[column]):
         messages = chat_data.normalize_messages(value, where=where, row=i, column=column)
         last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mlsteps.engine.chat_data import special_tokens_for
 from mlsteps.errors import UserError
 from mlsteps.positions import max_positions
 from mlsteps.specs.common import GenerationSpec
@@ -67,11 +68,18 @@ def _eos_ids(config: Any) -> set[int]:
 def encode_prompts(tokenizer: Any, inputs: Sequence[str], *, decoder_only: bool) -> list[list[int]]:
     """Token ids of each prompt exactly as generation feeds it, before any length cut.
 
-    The tokenizer's special tokens are added; a decoder-only prompt loses a trailing EOS (the
+    The tokenizer's special tokens are added, except to text a chat template rendered (it has
+    its own: ``chat_data.ChatText``); a decoder-only prompt loses a trailing EOS (the
     model must continue it, not start after an end) and an empty one becomes [BOS or EOS].
     Conditional (response) perplexity conditions on these same ids.
     """
-    encoded = [list(ids) for ids in tokenizer(list(inputs), add_special_tokens=True)["input_ids"]]
+    encoded: list[list[int]] = [[] for _ in inputs]
+    for special in (True, False):
+        picked = [i for i, text in enumerate(inputs) if special_tokens_for(text) == special]
+        if picked:
+            ids = tokenizer([inputs[i] for i in picked], add_special_tokens=special)["input_ids"]
+            for i, row in zip(picked, ids, strict=True):
+                encoded[i] = list(row)
     if decoder_only:
         start = (
             tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -246,6 +246,8 @@ def load_for_inference(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
+    if info.prompter is not None and info.prompter.chat:
+        info.prompter.use_chat_template(tokenizer)  # the template saved with the prompted model
     return Loaded(
         model=model, tokenizer=tokenizer, kind=info.kind, prompter=info.prompter, source=source
     )

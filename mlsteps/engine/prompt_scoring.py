@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mlsteps.engine.chat_data import special_tokens_for
 from mlsteps.errors import UserError
 from mlsteps.positions import max_positions
 
@@ -39,8 +40,9 @@ def _appends_eos(tokenizer: Any) -> bool:
 
 
 def encode_prompt(tokenizer: Any, prompt: str, *, seq2seq: bool = False) -> list[int]:
-    """Token ids of a prompt as the model reads it (see the module docstring)."""
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    """Token ids of a prompt as the model reads it (see the module docstring); a prompt a chat
+    template rendered gets no special tokens of the tokenizer (the template wrote its own)."""
+    ids = list(tokenizer(prompt, add_special_tokens=special_tokens_for(prompt))["input_ids"])
     if seq2seq:
         return ids
     # A causal model must continue the prompt, not start after an end-of-sequence token.

@@ -251,12 +251,13 @@ def describe_prompt(prompter: Any, input_column: str) -> str:
     if method == "finetune":
         kind = "seq2seq source_prefix" if prompter.model_kind == "seq2seq" else "SFT"
         return f"the model's {kind} template {prompter.template!r}"
+    chat = " as chat turns through the model's chat template" if prompter.chat else ""
     if method == "few_shot":
         how = "drawn per row" if prompter.per_example else "fixed"
-        return f"{prompter.shots} demonstrations ({how}) + {template}"
+        return f"{prompter.shots} demonstrations ({how}) + {template}{chat}"
     if prompter.num_virtual_tokens:
         return f"{prompter.num_virtual_tokens} soft-prompt virtual tokens ({method}) + {template}"
-    return f"{template} ({method})"
+    return f"{template} ({method}){chat}"
 
 
 def sharded_response_perplexity(

@@ -91,6 +91,13 @@ class PromptSpec(Strict):
         description="prompt_tuning: initialise virtual tokens from the embeddings of this text "
         "(repeated/cut to num_virtual_tokens); else from randomly sampled vocabulary embeddings.",
     )
+    chat: Bool | None = Field(
+        None,
+        description="zero_shot/few_shot of a causal LM: render prompts as chat turns through the "
+        "model's chat template (each demonstration a user turn and the assistant's reply, the "
+        "row the last user turn, then the template's generation prompt). Unset: when the "
+        "model's tokenizer has a chat template; false: plain text prompts.",
+    )
     max_seq_len: PositiveInt = Field(256, description="Truncation length of prompt + answer.")
     model_dtype: ModelDtype = model_dtype_field()
     attn_implementation: AttnImplementation | None = attn_field()
@@ -138,6 +145,7 @@ class PromptSpec(Strict):
                 "remove it, or use a tuning method",
             )
         else:
+            out += self._unused(("chat",), f"method {self.method} trains on plain text prompts")
             if self.validation is not None:
                 out += self._unused(("validation_fraction",), "'validation' is given")
             out += unused_without_validation(self)

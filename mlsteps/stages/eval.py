@@ -385,7 +385,7 @@ def _response_perplexity(
     return sharded_response_perplexity(
         loaded.model,
         loaded.tokenizer,
-        _inputs(spec, rows, loaded.prompter, where_data),
+        _inputs(spec, rows, loaded.prompter, where_data, loaded),
         as_reference_lists(refs, where=where_data),
         answer_prefix=loaded.prompter.answer_prefix if loaded.prompter is not None else "",
         prompt_note=describe_prompt(loaded.prompter, spec.input_column),

@@ -60,11 +60,6 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
         require_columns(rows, [spec.reference_column], f"{where}.data")
     if prompter is not None:
         prompter.check_columns(rows.column_names, where=f"{where}.data")
-        inputs = [prompter.render(row, where=f"{where}.data") for row in rows]
-    else:
-        assert column is not None
-        inputs = column
-    shown = column if column is not None else inputs
 
     loaded = load_for_inference(
         info.source,
@@ -72,8 +67,14 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
         where=f"{where}.model",
         loading=loading_kwargs(spec),
     )
-    if prompter is None:  # conversations go through the model's chat template
-        inputs = render_inputs(loaded, inputs, f"{where}.data", spec.input_column)
+    if prompter is not None:  # rendered with the loaded prompter: it has the chat template
+        prompter = loaded.prompter
+        assert prompter is not None
+        inputs = [prompter.render(row, where=f"{where}.data") for row in rows]
+    else:  # conversations go through the model's chat template
+        assert column is not None
+        inputs = render_inputs(loaded, column, f"{where}.data", spec.input_column)
+    shown = column if column is not None else inputs
     ctx.log(f"generating {len(inputs)} outputs with {spec.model}")
     # Each rank generates a disjoint shard; every rank gets all outputs back in input order.
     preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)

@@ -80,6 +80,10 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
         source, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
     )
     ensure_pad_token(tokenizer)
+    prompter.chat = _uses_chat(spec, kind, tokenizer, f"{where}.chat")
+    if prompter.chat:
+        prompter.use_chat_template(tokenizer)
+        ctx.log("prompts are chat turns through the model's chat template")
     if spec.verbalizer:
         from mlsteps.engine.prompt_scoring import check_verbalizer
 
@@ -104,6 +108,26 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
         return _finish_hard(spec, ctx, prompter, tokenizer, preview_source, config)
     assert rows is not None
     return _train_soft(spec, ctx, prompter, tokenizer, rows, val_sets, where)
+
+
+def _uses_chat(spec: PromptSpec, kind: str | None, tokenizer: Any, where: str) -> bool:
+    """Whether hard prompts are rendered as chat turns: ``spec.chat``, by default when the
+    causal LM's tokenizer has a chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if spec.method in SOFT_METHODS or spec.chat is False:
+        return False
+    if spec.chat and (kind != "clm" or not has_template):
+        raise UserError(
+            f"chat: true needs a causal LM with a chat template; '{spec.from_}' "
+            + (
+                "is a seq2seq model"
+                if kind != "clm"
+                else "is one, but its tokenizer has no chat template"
+            ),
+            where=where,
+            hint="fine-tune it with task: chat (chat_template: chatml), or remove chat",
+        )
+    return kind == "clm" and has_template
 
 
 def _check_source(source: str, ref: str, where: str) -> None:
