@@ -248,6 +248,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 2)
     p.add_argument("--skip", default="", help="comma list of: rss, throughput, train")
+    p.add_argument("--blocks", default=None, help="train speed on this packed entry (no packing)")
     args = p.parse_args()
     sizes = [5, 20] if args.quick else [int(s) for s in args.sizes.split(",")]
     tput_mb = 5 if args.quick else args.throughput_mb
@@ -260,12 +261,11 @@ def main() -> None:
             tput_mb, tok, 1 if args.quick else args.reps, args.num_proc
         )
         print(json.dumps(result["throughput"]), flush=True)
-        if "train" not in skip:
-            result["train"] = train_speed(
-                Path(result["throughput"]["blocks_path"]), 15 if args.quick else 40,
-                1 if args.quick else 3,
-            )  # fmt: skip
-            print(json.dumps(result["train"]), flush=True)
+    blocks = args.blocks or result.get("throughput", {}).get("blocks_path")
+    if "train" not in skip and blocks:
+        steps, reps = (15, 1) if args.quick else (40, 3)
+        result["train"] = train_speed(Path(blocks), steps, reps)
+        print(json.dumps(result["train"]), flush=True)
     if "rss" not in skip:
         result["rss"] = []
         for mb in sizes:

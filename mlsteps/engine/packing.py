@@ -19,8 +19,10 @@ so mlsteps uses one process and large batches.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -39,6 +41,10 @@ from mlsteps.errors import UserError
 # Documents per shard: large enough that encode_batch keeps every core busy, small enough that
 # a shard's Python lists stay a few MB.
 SHARD_DOCS = 4096
+# Pages of memory-mapped files count in a process's RSS once touched, and stay until unmapped or
+# reclaimed: dropped from our mappings every this many bytes read, so that peak RSS stays flat
+# (the kernel keeps them in its page cache; a later read maps them again without disk I/O).
+RELEASE_BYTES = 64 << 20
 BLOCKS_FILE = "blocks.int32"
 COUNTS_FILE = "counts.int64"
 FORMAT_VERSION = 1
@@ -132,6 +138,7 @@ class PackedBlocks(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.n_tokens = int(info["n_tokens"])
         self.in_memory = in_memory
         self._tokens: np.ndarray | None = None
+        self._served = 0
 
     def _data(self) -> np.ndarray:
         if self._tokens is None:
@@ -152,7 +159,12 @@ class PackedBlocks(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if not 0 <= index < self.n_blocks:
             raise IndexError(index)
         start = index * self.block_len
-        return self._data()[start : min(start + self.block_len, self.n_tokens)]
+        data = self._data()
+        self._served += self.block_len * 4
+        if self._served >= RELEASE_BYTES and isinstance(data, np.memmap):
+            self._served = 0
+            data._mmap.madvise(mmap.MADV_DONTNEED)  # type: ignore[attr-defined]
+        return data[start : min(start + self.block_len, self.n_tokens)]
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return {"input_ids": self.block(int(index)).tolist()}
@@ -222,6 +234,33 @@ def pack_token_rows(
     return blocks
 
 
+def release_file_pages(paths: Iterable[str]) -> None:
+    """Drop this process's resident pages of its read-only mappings of ``paths`` (Arrow cache
+    files). Only mappings of exactly those files, as /proc/self/maps lists them, are touched:
+    their contents come back from the file on the next read. A no-op where /proc is absent."""
+    wanted = {os.path.realpath(p) for p in paths}
+    if not wanted:
+        return
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or "w" in parts[1] or os.path.realpath(parts[5]) not in wanted:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+def _arrow_files(ds: Any) -> list[str]:
+    try:
+        return [f["filename"] for f in ds.cache_files]
+    except (AttributeError, KeyError, TypeError):
+        return []
+
+
 def _hash_array(h: Any, arr: Any) -> None:
     import pyarrow as pa
 
@@ -249,8 +288,14 @@ def corpus_fingerprint(ds: Any, text_column: str) -> str:
     """A digest of the text ``ds`` holds in ``text_column`` (and of its row selection): equal
     text gives an equal digest wherever the Arrow files live; any changed byte changes it."""
     h = hashlib.blake2b(digest_size=20)
+    files, read = _arrow_files(ds), 0
     for chunk in ds.data.table.column(text_column).chunks:
         _hash_array(h, chunk)
+        read += chunk.nbytes
+        if read >= RELEASE_BYTES:
+            release_file_pages(files)
+            read = 0
+    release_file_pages(files)
     h.update(b"|indices|")
     if ds._indices is not None:
         for chunk in ds._indices.column(0).chunks:
@@ -285,8 +330,13 @@ def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
 def _encode_shards(ds: Any, tokenizer: Any, text_column: str, end_id: int) -> Iterator[np.ndarray]:
     """Each shard of documents as one int32 stream: ids of each non-empty text, then ``end_id``."""
     encode = _batch_encoder(tokenizer)
+    files, read = _arrow_files(ds), 0
     for batch in ds.iter(batch_size=SHARD_DOCS):
         texts = [t for t in batch[text_column] if isinstance(t, str) and t]
+        read += sum(len(t) for t in texts)
+        if read >= RELEASE_BYTES:
+            release_file_pages(files)
+            read = 0
         if not texts:
             continue
         ids = encode(texts)

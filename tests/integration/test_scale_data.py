@@ -248,3 +248,45 @@ def _spawn(cmd: list, cwd: Path, cache_dir: Path, fault: str, tag: str) -> relki
             del os.environ["MLSTEPS_CACHE"]
         else:
             os.environ["MLSTEPS_CACHE"] = old
+
+
+def _mapped_rss_kb(path: str) -> int:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            inside = len(head) >= 6 and os.path.realpath(head[-1]) == os.path.realpath(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_read_arrow_pages_leave_the_resident_set_and_data_stays(tmp_path: Path) -> None:
+    """RSS must not grow with the corpus: pages of the memory-mapped text that packing has read
+    are dropped from the process (the kernel keeps them cached) and read back unchanged."""
+    src = tmp_path / "t.txt"
+    src.write_text(WIKI.read_text(encoding="utf-8") * 3, "utf-8")
+    ds = _text(src, tmp_path / "hf")
+    arrow = ds.cache_files[0]["filename"]
+    before = [b[TEXT_COLUMN] for b in ds.iter(batch_size=1000)]
+    assert _mapped_rss_kb(arrow) > 1000  # the whole ~3 MB file is resident now
+    packing.release_file_pages([arrow])
+    assert _mapped_rss_kb(arrow) < 100
+    assert [b[TEXT_COLUMN] for b in ds.iter(batch_size=1000)] == before
+
+
+def test_memmap_blocks_drop_their_pages_while_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [list(range(i, i + 1024)) for i in range(0, 2048 * 64, 2048)]
+    blocks = packing.pack_token_rows(rows, 1024, keep_remainder=False, where="w")
+    path = str(blocks.path / packing.BLOCKS_FILE)
+    monkeypatch.setattr(packing, "RELEASE_BYTES", 1 << 30)
+    want = [blocks[i]["input_ids"] for i in range(len(blocks))]
+    assert _mapped_rss_kb(path) >= 200  # 64 blocks x 4 KiB, all touched
+    monkeypatch.setattr(packing, "RELEASE_BYTES", 8 * 4096)
+    got = [blocks[i]["input_ids"] for i in range(len(blocks))]
+    # At most the blocks since the last release plus the kernel's fault-around (64 KiB).
+    assert got == want and _mapped_rss_kb(path) <= 8 * 4 + 64
