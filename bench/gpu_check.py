@@ -49,6 +49,12 @@ TINY = {"family": "gpt2", "n_layers": 2, "hidden_size": 32, "n_heads": 2, "max_p
 LOSS_ATOL, LOSS_RTOL = 0.05, 0.02
 
 
+def vocab_for(arch: dict) -> int:
+    """GPT-2's vocabulary for the 124M shape (a BPE asked for 50,257 tokens on wikitext-2; it
+    may reach fewer, printed in the results); the tiny CPU smoke model gets 8,000."""
+    return 50257 if arch is GPT2_124M else 8000
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -149,7 +155,7 @@ def _recipe(work: Path, arch: dict, steps: int, precision: str, extra: dict | No
     if not text.exists():
         lines = [*common.wikitext_lines("test"), *common.wikitext_lines("valid")]
         text.write_text("\n".join(lines * 4) + "\n", encoding="utf-8")
-    tok = common.bench_tokenizer()
+    tok = common.bench_tokenizer(vocab_for(arch))
     body = {
         "name": "gpucheck",
         "seed": 0,
@@ -207,7 +213,7 @@ def plain_loop(blocks_dir: Path, arch: dict, steps: int, *, attn: str, compile_:
     import common
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(common.bench_tokenizer())
+    tok = AutoTokenizer.from_pretrained(common.bench_tokenizer(vocab_for(arch)))
     config = GPT2Config(vocab_size=len(tok), n_positions=arch["max_positions"], n_embd=arch["hidden_size"],
                         n_layer=arch["n_layers"], n_head=arch["n_heads"], attn_implementation=attn)  # fmt: skip
     torch.manual_seed(0)
@@ -271,7 +277,10 @@ def section_pretrain(work: Path, steps: int, peak: float, *, cpu: bool) -> Path 
     if not entries:
         return first
     blocks = entries[-1]  # the training blocks (the validation set is the smaller entry)
-    n_params = 12 * arch["n_layers"] * arch["hidden_size"] ** 2 + 8000 * arch["hidden_size"]
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(common.bench_tokenizer(vocab_for(arch))))
+    n_params = 12 * arch["n_layers"] * arch["hidden_size"] ** 2 + vocab * arch["hidden_size"]
     fpt = common.flops_per_token(n_params, arch["n_layers"], arch["hidden_size"], seq)
     for compile_ in compiles:
         for attn in ("eager", "sdpa"):
@@ -283,7 +292,7 @@ def section_pretrain(work: Path, steps: int, peak: float, *, cpu: bool) -> Path 
                 continue
             stage = stage_rates.get(compile_)
             print(result_line(
-                "pretrain", attn=attn, compile=compile_, plain_tokens_s=round(plain),
+                "pretrain", vocab=vocab, attn=attn, compile=compile_, plain_tokens_s=round(plain),
                 stage_tokens_s=stage, stage_vs_plain=round(stage / plain, 3) if stage else None,
                 stage_mfu=round(mfu(stage, fpt, peak), 3) if stage else None,
                 plain_mfu=round(mfu(plain, fpt, peak), 3),
