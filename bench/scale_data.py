@@ -209,8 +209,9 @@ def train_speed(blocks_path: Path, steps: int, reps: int) -> dict[str, Any]:
 
     tok = AutoTokenizer.from_pretrained(common.bench_tokenizer())
     rates: dict[str, list[float]] = {"memmap": [], "in_memory": []}
-    for _ in range(reps):
-        for mode in ("memmap", "in_memory"):
+    for rep in range(reps):
+        # Alternate which goes first: on a loaded machine the first of a pair ran slower.
+        for mode in ("memmap", "in_memory")[:: 1 if rep % 2 == 0 else -1]:
             blocks = PackedBlocks(blocks_path, in_memory=mode == "in_memory")
             torch.manual_seed(0)
             model = build_model(common.gpt2_arch(2, 128, 2, 128), tok, "clm", where="bench")
@@ -232,8 +233,23 @@ def train_speed(blocks_path: Path, steps: int, reps: int) -> dict[str, Any]:
                 tokens += int(batch["attention_mask"].sum())
             rates[mode].append(tokens / (time.perf_counter() - t0))
             common.log(f"train {mode}: {rates[mode][-1]:.0f} tokens/s")
+    # The data path alone (no model): what memory mapping can cost a step at most.
+    loader_ms: dict[str, list[float]] = {"memmap": [], "in_memory": []}
+    for rep in range(3):
+        for mode in ("memmap", "in_memory")[:: 1 if rep % 2 == 0 else -1]:
+            loader = torch.utils.data.DataLoader(
+                PackedBlocks(blocks_path, in_memory=mode == "in_memory"), batch_size=8,
+                shuffle=True, collate_fn=CausalCollator(tok.pad_token_id),
+                generator=torch.Generator().manual_seed(rep),
+            )  # fmt: skip
+            it, t0 = iter(loader), time.perf_counter()
+            for _ in range(300):
+                next(it)
+            loader_ms[mode].append((time.perf_counter() - t0) / 300 * 1000)
     mm, mem = common.median(rates["memmap"]), common.median(rates["in_memory"])
     return {
+        "rates": rates,
+        "loader_ms_per_batch": {k: round(common.median(v), 2) for k, v in loader_ms.items()},
         "memmap_tokens_s": round(mm),
         "in_memory_tokens_s": round(mem),
         "memmap_vs_in_memory": round(mm / mem, 3),
@@ -286,8 +302,12 @@ def main() -> None:
         ]
         for r in result.get("rss", [])
     ]
-    md = common.table(
-        ["text MB", "s", "peak RSS MB", "peak anon MB", "peak file MB", "tokens"], rows
+    md = (
+        ""
+        if not rows
+        else common.table(
+            ["text MB", "s", "peak RSS MB", "peak anon MB", "peak file MB", "tokens"], rows
+        )
     )
     md += (
         "\n\n```\n"
