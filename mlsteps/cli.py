@@ -372,6 +372,59 @@ def data_export(
         print(path)
 
 
+# --- mlsteps cache ls|clear: the packed-data cache (mlsteps.cache) -------------------------------
+cache_app = typer.Typer(
+    help="The packed pretraining data cache ($MLSTEPS_CACHE, default ~/.cache/mlsteps): "
+    "list or clear the entries mlsteps wrote.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: JsonOpt = False) -> None:
+    """List the packed corpora in the cache (key, blocks, tokens, size, what)."""
+    from mlsteps import cache
+
+    found = cache.entries()
+    rows = [
+        {
+            "key": e.path.name,
+            "path": str(e.path),
+            "what": e.manifest.get("what", ""),
+            "blocks": e.manifest.get("n_blocks"),
+            "block_len": e.manifest.get("block_len"),
+            "tokens": e.manifest.get("n_tokens"),
+            "bytes": e.size_bytes,
+        }
+        for e in found
+    ]
+    if as_json:
+        _emit({"root": str(cache.cache_root()), "entries": rows})
+        return
+    print(f"cache: {cache.cache_root()} ({len(rows)} entries)")
+    for r in rows:
+        print(
+            f"{r['key']}  {r['what']:15} {r['blocks']:>10,} blocks x {r['block_len']:<5} "
+            f"{r['tokens']:>13,} tokens  {cache.human_bytes(r['bytes'])}"
+        )
+
+
+@cache_app.command("clear")
+def cache_clear(as_json: JsonOpt = False) -> None:
+    """Remove every entry mlsteps wrote (and abandoned partial ones); nothing else is touched."""
+    from mlsteps import cache
+
+    count, size = cache.clear()
+    if as_json:
+        _emit({"root": str(cache.cache_root()), "removed": count, "bytes": size})
+        return
+    print(f"removed {count} entries ({cache.human_bytes(size)}) from {cache.cache_root()}")
+
+
+# --- end of mlsteps cache ------------------------------------------------------------------------
+
+
 def _stage_command(kind: str, summary: str) -> None:
     def command(
         overrides: Annotated[

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The packed-data cache (mlsteps.cache) of this test session: never the user's own cache dir.
+if "MLSTEPS_CACHE" not in os.environ:
+    os.environ["MLSTEPS_CACHE"] = tempfile.mkdtemp(prefix="mlsteps-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MLSTEPS_CACHE"], True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()

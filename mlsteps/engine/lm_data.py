@@ -15,15 +15,14 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import torch
-from datasets.table import InMemoryTable
 
-from mlsteps.errors import UserError
+from mlsteps.engine.packing import PackedBlocks, pack_token_rows
 
 
 def tokenize_documents(
@@ -42,22 +41,42 @@ def tokenize_documents(
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
 
 
-def _flat_ids(tokenized: datasets.Dataset) -> np.ndarray:
-    if tokenized._indices is not None:  # a selection: materialise the rows it points at
-        tokenized = tokenized.flatten_indices()
-    column = tokenized.data.table.column("input_ids")
-    return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+def token_counts(blocks: Any) -> np.ndarray:
+    """How often each token id occurs in ``blocks`` (index = id), streaming: ``PackedBlocks``
+    counted them while packing; a ``datasets.Dataset`` of ``input_ids`` is read a chunk at a
+    time, never flattened whole."""
+    if isinstance(blocks, PackedBlocks):
+        return blocks.token_counts()
+    counts = np.zeros(0, dtype=np.int64)
+    if blocks._indices is not None:  # a selection: read the rows it points at
+        for batch in blocks.iter(batch_size=1 << 12):
+            ids = np.fromiter(chain.from_iterable(batch["input_ids"]), dtype=np.int64)
+            counts = _add(counts, np.bincount(ids[ids >= 0]))
+        return counts
+    for batch in blocks.data.table.select(["input_ids"]).to_batches(max_chunksize=1 << 16):
+        ids = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+        counts = _add(counts, np.bincount(ids[ids >= 0]))
+    return counts
 
 
-def seen_token_ids(blocks: datasets.Dataset, vocab_size: int) -> np.ndarray:
+def _add(total: np.ndarray, more: np.ndarray) -> np.ndarray:
+    if len(more) > len(total):
+        more = more.astype(np.int64)
+        more[: len(total)] += total
+        return more
+    total[: len(more)] += more
+    return total
+
+
+def seen_token_ids(blocks: Any, vocab_size: int) -> np.ndarray:
     """The distinct token ids below ``vocab_size`` that occur in ``blocks`` (sorted)."""
-    ids = _flat_ids(blocks)
-    return np.unique(ids[(ids >= 0) & (ids < vocab_size)])
+    counts = token_counts(blocks)[:vocab_size]
+    return np.nonzero(counts)[0]
 
 
 def unigram_perplexity(
-    train_blocks: datasets.Dataset,
-    val_blocks: datasets.Dataset,
+    train_blocks: Any,
+    val_blocks: Any,
     vocab_size: int,
     skip_ids: Sequence[int] = (),
 ) -> float:
@@ -65,69 +84,47 @@ def unigram_perplexity(
     smoothed), ``skip_ids`` (special tokens) left out on both sides: the number a language model
     that ignores all context reaches. A pretrained model near it has learned only how frequent
     each token is; its hidden states carry almost nothing of the input (see docs/quickstart.md,
-    "Why the MLM start lost")."""
-    train_ids, val_ids = _flat_ids(train_blocks), _flat_ids(val_blocks)
-    counts = np.bincount(
-        train_ids[(train_ids >= 0) & (train_ids < vocab_size)], minlength=vocab_size
-    )
+    "Why the MLM start lost"). Computed from token counts, so neither set is held in memory."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    train = token_counts(train_blocks)[:vocab_size]
+    counts[: len(train)] = train
+    val_counts = np.zeros(vocab_size, dtype=np.int64)
+    val = token_counts(val_blocks)[:vocab_size]
+    val_counts[: len(val)] = val
     keep = np.ones(vocab_size, dtype=bool)
     keep[[i for i in skip_ids if 0 <= i < vocab_size]] = False
     probs = np.where(keep, counts + 1.0, 0.0)
     probs /= probs.sum()
-    val = val_ids[(val_ids >= 0) & (val_ids < vocab_size)]
-    val = val[keep[val]]
-    if not len(val):
+    val_counts = np.where(keep, val_counts, 0)
+    n_val = int(val_counts.sum())
+    if not n_val:
         return float("nan")
-    return float(np.exp(-np.log(probs[val]).astype(np.float64).mean()))
-
-
-def _from_blocks(values: np.ndarray, offsets: np.ndarray) -> datasets.Dataset:
-    array = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-    return datasets.Dataset(InMemoryTable(pa.table({"input_ids": array})))
+    used = val_counts > 0
+    nll = -float(np.sum(val_counts[used] * np.log(probs[used]), dtype=np.float64)) / n_val
+    return float(np.exp(nll))
 
 
 def pack_blocks(
-    tokenized: datasets.Dataset,
+    tokenized: Any,
     block_len: int,
     *,
     keep_remainder: bool,
     wrap: tuple[int, int] | None = None,
     where: str,
     what: str = "training text",
-) -> datasets.Dataset:
-    """Cut the concatenated token stream into blocks of ``block_len`` tokens.
+) -> PackedBlocks:
+    """Cut the concatenated token stream of ``tokenized`` rows (``input_ids``) into blocks of
+    ``block_len`` tokens (see ``engine.packing.BlockPacker``; the pretrain stage packs text
+    through ``engine.packing.pack_corpus`` instead, which tokenises and caches too).
 
     ``wrap=(cls_id, sep_id)`` puts ``cls`` before and ``sep`` after each piece of
     ``block_len - 2`` tokens (MLM). A remainder shorter than a block is kept only when asked
     (and when it has at least 2 tokens). Zero blocks is a UserError, never an empty dataset.
     """
-    flat = _flat_ids(tokenized)
-    body = block_len - 2 if wrap else block_len
-    n_full = len(flat) // body
-    ends = [body * (i + 1) for i in range(n_full)]
-    if keep_remainder and len(flat) - body * n_full >= 2:
-        ends.append(len(flat))
-    if not ends:
-        raise UserError(
-            f"the {what} has {len(flat)} tokens, fewer than one block of max_seq_len {block_len}",
-            where=where,
-            hint="add text, lower max_seq_len, or set keep_remainder: true",
-        )
-    starts = np.array([0, *ends[:-1]], dtype=np.int64)
-    stops = np.array(ends, dtype=np.int64)
-    if wrap is None:
-        values = flat[: stops[-1]]
-        return _from_blocks(values, np.concatenate([[0], stops]))
-    cls_id, sep_id = wrap
-    lengths = stops - starts + 2
-    values = np.empty(int(lengths.sum()), dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for i, (a, b) in enumerate(zip(starts, stops, strict=True)):
-        o = offsets[i]
-        values[o] = cls_id
-        values[o + 1 : o + 1 + (b - a)] = flat[a:b]
-        values[o + 1 + (b - a)] = sep_id
-    return _from_blocks(values, offsets)
+    rows = (row["input_ids"] for row in tokenized)
+    return pack_token_rows(
+        rows, block_len, keep_remainder=keep_remainder, wrap=wrap, where=where, what=what
+    )
 
 
 def _pad(features: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +240,7 @@ class LossEvaluator:
     of batches masked once with a fixed seed, so every evaluation sees the same masks.
     """
 
-    def __init__(self, batches: list[dict[str, torch.Tensor]], *, causal: bool):
+    def __init__(self, batches: Sequence[dict[str, torch.Tensor]], *, causal: bool):
         self.batches = batches
         self.causal = causal
 
@@ -275,9 +272,32 @@ class LossEvaluator:
         }
 
 
-def eval_batches(
-    blocks: datasets.Dataset, collate: Any, batch_size: int
-) -> list[dict[str, torch.Tensor]]:
-    """Collate ``blocks`` once into a fixed list of batches (in order)."""
-    rows = list(blocks)
-    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+class EvalBatches(Sequence[dict[str, torch.Tensor]]):
+    """The fixed batches of ``blocks``, collated when read rather than held: a validation set
+    of a large corpus would not fit in memory as tensors. Batch ``i`` is always built the same
+    way: a collator with a ``batch_serial`` (MLM masking) is set to ``i`` first, so its masks
+    are those of an in-order pass, identical at every evaluation."""
+
+    def __init__(self, blocks: Any, collate: Any, batch_size: int):
+        self.blocks = blocks
+        self.collate = collate
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return (len(self.blocks) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        stop = min(len(self.blocks), (index + 1) * self.batch_size)
+        rows = [self.blocks[i] for i in range(index * self.batch_size, stop)]
+        if hasattr(self.collate, "batch_serial"):
+            self.collate.batch_serial = index
+        return self.collate(rows)
+
+
+def eval_batches(blocks: Any, collate: Any, batch_size: int) -> EvalBatches:
+    """The batches of ``blocks`` in order (collated lazily, see ``EvalBatches``)."""
+    return EvalBatches(blocks, collate, batch_size)

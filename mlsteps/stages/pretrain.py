@@ -1,7 +1,7 @@
 """The `pretrain` stage: causal-LM or masked-LM pretraining, from scratch or continued.
 
-Documents are tokenised once (``datasets.map``, cached under ``ctx.cache_dir`` for file data),
-packed into fixed-length blocks, and trained through ``engine.training.train``. Validation loss is
+Documents are tokenised and packed shard by shard into a memory-mapped block file, cached by
+content (``engine.packing``, ``mlsteps.cache``; memory does not grow with the corpus), and trained through ``engine.training.train``. Validation loss is
 token-weighted (ΣNLL / Σscored tokens over the whole validation set), so the perplexity reported
 is exp of that, never a mean of batch perplexities. ``final/`` holds model + tokenizer, loadable as
 is by ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer``.
@@ -17,7 +17,7 @@ from transformers import set_seed
 from mlsteps import distributed
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
-from mlsteps.engine import lm_data
+from mlsteps.engine import lm_data, packing
 from mlsteps.engine.data import TEXT_COLUMN, load_text, split_validation
 from mlsteps.engine.modeling import (
     build_model,
@@ -118,7 +118,7 @@ def _pack(
     *,
     train_split: bool,
     set_name: str = "",
-) -> datasets.Dataset:
+) -> packing.PackedBlocks:
     field = "data" if train_split or spec.validation is None else "validation"
     where = f"stages.{ctx.stage}.{field}" + (f".{set_name}" if set_name else "")
     if spec.objective == "clm":
@@ -129,15 +129,19 @@ def _pack(
     else:
         end_id = tokenizer.sep_token_id
         wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id)
-    tokenized = lm_data.tokenize_documents(ds, tokenizer, TEXT_COLUMN, end_id=end_id)
-    return lm_data.pack_blocks(
-        tokenized,
-        spec.max_seq_len,
+    # Shard by shard into a memory-mapped block file, through the packed-data cache.
+    return packing.pack_corpus(
+        ds,
+        tokenizer,
+        TEXT_COLUMN,
+        end_id=end_id,
+        block_len=spec.max_seq_len,
         # Validation keeps its tail: every held-out token should be scored.
         keep_remainder=spec.keep_remainder or not train_split,
         wrap=wrap,
         where=where,
         what="training text" if train_split else "validation text",
+        log=ctx.log,
     )
 
 
@@ -209,7 +213,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     metrics["parameters"] = n_params
     metrics.update(loaded_metrics(model, spec))
     metrics["train_blocks"] = len(train_blocks)
-    metrics["train_tokens_per_epoch"] = sum(len(b) for b in train_blocks["input_ids"])
+    metrics["train_tokens_per_epoch"] = train_blocks.n_tokens
     # Token ids that never occur in training learn nothing about their meaning (see
     # freeze_unseen_tokens): a later stage that needs many of them is better served by more data.
     metrics["train_vocab_coverage"] = len(seen) / vocab_size
@@ -245,8 +249,8 @@ def _freeze_unseen(model: Any, tokenizer: Any, seen: Any, ctx: StageContext) -> 
 
 def _unigram_check(
     metrics: dict[str, Any],
-    train_blocks: datasets.Dataset,
-    val_blocks: datasets.Dataset,
+    train_blocks: packing.PackedBlocks,
+    val_blocks: packing.PackedBlocks,
     tokenizer: Any,
     vocab_size: int,
     ctx: StageContext,

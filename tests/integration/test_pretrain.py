@@ -329,11 +329,11 @@ def test_packing_clm_and_mlm() -> None:
         {"input_ids": [[1, 2, 3, 9], [4, 5, 9], [6, 7, 8, 10, 11, 9]]}
     )
     blocks = lm_data.pack_blocks(docs, 4, keep_remainder=False, where="w")
-    assert [list(b) for b in blocks["input_ids"]] == [[1, 2, 3, 9], [4, 5, 9, 6], [7, 8, 10, 11]]
+    assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 9], [4, 5, 9, 6], [7, 8, 10, 11]]
     kept = lm_data.pack_blocks(docs, 5, keep_remainder=True, where="w")
-    assert [list(b) for b in kept["input_ids"]] == [[1, 2, 3, 9, 4], [5, 9, 6, 7, 8], [10, 11, 9]]
+    assert [b["input_ids"] for b in kept] == [[1, 2, 3, 9, 4], [5, 9, 6, 7, 8], [10, 11, 9]]
     mlm = lm_data.pack_blocks(docs, 6, keep_remainder=False, wrap=(100, 101), where="w")
-    assert [list(b) for b in mlm["input_ids"]] == [
+    assert [b["input_ids"] for b in mlm] == [
         [100, 1, 2, 3, 9, 101],
         [100, 4, 5, 9, 6, 101],
         [100, 7, 8, 10, 11, 101],
