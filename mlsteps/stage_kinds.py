@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlsteps.errors import UserError
+from mlsteps.specs.common import ENCODER_ONLY_FAMILIES
 from mlsteps.specs.evaluate import FITS, LABELS, LM_EVAL_KINDS
 
-_ENCODER_ONLY = ("bert", "roberta")
+_ENCODER_ONLY = ENCODER_ONLY_FAMILIES
 _ENCODER_DECODER = ("t5", "bart")
 _KIND_NAMES = {
     "clm": "a causal LM",

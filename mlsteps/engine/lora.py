@@ -19,6 +19,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "modernbert": ["Wqkv", "Wo"],
     "t5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
 }

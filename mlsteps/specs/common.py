@@ -489,11 +489,18 @@ class TrainSpec(Strict):
         return out
 
 
+# Families built without a causal mask: they do MLM and classification, never CLM.
+ENCODER_ONLY_FAMILIES = ("bert", "roberta", "modernbert")
+
+
 class ArchSpec(Strict):
     """A model built from scratch from a transformers config (vocab size comes from the tokenizer)."""
 
-    family: Literal["gpt2", "llama", "bert", "roberta", "t5", "bart"] = Field(
-        ..., description="Model family (transformers config class)."
+    family: Literal["gpt2", "llama", "bert", "roberta", "modernbert", "t5", "bart"] = Field(
+        ...,
+        description="Model family (transformers config class). For masked-LM pretraining prefer "
+        "modernbert (pre-norm, rotary positions): a small bert sits on the token-frequency "
+        "plateau for thousands of steps (docs/quickstart.md).",
     )
     n_layers: PositiveInt = Field(2, description="Number of transformer layers (per stack).")
     hidden_size: PositiveInt = Field(64, description="Model width d_model.")

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from mlsteps.specs.common import (
+    ENCODER_ONLY_FAMILIES,
     ArchSpec,
     Bool,
     DataSources,
@@ -125,7 +126,7 @@ class PretrainSpec(Strict):
                 "a new model needs a 'tokenizer' (a tokenizer stage, directory or hub id)"
             )
         if self.model is not None:
-            encoder_only = self.model.family in ("bert", "roberta")
+            encoder_only = self.model.family in ENCODER_ONLY_FAMILIES
             if self.objective == "clm" and encoder_only:
                 raise ValueError(
                     f"objective clm needs a decoder family (gpt2, llama), not {self.model.family}"

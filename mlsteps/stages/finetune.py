@@ -55,11 +55,19 @@ from mlsteps.engine.modeling import (
 )
 from mlsteps.engine.training import save_final, train
 from mlsteps.errors import UserError
+from mlsteps.specs.common import ENCODER_ONLY_FAMILIES
 from mlsteps.specs.finetune import FinetuneSpec
 
 # Model types without a causal-LM head worth training: AutoModelForCausalLM would give them a
 # "decoder" head on top of a bidirectional encoder, which silently learns to copy.
-_ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2"}
+_ENCODER_ONLY = {
+    *ENCODER_ONLY_FAMILIES,
+    "xlm-roberta",
+    "distilbert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+}
 
 
 @dataclass
