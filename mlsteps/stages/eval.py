@@ -36,6 +36,7 @@ from mlsteps.distributed import (
     shard_indices,
 )
 from mlsteps.errors import UserError, did_you_mean
+from mlsteps.metrics import table
 from mlsteps.specs.common import GenerationSpec
 
 # The metric families and the model kinds they fit live with the recipe models: `validate`
@@ -199,77 +200,109 @@ def _score_model(
     metrics: list[str],
     data: dict[str, Any],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics of one loaded model, and its prediction records (empty when it predicts nothing)."""
-    from mlsteps.metrics import classification, perplexity
+    """Metrics of one loaded model, and its prediction records (empty when it predicts nothing).
+    Each option family of the metric table has one scorer below, run in _SCORERS' order."""
+    out: dict[str, Any] = {}
+    records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
+    predicted = False
+    job = _Job(spec, ctx, loaded, rows, data, records)
+    for family, scorer in _SCORERS:
+        wanted = [m for m in metrics if table.BY_NAME[m].family == family]
+        if wanted:
+            out.update(scorer(job, wanted))
+            predicted |= family in ("generation", "labels")
+    return out, records if predicted else []
+
+
+class _Job:
+    """What every family scorer reads: one loaded model on the eval rows."""
+
+    def __init__(self, spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any,
+                 data: dict[str, Any], records: list[dict[str, Any]]) -> None:  # fmt: skip
+        self.spec, self.ctx, self.loaded, self.rows = spec, ctx, loaded, rows
+        self.data, self.records = data, records
+        self.where = f"stages.{ctx.stage}.metrics"
+
+
+def _score_perplexity(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    res = _causal_perplexity(job.spec, job.loaded, job.data["text"], job.where)
+    return {
+        "perplexity": res.perplexity,
+        "bits_per_byte": res.bits_per_byte,
+        "word_perplexity": res.word_perplexity,
+        "perplexity_tokens": res.scored_tokens,
+        "perplexity_convention": res.convention,
+    }
+
+
+def _score_masked(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    ppl, out = job.spec.perplexity, {}
+    for name in ("masked_perplexity", "pseudo_perplexity"):  # the order of metrics.json
+        if name not in wanted:
+            continue
+        options = {"mask_seed": ppl.mask_seed, "mask_fraction": ppl.mask_fraction}
+        res = table.compute_function(name)(
+            job.loaded.model,
+            job.loaded.tokenizer,
+            job.data["text"],
+            **(options if name == "masked_perplexity" else {}),
+            window_tokens=ppl.window,
+            batch_size=ppl.batch_size,
+            where=job.where,
+        )
+        out.update({name: res.perplexity, f"{name}_convention": res.convention})
+    return out
+
+
+def _score_response(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    refs = job.data["references"]
+    return dict(_response_perplexity(job.spec, job.ctx, job.loaded, job.rows, refs).metrics())
+
+
+def _score_preference(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    scores = table.compute_function("preference_accuracy")
+    return dict(scores(job.loaded, job.data["pairs"], job.spec.generation.batch_size, job.where))
+
+
+def _score_generation(job: _Job, wanted: list[str]) -> dict[str, Any]:
     from mlsteps.metrics.generated import score_texts
 
-    where = f"stages.{ctx.stage}.metrics"
-    out: dict[str, Any] = {}
-    ppl = spec.perplexity
-    if "perplexity" in metrics:
-        res = _causal_perplexity(spec, loaded, data["text"], where)
-        out.update(
-            perplexity=res.perplexity,
-            bits_per_byte=res.bits_per_byte,
-            word_perplexity=res.word_perplexity,
-            perplexity_tokens=res.scored_tokens,
-            perplexity_convention=res.convention,
-        )
-    if "masked_perplexity" in metrics:
-        res = perplexity.masked_lm_perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            data["text"],
-            mask_seed=ppl.mask_seed,
-            mask_fraction=ppl.mask_fraction,
-            window_tokens=ppl.window,
-            batch_size=ppl.batch_size,
-            where=where,
-        )
-        out.update(masked_perplexity=res.perplexity, masked_perplexity_convention=res.convention)
-    if "pseudo_perplexity" in metrics:
-        res = perplexity.pseudo_perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            data["text"],
-            window_tokens=ppl.window,
-            batch_size=ppl.batch_size,
-            where=where,
-        )
-        out.update(pseudo_perplexity=res.perplexity, pseudo_perplexity_convention=res.convention)
-    if "response_perplexity" in metrics:
-        out.update(_response_perplexity(spec, ctx, loaded, rows, data["references"]).metrics())
-    if "preference_accuracy" in metrics:
-        from mlsteps.metrics.preference import ladder_scores
+    spec, ctx, loaded = job.spec, job.ctx, job.loaded
+    inputs = _inputs(spec, job.rows, loaded.prompter, f"stages.{ctx.stage}.data", loaded)
+    ctx.log(f"generating {len(inputs)} outputs")
+    preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
+    post = getattr(loaded.prompter, "postprocess", None)
+    preds = [post(p) for p in preds] if post else preds
+    refs = job.data["references"]
+    out = score_texts(preds, refs, wanted, target_lang=spec.target_lang, where=job.where)
+    for rec, src, pred, ref in zip(job.records, inputs, preds, refs, strict=True):
+        rec.update(input=src, prediction=pred, reference=ref)
+    return out
 
-        out.update(ladder_scores(loaded, data["pairs"], spec.generation.batch_size, where))
-    records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
-    gen = [m for m in metrics if m in GENERATION]
-    if gen:
-        inputs = _inputs(spec, rows, loaded.prompter, f"stages.{ctx.stage}.data", loaded)
-        ctx.log(f"generating {len(inputs)} outputs")
-        preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
-        post = getattr(loaded.prompter, "postprocess", None)
-        preds = [post(p) for p in preds] if post else preds
-        refs = data["references"]
-        out.update(score_texts(preds, refs, gen, target_lang=spec.target_lang, where=where))
-        for rec, src, pred, ref in zip(records, inputs, preds, refs, strict=True):
-            rec.update(input=src, prediction=pred, reference=ref)
-    labels_wanted = [m for m in metrics if m in LABELS]
-    if labels_wanted:
-        shown, predicted = _predict_labels(spec, ctx, loaded, rows)
-        gold = data["labels"]
-        if "accuracy" in labels_wanted:
-            out["accuracy"] = classification.accuracy(predicted, gold, where=where)
-        if "f1" in labels_wanted:
-            out["f1"] = classification.macro_f1(predicted, gold, where=where)
-            out["f1_convention"] = (
-                "macro-F1 over classes seen in gold or predictions; labels compared as text"
-            )
-        for rec, src, pred, g in zip(records, shown, predicted, gold, strict=True):
-            rec.setdefault("input", src)
-            rec.update(predicted_label=pred, label=g)
-    return out, records if (gen or labels_wanted) else []
+
+def _score_labels(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    from mlsteps.metrics.generated import LABEL_METRICS, score_labels
+
+    shown, predicted = _predict_labels(job.spec, job.ctx, job.loaded, job.rows)
+    gold = job.data["labels"]
+    ordered = [m for m in LABEL_METRICS if m in wanted]
+    out = score_labels(predicted, gold, ordered, where=job.where)
+    for rec, src, pred, g in zip(job.records, shown, predicted, gold, strict=True):
+        rec.setdefault("input", src)
+        rec.update(predicted_label=pred, label=g)
+    return out
+
+
+# Family scorers in the order their keys appear in metrics.json (generation before labels: a
+# label record keeps the generation input when both run).
+_SCORERS = (
+    ("perplexity", _score_perplexity),
+    ("masked", _score_masked),
+    ("response", _score_response),
+    ("preference", _score_preference),
+    ("generation", _score_generation),
+    ("labels", _score_labels),
+)
 
 
 def generate_for(
