@@ -20,14 +20,15 @@ import hashlib
 import json
 import os
 import random
-import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from mlsteps import templates
 from mlsteps.errors import UserError, did_you_mean
+from mlsteps.templates import TemplateFormat
 
 PROMPT_FILE = "mlsteps_prompt.json"
 # Trained with peft; the hard-prompt methods (zero_shot, few_shot) have no weights of their own.
@@ -36,8 +37,6 @@ FORMAT_VERSION = 1
 # Contextual calibration (Zhao et al. 2021) averages the label distribution over these inputs.
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
-TemplateFormat = Literal["format", "jinja"]
-
 
 # --------------------------------------------------------------------------------------------
 # Templates
@@ -45,65 +44,21 @@ TemplateFormat = Literal["format", "jinja"]
 
 
 def resolve_format(template: str, template_format: str = "auto") -> TemplateFormat:
-    """'auto' means Jinja2 when the template contains '{{' or '{%', else Python format fields."""
-    if template_format == "auto":
-        return "jinja" if ("{{" in template or "{%" in template) else "format"
-    if template_format not in ("format", "jinja"):
-        raise UserError(
-            f"unknown template format {template_format!r}", hint="use auto, format or jinja"
-        )
-    return template_format  # type: ignore[return-value]
-
-
-def _jinja_env() -> Any:
-    # Sandboxed: a recipe template must not reach Python internals; StrictUndefined so that a
-    # misspelled variable is an error instead of silently rendering as "".
-    from jinja2 import StrictUndefined
-    from jinja2.sandbox import SandboxedEnvironment
-
-    return SandboxedEnvironment(
-        undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False
-    )
+    """'auto' means Jinja2 when the template contains '{{' or '{%', else format fields."""
+    try:
+        return templates.resolve_format(template, template_format)
+    except templates.TemplateError as exc:
+        raise UserError(str(exc), hint=exc.hint) from None
 
 
 def template_fields(
     template: str, template_format: str = "auto", *, where: str | None = None
 ) -> list[str]:
     """Column names a template reads, sorted. Syntax errors are UserErrors."""
-    fmt = resolve_format(template, template_format)
-    if fmt == "jinja":
-        import jinja2
-        from jinja2 import meta
-
-        try:
-            ast = _jinja_env().parse(template)
-        except jinja2.TemplateSyntaxError as exc:
-            raise UserError(
-                f"invalid Jinja2 template (line {exc.lineno}): {exc.message}", where=where
-            ) from None
-        return sorted(meta.find_undeclared_variables(ast))
-    names: set[str] = set()
     try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise UserError(
-            f"invalid template: {exc}",
-            where=where,
-            hint="write a literal brace as '{{' / '}}' and set template_format: format",
-        ) from None
-    for _literal, name, _spec, _conv in parsed:
-        if name is None:
-            continue
-        # "{row.attr}" / "{row[0]}" read the column "row".
-        root = name.split(".", 1)[0].split("[", 1)[0]
-        if not root or root.isdigit():
-            raise UserError(
-                f"template field {{{name}}} is positional",
-                where=where,
-                hint="name a column, e.g. '{source}'",
-            )
-        names.add(root)
-    return sorted(names)
+        return sorted(templates.template_fields(template, template_format))
+    except templates.TemplateError as exc:
+        raise UserError(str(exc), where=where, hint=exc.hint) from None
 
 
 def check_template_columns(
@@ -139,24 +94,16 @@ def render_template(
 
 
 class _Renderer:
+    """templates.Renderer with the errors as UserErrors at ``where``."""
+
     def __init__(self, template: str, fmt: TemplateFormat):
-        self.template = template
-        self.fmt = fmt
-        self._jinja = _jinja_env().from_string(template) if fmt == "jinja" else None
+        self._inner = templates.Renderer(template, fmt)
 
     def render(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
         try:
-            if self._jinja is not None:
-                return str(self._jinja.render(**row))
-            return self.template.format_map(row)
-        except KeyError as exc:
-            missing = exc.args[0] if exc.args else "?"
-            raise UserError(
-                f"template field '{missing}' is not a column; the row has: {', '.join(row)}",
-                where=where,
-            ) from None
-        except Exception as exc:  # jinja2.UndefinedError and friends, bad format specs
-            raise UserError(f"cannot render template: {exc}", where=where) from None
+            return self._inner.render(row)
+        except templates.TemplateError as exc:
+            raise UserError(str(exc), where=where, hint=exc.hint) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mlsteps.metrics import table
 from mlsteps.report_data import failed_attempt, load_run
 from mlsteps.report_plots import loss_label, plot_comparison, plot_curves, read_metrics_log
 from mlsteps.report_text import (
@@ -43,16 +44,9 @@ LM_EVAL_NOTE = (
 _CONVENTION_SUFFIXES = ("_convention", "_signature", "_note", "_tokenizer")
 # ``key_error`` explains why ``key`` is null (a non-finite value); shown in key's cell.
 _ERROR_SUFFIX = "_error"
-# Direction of each ladder metric, to mark the best model per column.
-HIGHER_IS_BETTER = frozenset(
-    {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "token_f1",
-     "accuracy", "f1", "macro_f1"}
-)  # fmt: skip
-LOWER_IS_BETTER = frozenset(
-    {"perplexity", "word_perplexity", "bits_per_byte", "ter", "masked_perplexity",
-     "pseudo_perplexity", "response_perplexity", "response_bits_per_byte",
-     "response_word_perplexity"}
-)  # fmt: skip
+# Direction of each ladder metric, to mark the best model per column (the metric table's).
+HIGHER_IS_BETTER = frozenset(k for k, c in table.COLUMNS.items() if c.better == "max")
+LOWER_IS_BETTER = frozenset(k for k, c in table.COLUMNS.items() if c.better == "min")
 # Ladder columns left out of the terminal table (still in report.md): detail, or a near-duplicate.
 _TERMINAL_HIDDEN = frozenset(
     {"perplexity_tokens", "word_perplexity", "rougeLsum", "bits_per_byte",

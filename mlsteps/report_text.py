@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from mlsteps.metrics import table
+
 # Metrics stored on 0-1 (rouge-score, accuracy, F1, exact match; metrics.json keeps that scale)
 # are shown x100 in stage ladders, next to sacrebleu's 0-100 BLEU/chrF/TER: one scale per table.
-PERCENT_SCALED = frozenset(
-    {"rouge1", "rouge2", "rougeL", "rougeLsum", "accuracy", "f1", "macro_f1", "exact_match",
-     "token_f1", "preference_accuracy", "preference_accuracy_normalized"}
-)  # fmt: skip
+PERCENT_SCALED = frozenset(k for k in table.COLUMNS if table.percent_scaled(k))
 LADDER_SCALE_NOTE = (
     "scale: every score is on 0-100 (BLEU, chrF, TER as sacrebleu reports them; ROUGE, "
     "accuracy, F1, exact match, token F1 and preference accuracy x100 here, stored on 0-1 in "

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsteps.errors import UserError, did_you_mean
-from mlsteps.metrics.generated import TEXT_METRICS
-
-LABEL_METRICS = ("accuracy", "f1")
+from mlsteps.metrics.generated import LABEL_METRICS, TEXT_METRICS
 
 
 def read_column(path: Path, field: str, *, what: str) -> list[Any]:
@@ -73,21 +71,15 @@ def score(
 ) -> dict[str, Any]:
     """The eval stage's scores of ``predictions`` against ``references`` (per row a string or a
     list of strings). Mismatched counts and empty inputs are errors, as in the eval stage."""
-    from mlsteps.metrics import classification
-    from mlsteps.metrics.generated import score_texts
+    from mlsteps.metrics.generated import score_labels, score_texts
 
     out: dict[str, Any] = {"rows": len(predictions)}
     texts = [m for m in metrics if m in TEXT_METRICS]
     out.update(score_texts(predictions, references, texts, target_lang=target_lang, where=where))
     # Labels: one reference per row (a list of one, from several files of one each, is unwrapped).
     labels = [r[0] if isinstance(r, list) and len(r) == 1 else r for r in references]
-    if "accuracy" in metrics:
-        out["accuracy"] = classification.accuracy(predictions, labels, where=where)
-    if "f1" in metrics:
-        out["f1"] = classification.macro_f1(predictions, labels, where=where)
-        out["f1_convention"] = (
-            "macro-F1 over classes seen in gold or predictions; labels compared as text"
-        )
+    wanted = [m for m in LABEL_METRICS if m in metrics]
+    out.update(score_labels(predictions, labels, wanted, where=where))
     return out
 
 

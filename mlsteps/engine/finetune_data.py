@@ -7,7 +7,7 @@ stage writes anything. Tokenised datasets keep only model inputs (``input_ids``,
 
 from __future__ import annotations
 
-import re
+import functools
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -17,21 +17,25 @@ import datasets
 import torch
 
 from mlsteps.errors import UserError
-from mlsteps.specs.finetune import TEMPLATE_RE, FinetuneSpec, template_fields
+from mlsteps.specs.finetune import FinetuneSpec, template_fields
+from mlsteps.templates import Renderer, TemplateError
 
 IGNORE_INDEX = -100  # label value the transformers losses skip
 
 
-def render_template(template: str, values: dict[str, str]) -> str:
-    """Fill ``{column}`` placeholders from ``values``; ``{{``/``}}`` become single braces."""
+@functools.lru_cache(maxsize=8)
+def _renderer(template: str, template_format: str) -> Renderer:
+    return Renderer(template, template_format)  # one compile per template, not per row
 
-    def fill(match: re.Match[str]) -> str:
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            return token[0]
-        return values[match.group(1)]
 
-    return TEMPLATE_RE.sub(fill, template)
+def render_template(
+    template: str, values: dict[str, Any], template_format: str = "auto", *, where: str = ""
+) -> str:
+    """The one renderer of mlsteps/templates.py (also eval/predict's, via mlsteps_prompt.json)."""
+    try:
+        return _renderer(template, template_format).render(values)
+    except TemplateError as exc:
+        raise UserError(str(exc), where=where, hint=exc.hint) from None
 
 
 def required_columns(spec: FinetuneSpec) -> list[str]:
@@ -43,7 +47,11 @@ def required_columns(spec: FinetuneSpec) -> list[str]:
         return [spec.source_column, spec.target_column]
     if spec.task == "chat":
         return [spec.messages_column]
-    prompt_cols = template_fields(spec.template) if spec.template else [spec.prompt_column]
+    prompt_cols = (
+        template_fields(spec.template, spec.template_format)
+        if spec.template
+        else [spec.prompt_column]
+    )
     return prompt_cols + [c for c in [spec.response_column] if c not in prompt_cols]
 
 
@@ -279,11 +287,12 @@ def sft_prompt(row: dict[str, Any], spec: FinetuneSpec, *, index: int, where: st
     """The prompt text of one row: the template filled from the row, or the prompt column."""
     if spec.template is None:
         return as_text(row[spec.prompt_column], column=spec.prompt_column, row=index, where=where)
-    values = {
-        name: as_text(row[name], column=name, row=index, where=where)
-        for name in template_fields(spec.template)
-    }
-    return render_template(spec.template, values)
+    fields = template_fields(spec.template, spec.template_format)
+    if _renderer(spec.template, spec.template_format).fmt == "jinja":
+        values = {name: row[name] for name in fields}  # Jinja sees the cells as they are
+    else:
+        values = {name: as_text(row[name], column=name, row=index, where=where) for name in fields}
+    return render_template(spec.template, values, spec.template_format, where=where)
 
 
 def split_trailing_spaces(prompt: str) -> tuple[str, str]:

@@ -17,8 +17,9 @@ from mlsteps.engine.finetune_data import as_text, split_trailing_spaces
 from mlsteps.engine.generation import generate
 from mlsteps.metrics import classification as cls_metrics
 from mlsteps.metrics import text as text_metrics
-from mlsteps.prompting import PROMPT_FILE, Prompter, prompt_file
-from mlsteps.specs.finetune import FinetuneSpec, template_fields
+from mlsteps.prompting import Prompter, prompt_file
+from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.templates import Renderer, TemplateFormat
 from mlsteps.text_io import atomic_write_jsonl
 
 
@@ -132,39 +133,26 @@ def prompter_json(
     """``{mlsteps_prompt.json: text}`` for final/ when training built inputs with a template or
     source_prefix, so that eval and predict build them the same way; else ``{}``.
 
-    Skipped, with a log line, when the input cannot be written as a Python format template:
-    column names that are not identifiers ("Hi.") or list-valued columns (training joins their
-    items; a format template would print the list).
+    Always written then: eval/predict render the template with the very renderer training used
+    (mlsteps/templates.py), odd column names ("Hi.") and list-valued columns included.
     """
     separator = ""
+    fmt: TemplateFormat = "format"
     if spec.task == "seq2seq" and spec.source_prefix:
         escaped = spec.source_prefix.replace("{", "{{").replace("}", "}}")
-        template, fields = f"{escaped}{{{spec.source_column}}}", [spec.source_column]
-        target = spec.target_column
+        template, target = f"{escaped}{{{spec.source_column}}}", spec.target_column
     elif spec.task == "causal_lm" and spec.template:
-        fields, target = template_fields(spec.template), spec.response_column
+        target = spec.response_column
+        fmt = Renderer(spec.template, spec.template_format).fmt
         # Trailing spaces belong to the answer side, as in training (split_trailing_spaces).
         template, separator = split_trailing_spaces(spec.template)
     else:
         return {}  # the raw input column is the model input: eval's input_column says it all
-    lists = [
-        f
-        for f in fields
-        if isinstance(rows.features[f], list)
-        or type(rows.features[f]).__name__ in ("List", "LargeList", "Sequence")
-    ]
-    odd = [f for f in fields if not f.isidentifier()]
-    if lists or odd:
-        ctx.log(
-            f"final/ gets no {PROMPT_FILE}: column(s) {', '.join(sorted(set(lists + odd)))} cannot "
-            "be rendered by eval/predict templates; give eval/predict the prompt text directly"
-        )
-        return {}
     adapter = spec.method == "lora" and not spec.merge
     prompter = Prompter(
         method="finetune",
         template=template,
-        template_format="format",
+        template_format=fmt,
         answer_separator=separator,
         target_column=target,
         base_model=source if adapter and source else "",

@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from mlsteps.metrics import table
 from mlsteps.specs.common import (
     Bool,
     DataSpec,
@@ -26,39 +27,23 @@ from mlsteps.specs.loading import (
     model_dtype_field,
 )
 
-METRICS = (
-    "perplexity",
-    "response_perplexity",
-    "masked_perplexity",
-    "pseudo_perplexity",
-    "bleu",
-    "chrf",
-    "ter",
-    "rouge",
-    "accuracy",
-    "f1",
-    "exact_match",
-    "token_f1",
-    "preference_accuracy",
-)
+# Names, families and fitting model kinds come from the one metric table (torch-free).
+METRICS = table.NAMES
 
 # Metric families: which columns and option blocks each one reads.
-PERPLEXITY = frozenset({"perplexity"})
-RESPONSE = frozenset({"response_perplexity"})
-MASKED = frozenset({"masked_perplexity", "pseudo_perplexity"})
-GENERATION = frozenset({"bleu", "chrf", "ter", "rouge", "exact_match", "token_f1"})
-LABELS = frozenset({"accuracy", "f1"})
-PREFERENCE = frozenset({"preference_accuracy"})
+PERPLEXITY = table.family("perplexity")
+RESPONSE = table.family("response")
+MASKED = table.family("masked")
+GENERATION = table.family("generation")
+LABELS = table.family("labels")
+PREFERENCE = table.family("preference")
 # The metrics each model kind can be scored with (the eval stage and `validate` both check it).
 FITS: dict[str, frozenset[str]] = {
-    "clm": PERPLEXITY | RESPONSE | GENERATION | PREFERENCE,
-    "seq2seq": RESPONSE | GENERATION,
-    "mlm": MASKED,
-    "classification": LABELS,
+    kind: table.fitting(kind) for kind in ("clm", "seq2seq", "mlm", "classification")
 }
 
 # Metrics whose tokenisation follows target_lang.
-LANGUAGE = frozenset({"bleu", "ter", "rouge"})
+LANGUAGE = frozenset(m.name for m in table.TABLE if m.language)
 
 
 class PerplexitySpec(Strict):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -31,26 +30,17 @@ from mlsteps.specs.loading import (
 )
 from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
 
-# {{ and }} are literal braces; any other text between single braces names a column (so that
-# column names such as "Hi." from a headerless TSV work, unlike str.format fields).
-TEMPLATE_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 
+def template_fields(template: str, template_format: str = "auto") -> list[str]:
+    """Column names a template reads, in order, without duplicates (ValueError if malformed):
+    the one template language of mlsteps/templates.py, shared with the prompt stage."""
+    from mlsteps.templates import TemplateError
+    from mlsteps.templates import template_fields as fields
 
-def template_fields(template: str) -> list[str]:
-    """Column names a template refers to, in order, without duplicates (ValueError if malformed)."""
-    names: list[str] = []
-    for match in TEMPLATE_RE.finditer(template):
-        name = match.group(1)
-        if name is None:
-            continue
-        if not name:
-            raise ValueError("template has an empty field '{}'; name a column, e.g. {source}")
-        if name not in names:
-            names.append(name)
-    rest = TEMPLATE_RE.sub("", template)
-    if "{" in rest or "}" in rest:
-        raise ValueError("template has an unmatched brace; write {{ and }} for literal braces")
-    return names
+    try:
+        return fields(template, template_format)
+    except TemplateError as exc:
+        raise ValueError(f"template: {exc}" + (f"; {exc.hint}" if exc.hint else "")) from None
 
 
 _TASK_FIELDS = {
@@ -58,7 +48,8 @@ _TASK_FIELDS = {
                        "max_seq_len"),
     "seq2seq": ("source_column", "target_column", "source_prefix", "max_source_len",
                 "max_target_len", "generation", "target_lang", "validation_max_samples"),
-    "causal_lm": ("prompt_column", "response_column", "template", "packing", "max_seq_len",
+    "causal_lm": ("prompt_column", "response_column", "template", "template_format", "packing",
+                  "max_seq_len",
                   "generation", "target_lang", "validation_max_samples"),
     "chat": ("messages_column", "chat_template", "packing", "max_seq_len", "generation",
              "target_lang", "validation_max_samples"),
@@ -124,10 +115,16 @@ class FinetuneSpec(Strict):
     )
     template: str | None = Field(
         None,
-        description="causal_lm: prompt built from row columns: each {column} is replaced by "
-        "that column's text ({{ and }} are literal braces), e.g. "
-        "'Translate: {source}\\nAnswer: '. The response (+ EOS) is appended; trailing spaces "
-        "move to the response side; list-valued columns are joined with spaces.",
+        description="causal_lm: prompt built from row columns, in the prompt stage's template "
+        "language: each {column} is replaced by that column's text, e.g. "
+        "'Translate: {source}\\nAnswer: ' (list-valued columns joined with spaces), or Jinja2 "
+        "('{{ source }}'). The response (+ EOS) is appended; trailing spaces move to the "
+        "response side. Saved into final/'s mlsteps_prompt.json for eval and predict.",
+    )
+    template_format: Literal["auto", "format", "jinja"] = Field(
+        "auto",
+        description="causal_lm: template syntax; 'auto' detects Jinja2 by '{{' or '{%'. Set "
+        "format to write literal braces as {{ and }} (docs/templates.md).",
     )
     messages_column: str = Field(
         "messages",
@@ -234,7 +231,7 @@ class FinetuneSpec(Strict):
         if self.template is not None:
             if self.task != "causal_lm":
                 raise ValueError("'template' only applies to task causal_lm")
-            if not template_fields(self.template):
+            if not template_fields(self.template, self.template_format):
                 raise ValueError(
                     "'template' names no column, e.g. 'Question: {question}\\nAnswer: '"
                 )

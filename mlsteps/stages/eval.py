@@ -18,6 +18,9 @@ Metric families and the models they fit:
   verbalizer (rank classification by the likelihood of each verbalizer word), on
   ``input_column`` against ``label_column``.
 
+The names, families, fitting model kinds, directions and scales come from the metric table
+(metrics/table.py); stages/eval_scoring.py scores one loaded model family by family.
+
 Generated text and predicted labels go to ``predictions.jsonl``: one line per model and row,
 models in the order listed, rows in input order, each with a ``model`` field.
 """
@@ -32,7 +35,6 @@ from mlsteps.distributed import (
     all_gather_object,
     is_distributed,
     is_main,
-    map_sharded,
     shard_indices,
 )
 from mlsteps.errors import UserError, did_you_mean
@@ -191,87 +193,6 @@ def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str, loaded: Any = 
     return [prompter.render(row, where=where) for row in rows]
 
 
-def _score_model(
-    spec: EvalSpec,
-    ctx: StageContext,
-    loaded: Any,
-    rows: Any,
-    metrics: list[str],
-    data: dict[str, Any],
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics of one loaded model, and its prediction records (empty when it predicts nothing)."""
-    from mlsteps.metrics import classification, perplexity
-    from mlsteps.metrics.generated import score_texts
-
-    where = f"stages.{ctx.stage}.metrics"
-    out: dict[str, Any] = {}
-    ppl = spec.perplexity
-    if "perplexity" in metrics:
-        res = _causal_perplexity(spec, loaded, data["text"], where)
-        out.update(
-            perplexity=res.perplexity,
-            bits_per_byte=res.bits_per_byte,
-            word_perplexity=res.word_perplexity,
-            perplexity_tokens=res.scored_tokens,
-            perplexity_convention=res.convention,
-        )
-    if "masked_perplexity" in metrics:
-        res = perplexity.masked_lm_perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            data["text"],
-            mask_seed=ppl.mask_seed,
-            mask_fraction=ppl.mask_fraction,
-            window_tokens=ppl.window,
-            batch_size=ppl.batch_size,
-            where=where,
-        )
-        out.update(masked_perplexity=res.perplexity, masked_perplexity_convention=res.convention)
-    if "pseudo_perplexity" in metrics:
-        res = perplexity.pseudo_perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            data["text"],
-            window_tokens=ppl.window,
-            batch_size=ppl.batch_size,
-            where=where,
-        )
-        out.update(pseudo_perplexity=res.perplexity, pseudo_perplexity_convention=res.convention)
-    if "response_perplexity" in metrics:
-        out.update(_response_perplexity(spec, ctx, loaded, rows, data["references"]).metrics())
-    if "preference_accuracy" in metrics:
-        from mlsteps.metrics.preference import ladder_scores
-
-        out.update(ladder_scores(loaded, data["pairs"], spec.generation.batch_size, where))
-    records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
-    gen = [m for m in metrics if m in GENERATION]
-    if gen:
-        inputs = _inputs(spec, rows, loaded.prompter, f"stages.{ctx.stage}.data", loaded)
-        ctx.log(f"generating {len(inputs)} outputs")
-        preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
-        post = getattr(loaded.prompter, "postprocess", None)
-        preds = [post(p) for p in preds] if post else preds
-        refs = data["references"]
-        out.update(score_texts(preds, refs, gen, target_lang=spec.target_lang, where=where))
-        for rec, src, pred, ref in zip(records, inputs, preds, refs, strict=True):
-            rec.update(input=src, prediction=pred, reference=ref)
-    labels_wanted = [m for m in metrics if m in LABELS]
-    if labels_wanted:
-        shown, predicted = _predict_labels(spec, ctx, loaded, rows)
-        gold = data["labels"]
-        if "accuracy" in labels_wanted:
-            out["accuracy"] = classification.accuracy(predicted, gold, where=where)
-        if "f1" in labels_wanted:
-            out["f1"] = classification.macro_f1(predicted, gold, where=where)
-            out["f1_convention"] = (
-                "macro-F1 over classes seen in gold or predictions; labels compared as text"
-            )
-        for rec, src, pred, g in zip(records, shown, predicted, gold, strict=True):
-            rec.setdefault("input", src)
-            rec.update(predicted_label=pred, label=g)
-    return out, records if (gen or labels_wanted) else []
-
-
 def generate_for(
     loaded: Any, inputs: list[str], gen: GenerationSpec, ctx: StageContext
 ) -> list[str]:
@@ -294,30 +215,6 @@ def generate_for(
         seed=seed,
         where=f"stages.{ctx.stage}.generation",
     )
-
-
-def _predict_labels(
-    spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any
-) -> tuple[list[str], list[str]]:
-    """(model inputs, predicted labels): a classifier's arg-max, else rank classification."""
-    from mlsteps.engine.inference import predict_labels
-
-    batch = spec.generation.batch_size
-    if loaded.kind == "classification":
-        texts = require_text(rows, spec.input_column, f"stages.{ctx.stage}.data", "input_column")
-        return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
-    from mlsteps.engine.prompt_scoring import classify_prompted
-
-    prompter = loaded.prompter
-    prompts = _inputs(spec, rows, prompter, f"stages.{ctx.stage}.data")
-    # Calibrated as the prompted model says (mlsteps_prompt.json "calibration").
-    predicted = map_sharded(
-        lambda xs: classify_prompted(
-            loaded.model, loaded.tokenizer, prompter, xs, batch_size=batch
-        ),
-        prompts,
-    )
-    return prompts, predicted
 
 
 def majority_baseline(gold: list[Any], metrics: list[str], where: str) -> dict[str, Any]:
@@ -371,28 +268,6 @@ def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str
         utf8_bytes=mine.utf8_bytes,  # every rank counted all of the text
         words=mine.words,
         convention=mine.convention.replace(f"/{mine.scored_tokens} tokens", f"/{total} tokens"),
-    )
-
-
-def _response_perplexity(
-    spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any, refs: list[Any]
-) -> Any:
-    """The references given each row's prompt, rendered by ``_inputs`` as for generation."""
-    from mlsteps.metrics.classification import as_reference_lists
-    from mlsteps.metrics.response_perplexity import describe_prompt, sharded_response_perplexity
-
-    ppl, where_data = spec.perplexity, f"stages.{ctx.stage}.data"
-    return sharded_response_perplexity(
-        loaded.model,
-        loaded.tokenizer,
-        _inputs(spec, rows, loaded.prompter, where_data, loaded),
-        as_reference_lists(refs, where=where_data),
-        answer_prefix=loaded.prompter.answer_prefix if loaded.prompter is not None else "",
-        prompt_note=describe_prompt(loaded.prompter, spec.input_column),
-        window_tokens=ppl.window,
-        stride_tokens=ppl.stride,
-        batch_size=ppl.batch_size,
-        where=f"stages.{ctx.stage}.metrics",
     )
 
 
@@ -466,6 +341,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     ``{model: {metric: value}}``."""
     from mlsteps.engine.inference import inspect_source, load_for_inference
     from mlsteps.engine.modeling import loading_kwargs
+    from mlsteps.stages.eval_scoring import score_model  # imports this module's helpers
 
     base = f"stages.{ctx.stage}"
     metrics = _check_metric_names(spec.metrics, f"{base}.metrics")
@@ -503,7 +379,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
                 where=f"{base}.models.{index}",
                 loading=loading_kwargs(spec),
             )
-            scores, model_records = _score_model(spec, ctx, loaded, rows, metrics, data)
+            scores, model_records = score_model(spec, ctx, loaded, rows, metrics, data)
             ladder[label] = scores
             records += [{"model": label, **rec} for rec in model_records]
             del loaded

@@ -433,9 +433,12 @@ def test_sft_full_on_tatoeba_with_pad_eq_eos(assets: dict[str, Path], tmp_path: 
     ctx = _ctx(tmp_path)
     result = run(_sft_spec(assets), ctx)
     assert _stage_files(ctx) == {"final", "checkpoints", "metrics.jsonl", "predictions.jsonl"}
+    # The template's column "Hi." is no Python identifier: the prompt file used to be skipped.
     assert _final_files(ctx) == {
-        "config.json", "generation_config.json", "model.safetensors",
+        "config.json", "generation_config.json", "model.safetensors", "mlsteps_prompt.json",
     } | TOKENIZER_FILES  # fmt: skip
+    prompter = load_prompter(ctx.final_dir)
+    assert prompter is not None and prompter.render({"Hi.": "Run."}) == "English: Run.\nChinese:"
     losses = _logged_losses(ctx)
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
     assert "tok:zh" in result.metrics["val_bleu_signature"]

@@ -1,0 +1,171 @@
+"""The eval stage's scoring of one loaded model: one scorer per option family of the metric
+table (metrics/table.py), run in metrics.json's order, and the prediction records they fill."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlsteps.context import StageContext
+from mlsteps.distributed import map_sharded
+from mlsteps.metrics import table
+from mlsteps.specs.evaluate import EvalSpec
+from mlsteps.stages.eval import _causal_perplexity, _inputs, generate_for, require_text
+
+
+def score_model(
+    spec: EvalSpec,
+    ctx: StageContext,
+    loaded: Any,
+    rows: Any,
+    metrics: list[str],
+    data: dict[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics of one loaded model, and its prediction records (empty when it predicts nothing).
+    Each option family of the metric table has one scorer below, run in _SCORERS' order."""
+    out: dict[str, Any] = {}
+    records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
+    predicted = False
+    job = _Job(spec, ctx, loaded, rows, data, records)
+    for family, scorer in _SCORERS:
+        wanted = [m for m in metrics if table.BY_NAME[m].family == family]
+        if wanted:
+            out.update(scorer(job, wanted))
+            predicted |= family in ("generation", "labels")
+    return out, records if predicted else []
+
+
+class _Job:
+    """What every family scorer reads: one loaded model on the eval rows."""
+
+    def __init__(self, spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any,
+                 data: dict[str, Any], records: list[dict[str, Any]]) -> None:  # fmt: skip
+        self.spec, self.ctx, self.loaded, self.rows = spec, ctx, loaded, rows
+        self.data, self.records = data, records
+        self.where = f"stages.{ctx.stage}.metrics"
+
+
+def _score_perplexity(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    res = _causal_perplexity(job.spec, job.loaded, job.data["text"], job.where)
+    return {
+        "perplexity": res.perplexity,
+        "bits_per_byte": res.bits_per_byte,
+        "word_perplexity": res.word_perplexity,
+        "perplexity_tokens": res.scored_tokens,
+        "perplexity_convention": res.convention,
+    }
+
+
+def _score_masked(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    ppl, out = job.spec.perplexity, {}
+    for name in ("masked_perplexity", "pseudo_perplexity"):  # the order of metrics.json
+        if name not in wanted:
+            continue
+        options = {"mask_seed": ppl.mask_seed, "mask_fraction": ppl.mask_fraction}
+        res = table.compute_function(name)(
+            job.loaded.model,
+            job.loaded.tokenizer,
+            job.data["text"],
+            **(options if name == "masked_perplexity" else {}),
+            window_tokens=ppl.window,
+            batch_size=ppl.batch_size,
+            where=job.where,
+        )
+        out.update({name: res.perplexity, f"{name}_convention": res.convention})
+    return out
+
+
+def _score_response(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    refs = job.data["references"]
+    return dict(_response_perplexity(job.spec, job.ctx, job.loaded, job.rows, refs).metrics())
+
+
+def _score_preference(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    scores = table.compute_function("preference_accuracy")
+    return dict(scores(job.loaded, job.data["pairs"], job.spec.generation.batch_size, job.where))
+
+
+def _score_generation(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    from mlsteps.metrics.generated import score_texts
+
+    spec, ctx, loaded = job.spec, job.ctx, job.loaded
+    inputs = _inputs(spec, job.rows, loaded.prompter, f"stages.{ctx.stage}.data", loaded)
+    ctx.log(f"generating {len(inputs)} outputs")
+    preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
+    post = getattr(loaded.prompter, "postprocess", None)
+    preds = [post(p) for p in preds] if post else preds
+    refs = job.data["references"]
+    out = score_texts(preds, refs, wanted, target_lang=spec.target_lang, where=job.where)
+    for rec, src, pred, ref in zip(job.records, inputs, preds, refs, strict=True):
+        rec.update(input=src, prediction=pred, reference=ref)
+    return out
+
+
+def _score_labels(job: _Job, wanted: list[str]) -> dict[str, Any]:
+    from mlsteps.metrics.generated import LABEL_METRICS, score_labels
+
+    shown, predicted = _predict_labels(job.spec, job.ctx, job.loaded, job.rows)
+    gold = job.data["labels"]
+    ordered = [m for m in LABEL_METRICS if m in wanted]
+    out = score_labels(predicted, gold, ordered, where=job.where)
+    for rec, src, pred, g in zip(job.records, shown, predicted, gold, strict=True):
+        rec.setdefault("input", src)
+        rec.update(predicted_label=pred, label=g)
+    return out
+
+
+# Family scorers in the order their keys appear in metrics.json (generation before labels: a
+# label record keeps the generation input when both run).
+_SCORERS = (
+    ("perplexity", _score_perplexity),
+    ("masked", _score_masked),
+    ("response", _score_response),
+    ("preference", _score_preference),
+    ("generation", _score_generation),
+    ("labels", _score_labels),
+)
+
+
+def _predict_labels(
+    spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any
+) -> tuple[list[str], list[str]]:
+    """(model inputs, predicted labels): a classifier's arg-max, else rank classification."""
+    from mlsteps.engine.inference import predict_labels
+
+    batch = spec.generation.batch_size
+    if loaded.kind == "classification":
+        texts = require_text(rows, spec.input_column, f"stages.{ctx.stage}.data", "input_column")
+        return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
+    from mlsteps.engine.prompt_scoring import classify_prompted
+
+    prompter = loaded.prompter
+    prompts = _inputs(spec, rows, prompter, f"stages.{ctx.stage}.data")
+    # Calibrated as the prompted model says (mlsteps_prompt.json "calibration").
+    predicted = map_sharded(
+        lambda xs: classify_prompted(
+            loaded.model, loaded.tokenizer, prompter, xs, batch_size=batch
+        ),
+        prompts,
+    )
+    return prompts, predicted
+
+
+def _response_perplexity(
+    spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any, refs: list[Any]
+) -> Any:
+    """The references given each row's prompt, rendered by ``_inputs`` as for generation."""
+    from mlsteps.metrics.classification import as_reference_lists
+    from mlsteps.metrics.response_perplexity import describe_prompt, sharded_response_perplexity
+
+    ppl, where_data = spec.perplexity, f"stages.{ctx.stage}.data"
+    return sharded_response_perplexity(
+        loaded.model,
+        loaded.tokenizer,
+        _inputs(spec, rows, loaded.prompter, where_data, loaded),
+        as_reference_lists(refs, where=where_data),
+        answer_prefix=loaded.prompter.answer_prefix if loaded.prompter is not None else "",
+        prompt_note=describe_prompt(loaded.prompter, spec.input_column),
+        window_tokens=ppl.window,
+        stride_tokens=ppl.stride,
+        batch_size=ppl.batch_size,
+        where=f"stages.{ctx.stage}.metrics",
+    )
