@@ -7,9 +7,10 @@ from typing import Any
 
 from mlsteps.context import StageContext
 from mlsteps.distributed import map_sharded
+from mlsteps.engine.rows import generate_for, require_text
 from mlsteps.metrics import table
 from mlsteps.specs.evaluate import EvalSpec
-from mlsteps.stages.eval import _causal_perplexity, _inputs, generate_for, require_text
+from mlsteps.stages.eval import _causal_perplexity, _inputs
 
 
 def score_model(
