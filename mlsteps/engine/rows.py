@@ -57,14 +57,14 @@ def generate_for(
     loaded: Any, inputs: list[str], gen: GenerationSpec, ctx: StageContext
 ) -> list[str]:
     """Generate with a loaded model; soft-prompt (peft prompt-learning) models take the exact,
-    cache-free path of :func:`mlsteps.engine.soft_prompt.generate_prompted` (peft 0.21 with
+    cache-free path of :func:`mlsteps.prompt.soft_prompt.generate_prompted` (peft 0.21 with
     transformers 5 re-inserts the virtual tokens at every cached decoding step)."""
     from mlsteps.engine.generation import generate
 
     seed = gen.seed if gen.seed is not None else ctx.seed
     active = getattr(loaded.model, "active_peft_config", None)
     if active is not None and getattr(active, "is_prompt_learning", False):
-        from mlsteps.engine.soft_prompt import generate_prompted
+        from mlsteps.prompt.soft_prompt import generate_prompted
 
         return generate_prompted(loaded.model, loaded.tokenizer, inputs, gen, seed=seed)
     return generate(

@@ -37,7 +37,7 @@ from mlsteps.engine.finetune_eval import prompter_json
 from mlsteps.engine.inference import load_for_inference
 from mlsteps.errors import UserError
 from mlsteps.metrics.response_perplexity import response_perplexity
-from mlsteps.prompting import PROMPT_FILE, Demonstration, Prompter, save_prompter
+from mlsteps.prompt.prompter import PROMPT_FILE, Demonstration, Prompter, save_prompter
 from mlsteps.specs.common import DataSpec
 from mlsteps.specs.evaluate import EvalSpec
 from mlsteps.specs.finetune import FinetuneSpec

@@ -47,7 +47,7 @@ def test_finetune_always_writes_its_prompt_file(
     """Before: the converter to prompt-stage templates skipped mlsteps_prompt.json for these
     (only a log line), so eval/predict fed the bare input column to the tuned model."""
     from mlsteps.engine import finetune_data as fd
-    from mlsteps.prompting import PROMPT_FILE, Prompter
+    from mlsteps.prompt.prompter import PROMPT_FILE, Prompter
 
     spec = _sft(template, response_column=response)
     files = _prompt_file(spec, rows, tmp_path)
@@ -60,7 +60,7 @@ def test_finetune_always_writes_its_prompt_file(
 
 def test_one_renderer_for_both_stages() -> None:
     from mlsteps.engine import finetune_data as fd
-    from mlsteps.prompting import render_template
+    from mlsteps.prompt.prompter import render_template
 
     row = {"source": "hi", "words": ["a", "b"], "Hi.": "x"}
     for template in ("Q: {source}", "{Hi.} -> {source}", "{{ source | upper }}!"):
@@ -77,7 +77,7 @@ def test_double_brace_means_one_thing_and_the_old_reading_is_refused() -> None:
     from pydantic import ValidationError
 
     from mlsteps.errors import UserError
-    from mlsteps.prompting import render_template, template_fields
+    from mlsteps.prompt.prompter import render_template, template_fields
 
     old = 'JSON: {{"q": "{source}"}}\nA: '
     with pytest.raises(ValidationError, match="template_format: format"):
