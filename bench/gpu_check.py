@@ -206,8 +206,8 @@ def plain_loop(blocks_dir: Path, arch: dict, steps: int, *, attn: str, compile_:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mlsteps.engine.lm_data import CausalCollator
-    from mlsteps.engine.packing import PackedBlocks
+    from mlsteps.stages.pretrain.lm_data import CausalCollator
+    from mlsteps.stages.pretrain.packing import PackedBlocks
 
     sys.path.insert(0, str(HERE))
     import common

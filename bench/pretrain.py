@@ -188,9 +188,9 @@ def optimizer_step_ms(model: Any, reps: int = 5) -> dict[str, float]:
 
 def pack_child(mb: float) -> None:
     """Child process: tokenise + pack ~``mb`` MB of wikitext through the pretrain data path."""
-    from mlsteps.engine import lm_data
     from mlsteps.engine.data import load_rows
     from mlsteps.specs.common import DataSpec
+    from mlsteps.stages.pretrain import lm_data
 
     tmp = Path(tempfile.mkdtemp())
     text = (common.DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")

@@ -7,7 +7,7 @@
    (VmHWM: includes file pages of memory-mapped files, which the kernel can drop) and peak
    anonymous RSS (RssAnon, sampled: the memory that cannot be reclaimed). Target: growth from
    the smallest to the largest size <= 15%.
-2. Tokenise + pack MB/s (``engine.packing.pack_corpus``, fresh cache) against the tokenizers
+2. Tokenise + pack MB/s (``stages.pretrain.packing.pack_corpus``, fresh cache) against the tokenizers
    library's own parallel ``encode_batch`` on the same text (pre-read, same batches, same
    tokenizer), and ``datasets.map(num_proc=N)`` with the same tokenizer (which of the two ways
    to use every core is faster; docs/scale.md). Target: pack >= 0.9x encode_batch.
@@ -143,9 +143,9 @@ def throughput(mb: int, tok_dir: Path, reps: int, num_proc: int) -> dict[str, An
     os.environ["MLSTEPS_CACHE"] = str(WORK / "cache-throughput")
     from transformers import AutoTokenizer
 
-    from mlsteps.engine import packing
     from mlsteps.engine.data import TEXT_COLUMN, load_text
     from mlsteps.specs.common import DataSpec
+    from mlsteps.stages.pretrain import packing
 
     text = make_text(mb)
     size_mb = text.stat().st_size / 2**20
@@ -203,9 +203,9 @@ def train_speed(blocks_path: Path, steps: int, reps: int) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from mlsteps.engine.lm_data import CausalCollator
     from mlsteps.engine.modeling import build_model
-    from mlsteps.engine.packing import PackedBlocks
+    from mlsteps.stages.pretrain.lm_data import CausalCollator
+    from mlsteps.stages.pretrain.packing import PackedBlocks
 
     tok = AutoTokenizer.from_pretrained(common.bench_tokenizer())
     rates: dict[str, list[float]] = {"memmap": [], "in_memory": []}

@@ -1,6 +1,6 @@
 """The packed-data cache: entries mlsteps wrote, listed and cleared without touching anything else.
 
-Layout: ``<root>/packed/<key>/`` holds one packed corpus (``engine.packing``) and a
+Layout: ``<root>/packed/<key>/`` holds one packed corpus (``stages.pretrain.packing``) and a
 ``manifest.json`` whose ``format`` is :data:`ENTRY_FORMAT`; that marker is what makes a folder
 ours. An entry is built in ``<root>/packed/.partial-<key>-<pid>-<n>/`` (marked by a
 ``PARTIAL.json`` naming the writing process) and renamed into place when complete, so a reader

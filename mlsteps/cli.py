@@ -278,7 +278,7 @@ def schema(
 ) -> None:
     """Print the JSON Schema of recipes (or the recipe reference as markdown)."""
     if markdown:
-        from mlsteps.reference import recipe_reference
+        from mlsteps.recipe.reference import recipe_reference
 
         sys.stdout.write(recipe_reference())
         return
@@ -462,7 +462,7 @@ def _stage_command(kind: str, summary: str) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         from mlsteps.recipe import apply_overrides, validate_recipe
-        from mlsteps.yamlio import LoadedYaml, load_yaml_file
+        from mlsteps.recipe.yamlio import LoadedYaml, load_yaml_file
 
         _STATE["json"] = as_json
         _run_dir_path(run_dir)

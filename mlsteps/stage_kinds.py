@@ -114,7 +114,7 @@ def _check_lm_eval(
     import json
     from pathlib import Path
 
-    from mlsteps.prompting import PROMPT_FILE
+    from mlsteps.prompt.prompter import PROMPT_FILE
 
     prompted = ref in stages and stages[ref].kind == "prompt"
     prompt_file = Path(ref).expanduser() / PROMPT_FILE

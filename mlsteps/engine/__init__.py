@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-# peft drops position_ids for prompt/p-tuning; engine.soft_prompt decodes without padding so
+# peft drops position_ids for prompt/p-tuning; prompt.soft_prompt decodes without padding so
 # positions stay right (see its docstring).
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient")
 # peft 0.21 calls a transformers 5 property that transformers has renamed; nothing to do on our side.

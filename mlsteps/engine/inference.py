@@ -7,7 +7,7 @@ names to ``final/`` directories). Three kinds of directory are understood:
 - a peft adapter (``adapter_config.json``): the base model it names (path or hub id) is loaded
   and the adapter applied; LoRA-style adapters are merged for speed, soft prompts stay peft;
 - a prompted model written by the prompt stage (``mlsteps_prompt.json``, see
-  :mod:`mlsteps.prompting`): its ``Prompter`` renders rows into prompts; the weights are the
+  :mod:`mlsteps.prompt.prompter`): its ``Prompter`` renders rows into prompts; the weights are the
   adapter in the same directory, or else the model its ``base_model`` names.
 
 The kind ('clm', 'mlm', 'seq2seq', 'classification') comes from ``config.architectures``, then
@@ -40,7 +40,7 @@ class SourceInfo:
     kind: ModelKind
     model_source: str  # plain model to load (a base model for adapters)
     adapter_source: str | None
-    prompter: Any | None  # mlsteps.prompting.Prompter
+    prompter: Any | None  # mlsteps.prompt.prompter.Prompter
     config: Any
 
 
@@ -57,7 +57,7 @@ class Loaded:
 
 def _load_prompter(directory: Path) -> Any | None:
     try:
-        from mlsteps.prompting import load_prompter
+        from mlsteps.prompt.prompter import load_prompter
     except ImportError:  # prompt support not installed in this build: plain directories only
         return None
     return load_prompter(directory)

@@ -107,7 +107,7 @@ def train(
     - ``eval_at_start``: also evaluate before the first step (a fresh run only; a resumed run
       reads it back from metrics.jsonl) -> ``TrainOutcome.initial_metrics``.
     - Collators with an int attribute ``batch_serial`` get it restored on resume to the number
-      of micro-batches already trained (see ``engine.lm_data.MaskingCollator``).
+      of micro-batches already trained (see ``stages.pretrain.lm_data.MaskingCollator``).
 
     Raises ``StageFailed`` on a non-finite loss and ``StageInterrupted`` after writing a complete
     checkpoint when ``ctx.stop_requested`` is set. Does not write ``final/``: see ``save_final``.

@@ -173,7 +173,7 @@ def response_perplexity(
 
     ``prompts[i]`` is row i's prompt text exactly as generation gets it; ``references[i]`` its
     non-empty references. ``answer_prefix`` goes before each reference on the answer side (a
-    prompted model's " ", see :mod:`mlsteps.prompting`). ``prompt_note`` says in the convention
+    prompted model's " ", see :mod:`mlsteps.prompt.prompter`). ``prompt_note`` says in the convention
     what the prompt was. ``shard(n_items)`` picks the windows/examples scored here (several
     processes add their sums); byte and word counts always cover all rows.
     """

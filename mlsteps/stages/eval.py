@@ -34,11 +34,16 @@ from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import (
     all_gather_object,
     is_distributed,
-    is_main,
     shard_indices,
 )
+from mlsteps.engine.rows import (
+    column_values,
+    render_inputs,
+    require_inputs,
+    require_text,
+    write_jsonl,
+)
 from mlsteps.errors import UserError, did_you_mean
-from mlsteps.specs.common import GenerationSpec
 
 # The metric families and the model kinds they fit live with the recipe models: `validate`
 # checks them too, without importing this module.
@@ -52,7 +57,6 @@ from mlsteps.specs.evaluate import (
     RESPONSE,
     EvalSpec,
 )
-from mlsteps.text_io import atomic_write_jsonl
 
 _KIND_NAMES = {
     "clm": "a causal LM",
@@ -112,45 +116,6 @@ def _check_lengths(spec: EvalSpec, label: str, info: Any, metrics: list[str], wh
         )
 
 
-def _column_values(rows: Any, column: str) -> list[Any]:
-    return list(rows[column])
-
-
-def require_text(rows: Any, column: str, where: str, option: str) -> list[str]:
-    """Values of a text column; UserError naming the first row that is not a string."""
-    values = _column_values(rows, column)
-    for i, value in enumerate(values):
-        if not isinstance(value, str):
-            kind = "a list" if isinstance(value, list) else type(value).__name__
-            raise UserError(
-                f"column '{column}' row {i} is {kind}, expected text",
-                where=where,
-                hint=f"set {option} to a text column (join lists of sentences when preparing data)",
-            )
-    return values
-
-
-def require_inputs(rows: Any, column: str, where: str) -> list[Any]:
-    """Values of the input column: text, or conversations (a chat model answers their last
-    user turn; see ``render_inputs``). UserError naming the first other cell."""
-    from mlsteps.engine.chat_data import is_conversation
-
-    values = _column_values(rows, column)
-    if values and is_conversation(values[0]):
-        return values
-    return require_text(rows, column, where, "input_column")
-
-
-def render_inputs(loaded: Any, values: list[Any], where: str, column: str) -> list[str]:
-    """Model inputs: conversations through the model's chat template (generation prompt)."""
-    from mlsteps.engine.chat_data import generation_input
-
-    return [
-        generation_input(loaded.tokenizer, v, where=where, row=i, column=column)
-        for i, v in enumerate(values)
-    ]
-
-
 def _require_references(rows: Any, column: str | list[str], where: str) -> list[str | list[str]]:
     """References per row: one column (a string or a list of strings per row; a conversation:
     the text of its final assistant turn), or several columns joined into one list per row, in
@@ -159,12 +124,12 @@ def _require_references(rows: Any, column: str | list[str], where: str) -> list[
     from mlsteps.metrics.classification import as_reference_lists
 
     if isinstance(column, str):
-        values = [reference_of(v) for v in _column_values(rows, column)]
+        values = [reference_of(v) for v in column_values(rows, column)]
         as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
         return values
     joined: list[list[Any]] = [[] for _ in range(rows.num_rows)]
     for name in column:
-        for refs, value in zip(joined, _column_values(rows, name), strict=True):
+        for refs, value in zip(joined, column_values(rows, name), strict=True):
             refs.extend(value if isinstance(value, list) else [] if value is None else [value])
     names = ", ".join(f"'{c}'" for c in column)
     as_reference_lists(joined, where=where, name=f"columns {names}")
@@ -172,7 +137,7 @@ def _require_references(rows: Any, column: str | list[str], where: str) -> list[
 
 
 def _require_labels(rows: Any, column: str, where: str) -> list[Any]:
-    values = _column_values(rows, column)
+    values = column_values(rows, column)
     for i, value in enumerate(values):
         if isinstance(value, list | dict) or value is None:
             raise UserError(
@@ -191,30 +156,6 @@ def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str, loaded: Any = 
         return render_inputs(loaded, values, where, spec.input_column) if loaded else values
     prompter.check_columns(rows.column_names, where=where)
     return [prompter.render(row, where=where) for row in rows]
-
-
-def generate_for(
-    loaded: Any, inputs: list[str], gen: GenerationSpec, ctx: StageContext
-) -> list[str]:
-    """Generate with a loaded model; soft-prompt (peft prompt-learning) models take the exact,
-    cache-free path of :func:`mlsteps.engine.soft_prompt.generate_prompted` (peft 0.21 with
-    transformers 5 re-inserts the virtual tokens at every cached decoding step)."""
-    from mlsteps.engine.generation import generate
-
-    seed = gen.seed if gen.seed is not None else ctx.seed
-    active = getattr(loaded.model, "active_peft_config", None)
-    if active is not None and getattr(active, "is_prompt_learning", False):
-        from mlsteps.engine.soft_prompt import generate_prompted
-
-        return generate_prompted(loaded.model, loaded.tokenizer, inputs, gen, seed=seed)
-    return generate(
-        loaded.model,
-        loaded.tokenizer,
-        inputs,
-        gen,
-        seed=seed,
-        where=f"stages.{ctx.stage}.generation",
-    )
 
 
 def majority_baseline(gold: list[Any], metrics: list[str], where: str) -> dict[str, Any]:
@@ -269,12 +210,6 @@ def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str
         words=mine.words,
         convention=mine.convention.replace(f"/{mine.scored_tokens} tokens", f"/{total} tokens"),
     )
-
-
-def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:
-    if not is_main():
-        return  # every rank holds the gathered records; rank 0 writes them
-    atomic_write_jsonl(path, records)
 
 
 def _needed(spec: EvalSpec, metrics: list[str], infos: dict[str, Any]) -> list[str]:

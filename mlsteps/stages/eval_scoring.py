@@ -7,9 +7,10 @@ from typing import Any
 
 from mlsteps.context import StageContext
 from mlsteps.distributed import map_sharded
+from mlsteps.engine.rows import generate_for, require_text
 from mlsteps.metrics import table
 from mlsteps.specs.evaluate import EvalSpec
-from mlsteps.stages.eval import _causal_perplexity, _inputs, generate_for, require_text
+from mlsteps.stages.eval import _causal_perplexity, _inputs
 
 
 def score_model(
@@ -135,7 +136,7 @@ def _predict_labels(
     if loaded.kind == "classification":
         texts = require_text(rows, spec.input_column, f"stages.{ctx.stage}.data", "input_column")
         return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
-    from mlsteps.engine.prompt_scoring import classify_prompted
+    from mlsteps.prompt.scoring import classify_prompted
 
     prompter = loaded.prompter
     prompts = _inputs(spec, rows, prompter, f"stages.{ctx.stage}.data")

@@ -13,16 +13,16 @@ from typing import Any
 
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import map_sharded
-from mlsteps.errors import UserError
-from mlsteps.specs.evaluate import PredictSpec
-from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
-from mlsteps.stages.eval import (
+from mlsteps.engine.rows import (
     generate_for,
     render_inputs,
     require_inputs,
     require_text,
     write_jsonl,
 )
+from mlsteps.errors import UserError
+from mlsteps.specs.evaluate import PredictSpec
+from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
 
 
 def run(spec: PredictSpec, ctx: StageContext) -> StageResult:

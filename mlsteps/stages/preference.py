@@ -367,7 +367,7 @@ def _save(
 def _prompter_file(info: Any, ctx: StageContext, *, base: str, adapter: bool) -> dict[str, str]:
     """The SFT model's prompt template (mlsteps_prompt.json) carried over, so eval/predict build
     inputs for the tuned model exactly as for its start."""
-    from mlsteps.prompting import prompt_file
+    from mlsteps.prompt.prompter import prompt_file
 
     prompter = info.prompter
     if prompter is None or prompter.method != "finetune":

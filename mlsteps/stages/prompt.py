@@ -1,6 +1,6 @@
 """The `prompt` stage: hard prompts (zero_shot, few_shot) or soft prompts trained with peft.
 
-final/ is a *prompted model* (see :mod:`mlsteps.prompting`): ``mlsteps_prompt.json`` (template,
+final/ is a *prompted model* (see :mod:`mlsteps.prompt.prompter`): ``mlsteps_prompt.json`` (template,
 demonstrations, separators, verbalizer, base model reference) + the tokenizer, and for soft
 prompts the peft adapter (loadable with ``PeftModel.from_pretrained(base, final)``).
 Every input problem is a UserError raised before anything is written.
@@ -15,7 +15,7 @@ from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
 from mlsteps.errors import UserError
 from mlsteps.positions import config_max_positions
-from mlsteps.prompting import (
+from mlsteps.prompt.prompter import (
     PROMPT_FILE,
     SOFT_METHODS,
     Prompter,
@@ -85,7 +85,7 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
         prompter.use_chat_template(tokenizer)
         ctx.log("prompts are chat turns through the model's chat template")
     if spec.verbalizer:
-        from mlsteps.engine.prompt_scoring import check_verbalizer
+        from mlsteps.prompt.scoring import check_verbalizer
 
         check_verbalizer(
             tokenizer,
@@ -227,7 +227,7 @@ def prompt_length_metrics(
     prompter: Prompter, tokenizer: Any, rows: list[dict[str, Any]]
 ) -> dict[str, float]:
     """Token length of rendered prompts (mean/max over a sample of rows)."""
-    from mlsteps.engine.prompt_scoring import encode_prompt
+    from mlsteps.prompt.scoring import encode_prompt
 
     seq2seq = prompter.model_kind == "seq2seq"
     lengths = [
@@ -298,11 +298,11 @@ def _train_soft(
 ) -> StageResult:
     import transformers
 
-    from mlsteps.engine import soft_prompt
     from mlsteps.engine import validation_sets as vs
     from mlsteps.engine.modeling import load_model, loaded_metrics, loading_kwargs, max_positions
-    from mlsteps.engine.prompt_scoring import PromptCollator, pad_id_of
     from mlsteps.engine.training import save_final, train
+    from mlsteps.prompt import soft_prompt
+    from mlsteps.prompt.scoring import PromptCollator, pad_id_of
 
     task = "seq2seq" if prompter.model_kind == "seq2seq" else "clm"
     base = load_model(

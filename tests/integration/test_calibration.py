@@ -19,8 +19,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from mlsteps.engine.prompt_scoring import classify_prompted, rank_classify
-from mlsteps.prompting import CONTENT_FREE_INPUTS, Demonstration, Prompter
+from mlsteps.prompt.prompter import CONTENT_FREE_INPUTS, Demonstration, Prompter
+from mlsteps.prompt.scoring import classify_prompted, rank_classify
 from mlsteps.specs.prompt import PromptSpec
 
 WORDS = ["good", "bad", "movie", "plot", "dull", "great", "film", "acting", "the", "was"]
@@ -163,7 +163,7 @@ def test_soft_prompt_scoring_fits_prompts_at_the_position_limit(tiny: tuple[Any,
     (this raised IndexError in the position embedding, in eval of a prompt_tuning model)."""
     import copy
 
-    from mlsteps.engine.soft_prompt import wrap
+    from mlsteps.prompt.soft_prompt import wrap
 
     model, tokenizer = tiny
     torch.manual_seed(0)

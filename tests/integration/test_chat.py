@@ -117,8 +117,8 @@ def test_training_prompt_equals_saved_template_prompt(run_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from mlsteps.builtin import load_builtin
-    from mlsteps.engine.chat_sft import encode_conversation
-    from mlsteps.engine.finetune_data import IGNORE_INDEX
+    from mlsteps.stages.finetune.chat import encode_conversation
+    from mlsteps.stages.finetune.data import IGNORE_INDEX
 
     saved = AutoTokenizer.from_pretrained(run_dir / "chat" / "final")
     assert "<|im_start|>" in saved.chat_template
@@ -238,7 +238,7 @@ def test_sharegpt_and_bad_conversations() -> None:
 def test_conversation_without_answer_is_a_user_error(run_dir: Path) -> None:
     import datasets
 
-    from mlsteps.engine.chat_sft import tokenize_chat
+    from mlsteps.stages.finetune.chat import tokenize_chat
 
     ds = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}]]})
     with pytest.raises(UserError, match="row 0 has no assistant turn"):

@@ -223,7 +223,7 @@ def test_rank_classification_scores_the_template_prompt(run: dict[str, Any]) -> 
     """Likelihood scoring (verbalizers, calibration) encodes a chat prompt as generation does."""
     from mlsteps.engine.generation import encode_prompts
     from mlsteps.engine.inference import load_for_inference
-    from mlsteps.engine.prompt_scoring import encode_prompt
+    from mlsteps.prompt.scoring import encode_prompt
 
     loaded = load_for_inference(str(run["dir"] / "few" / "final"))
     prompter = loaded.prompter

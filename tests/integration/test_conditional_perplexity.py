@@ -32,16 +32,16 @@ from transformers import (
 
 from mlsteps.builtin import load_builtin
 from mlsteps.context import StageContext
-from mlsteps.engine import finetune_data as fd
-from mlsteps.engine.finetune_eval import prompter_json
 from mlsteps.engine.inference import load_for_inference
 from mlsteps.errors import UserError
 from mlsteps.metrics.response_perplexity import response_perplexity
-from mlsteps.prompting import PROMPT_FILE, Demonstration, Prompter, save_prompter
+from mlsteps.prompt.prompter import PROMPT_FILE, Demonstration, Prompter, save_prompter
 from mlsteps.specs.common import DataSpec
 from mlsteps.specs.evaluate import EvalSpec
 from mlsteps.specs.finetune import FinetuneSpec
 from mlsteps.stages import eval as eval_stage
+from mlsteps.stages.finetune import data as fd
+from mlsteps.stages.finetune.evaluation import prompter_json
 
 TEMPLATE = "English: {source}\nToy:"  # + answer separator " ": the quickstart's prompt
 EOS = "<|endoftext|>"

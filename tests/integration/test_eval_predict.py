@@ -401,7 +401,7 @@ def test_soft_prompt_adapter_generates_like_manual_greedy(tmp_path, model_dirs, 
 
 
 def test_prompted_model_rank_classification(tmp_path, model_dirs, data):
-    prompting = pytest.importorskip("mlsteps.prompting")
+    prompting = pytest.importorskip("mlsteps.prompt.prompter")
     prompter = prompting.Prompter(
         method="zero_shot",
         template="Review: {sentence} Sentiment:",
@@ -424,7 +424,7 @@ def test_prompted_model_rank_classification(tmp_path, model_dirs, data):
 
 
 def test_prompted_model_generation(tmp_path, model_dirs, data):
-    prompting = pytest.importorskip("mlsteps.prompting")
+    prompting = pytest.importorskip("mlsteps.prompt.prompter")
     prompter = prompting.Prompter(
         method="zero_shot", template="English: {source} German:", base_model=str(model_dirs["clm"])
     )
@@ -443,7 +443,7 @@ def test_prompted_model_generation(tmp_path, model_dirs, data):
 def test_prompted_model_perplexity_needs_no_template_columns(tmp_path, model_dirs, data):
     """Perplexity scores text_column as is: a model carrying an SFT/prompt template is scored
     on plain text without that template's columns, and equals its base model's score."""
-    prompting = pytest.importorskip("mlsteps.prompting")
+    prompting = pytest.importorskip("mlsteps.prompt.prompter")
     prompter = prompting.Prompter(
         method="zero_shot", template="English: {source} German:", base_model=str(model_dirs["clm"])
     )

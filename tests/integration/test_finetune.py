@@ -24,12 +24,12 @@ from transformers import (
 )
 
 from mlsteps.context import StageContext
-from mlsteps.engine import finetune_data as fd
 from mlsteps.engine.modeling import build_model
 from mlsteps.errors import StageInterrupted, UserError
-from mlsteps.prompting import load_prompter
+from mlsteps.prompt.prompter import load_prompter
 from mlsteps.specs.common import ArchSpec
 from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import run
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

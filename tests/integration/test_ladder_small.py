@@ -126,7 +126,7 @@ def test_unigram_perplexity_matches_brute_force() -> None:
     """The pretrain stage's context-free reference (unigram_val_perplexity), by hand."""
     import datasets
 
-    from mlsteps.engine.lm_data import unigram_perplexity
+    from mlsteps.stages.pretrain.lm_data import unigram_perplexity
 
     train = datasets.Dataset.from_dict({"input_ids": [[0, 5, 5, 6, 1], [0, 7, 5, 1]]})
     val = datasets.Dataset.from_dict({"input_ids": [[0, 5, 6, 9, 1]]})

@@ -291,7 +291,7 @@ def test_validate_with_lm_eval_imports_nothing_heavy(tmp_path: Path, tasks_dir: 
 
 
 def test_report_describes_an_lm_eval_stage() -> None:
-    from mlsteps.report_text import describe_stage
+    from mlsteps.report.text import describe_stage
 
     only = {"kind": "eval", "models": ["a", "b"], "lm_eval": {"tasks": ["t1", "t2"]}}
     assert describe_stage(only) == "scores `a`, `b` on lm-eval tasks: t1, t2."

@@ -13,7 +13,7 @@ import torch
 
 from mlsteps.errors import UserError
 from mlsteps.recipe import check_data_files, validate_recipe
-from mlsteps.report_plots import plot_curves
+from mlsteps.report.plots import plot_curves
 from mlsteps.specs.pretrain import PretrainSpec
 from mlsteps.stages import pretrain
 from tests.integration.test_training_resume import DATA, _ctx
@@ -192,7 +192,7 @@ def _two_sets(task: str) -> dict[str, object]:
 @pytest.mark.parametrize("task", list(_TASKS))
 def test_finetune_logs_each_named_set(task: str, bases: dict[str, Path], tmp_path: Path) -> None:
     from mlsteps.context import StageContext
-    from mlsteps.report_plots import _named_val_losses
+    from mlsteps.report.plots import _named_val_losses
     from mlsteps.stages import finetune
 
     spec = _finetune(bases, task, _two_sets(task), keep_best={"metric": "val_test_loss"})

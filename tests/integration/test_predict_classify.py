@@ -274,8 +274,8 @@ def test_truncated_examples_are_counted_and_reported(run_dir: Path) -> None:
 def test_seq2seq_and_sft_truncation_flags(looping_model) -> None:
     import datasets
 
-    from mlsteps.engine import finetune_data as fd
     from mlsteps.specs.finetune import FinetuneSpec
+    from mlsteps.stages.finetune import data as fd
 
     _, tokenizer = looping_model
     rows = datasets.Dataset.from_list(

@@ -15,13 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from mlsteps.context import StageContext
-from mlsteps.engine import lm_data
 from mlsteps.engine.modeling import build_model, max_positions
 from mlsteps.errors import UserError
 from mlsteps.specs.common import ArchSpec
 from mlsteps.specs.pretrain import PretrainSpec
 from mlsteps.specs.tokenizer import TokenizerSpec
 from mlsteps.stages import pretrain, tokenizer
+from mlsteps.stages.pretrain import lm_data
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 WIKI = SHARED / "wikitext-2" / "valid.txt"

@@ -30,10 +30,10 @@ from transformers import (
 
 from mlsteps.context import StageContext
 from mlsteps.engine.inference import load_for_inference
-from mlsteps.engine.prompt_scoring import rank_classify
-from mlsteps.engine.soft_prompt import generate_prompted
 from mlsteps.errors import StageInterrupted, UserError
-from mlsteps.prompting import PROMPT_FILE, load_prompter
+from mlsteps.prompt.prompter import PROMPT_FILE, load_prompter
+from mlsteps.prompt.scoring import rank_classify
+from mlsteps.prompt.soft_prompt import generate_prompted
 from mlsteps.specs.common import GenerationSpec
 from mlsteps.specs.prompt import PromptSpec
 from mlsteps.stages.prompt import PREVIEW_FILE, run
@@ -274,7 +274,7 @@ def _soft_spec(data_dir: Path, **fields: Any) -> PromptSpec:
 
 def _loss_without_prompt(base_dir: Path, rows: list[dict[str, Any]], template: str) -> float:
     """Answer-token loss of the bare base model on the task (what the soft prompt must beat)."""
-    from mlsteps.engine.prompt_scoring import PromptCollator, build_example
+    from mlsteps.prompt.scoring import PromptCollator, build_example
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -378,7 +378,7 @@ def test_generate_prompted_is_exact(base_dir: Path, method: str) -> None:
     # peft 0.21 + transformers 5 decode soft-prompt models wrongly with the KV cache and with
     # left padding (with plain engine.generation.generate 6, 2 and 1 of these 14 outputs differ,
     # by method); generate_prompted must equal step-by-step decoding for mixed prompt lengths.
-    from mlsteps.engine.soft_prompt import wrap
+    from mlsteps.prompt.soft_prompt import wrap
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     torch.manual_seed(1)
@@ -394,7 +394,7 @@ def test_generate_prompted_is_exact(base_dir: Path, method: str) -> None:
 
 
 def test_init_text_sets_the_virtual_tokens(base_dir: Path) -> None:
-    from mlsteps.engine.soft_prompt import wrap
+    from mlsteps.prompt.soft_prompt import wrap
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = wrap(

@@ -16,11 +16,11 @@ from transformers import AutoTokenizer
 
 from mlsteps import cache
 from mlsteps.context import StageContext
-from mlsteps.engine import lm_data, packing
 from mlsteps.engine.data import TEXT_COLUMN, load_text
 from mlsteps.specs.common import DataSpec
 from mlsteps.specs.tokenizer import TokenizerSpec
 from mlsteps.stages import tokenizer as tokenizer_stage
+from mlsteps.stages.pretrain import lm_data, packing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 import relkit  # noqa: E402

@@ -48,7 +48,7 @@ def test_score_cli_knows_exactly_the_generation_and_label_metrics() -> None:
 
 def test_directions_and_scales_come_from_the_table() -> None:
     from mlsteps.report import HIGHER_IS_BETTER, LOWER_IS_BETTER
-    from mlsteps.report_text import PERCENT_SCALED
+    from mlsteps.report.text import PERCENT_SCALED
 
     assert {"bleu", "chrf", "rougeL", "accuracy", "macro_f1"} <= HIGHER_IS_BETTER
     assert {"perplexity", "ter", "bits_per_byte", "response_perplexity"} <= LOWER_IS_BETTER

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from mlsteps.errors import UserError
-from mlsteps.prompting import (
+from mlsteps.prompt.prompter import (
     PROMPT_FILE,
     Demonstration,
     Prompter,
@@ -95,7 +95,7 @@ def test_selection_is_deterministic_and_seed_dependent():
 def test_selection_is_stable_across_processes():
     # PYTHONHASHSEED differs per process; the selection must not depend on it.
     code = (
-        "from mlsteps.prompting import select_demonstrations as s;"
+        "from mlsteps.prompt.prompter import select_demonstrations as s;"
         "print(s(50, 4, 11), s(50, 4, 11, key='k'))"
     )
     outs = {
@@ -219,7 +219,7 @@ def test_load_prompter_on_plain_dir_is_none(tmp_path: Path):
 
 
 def test_prompting_does_not_import_torch():
-    code = "import sys, mlsteps.prompting; assert 'torch' not in sys.modules and 'jinja2' not in sys.modules"
+    code = "import sys, mlsteps.prompt.prompter; assert 'torch' not in sys.modules and 'jinja2' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

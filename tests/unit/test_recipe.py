@@ -166,7 +166,7 @@ def test_every_shipped_config_validates():
 
 
 def test_committed_recipe_reference_is_current():
-    from mlsteps.reference import recipe_reference
+    from mlsteps.recipe.reference import recipe_reference
 
     path = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
     assert path.read_text(encoding="utf-8") == recipe_reference(), (

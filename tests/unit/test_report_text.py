@@ -1,11 +1,11 @@
-"""report_text: how the report describes a stage's data in words (no torch)."""
+"""report/text.py: how the report describes a stage's data in words (no torch)."""
 
 from __future__ import annotations
 
 import pytest
 
 from mlsteps.recipe import load_recipe
-from mlsteps.report_text import data_text, describe_stage
+from mlsteps.report.text import data_text, describe_stage
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_the_quickstart_stages_read_as_words() -> None:
 
 def test_ladder_shows_every_score_on_0_to_100() -> None:
     from mlsteps.report import best_cells, ladder_rows
-    from mlsteps.report_text import LADDER_SCALE_NOTE
+    from mlsteps.report.text import LADDER_SCALE_NOTE
 
     ladder = {
         "a": {"bleu": 48.4, "chrf": 64.7, "rouge1": 0.4523, "rougeL": 0.25, "accuracy": 0.8,
@@ -80,7 +80,7 @@ def test_ladder_shows_every_score_on_0_to_100() -> None:
     ],
 )  # fmt: skip
 def test_loss_axis_label_follows_the_loss(spec: dict, label: str) -> None:
-    from mlsteps.report_plots import loss_label
+    from mlsteps.report.plots import loss_label
 
     assert loss_label(spec) == label
 
@@ -127,7 +127,7 @@ def test_report_plots_label_axes_and_compare_only_like_losses(tmp_path, monkeypa
 
 def test_preference_accuracy_is_on_the_ladder_scale_too() -> None:
     # The demo's alignment ladder printed 0.84 under a note saying every score is on 0-100.
-    from mlsteps.report_text import ladder_value
+    from mlsteps.report.text import ladder_value
 
     assert ladder_value("preference_accuracy", 0.84) == 84.0
     assert ladder_value("preference_accuracy_normalized", 0.5) == 50.0

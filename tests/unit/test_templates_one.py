@@ -25,7 +25,7 @@ def _sft(template: str, **extra: Any) -> Any:
 def _prompt_file(spec: Any, rows: list[dict[str, Any]], tmp_path: Path) -> dict[str, str]:
     import datasets
 
-    from mlsteps.engine.finetune_eval import prompter_json
+    from mlsteps.stages.finetune.evaluation import prompter_json
 
     logged: list[str] = []
     ctx = SimpleNamespace(final_dir=tmp_path / "final", log=logged.append)
@@ -46,8 +46,8 @@ def test_finetune_always_writes_its_prompt_file(
 ) -> None:
     """Before: the converter to prompt-stage templates skipped mlsteps_prompt.json for these
     (only a log line), so eval/predict fed the bare input column to the tuned model."""
-    from mlsteps.engine import finetune_data as fd
-    from mlsteps.prompting import PROMPT_FILE, Prompter
+    from mlsteps.prompt.prompter import PROMPT_FILE, Prompter
+    from mlsteps.stages.finetune import data as fd
 
     spec = _sft(template, response_column=response)
     files = _prompt_file(spec, rows, tmp_path)
@@ -59,8 +59,8 @@ def test_finetune_always_writes_its_prompt_file(
 
 
 def test_one_renderer_for_both_stages() -> None:
-    from mlsteps.engine import finetune_data as fd
-    from mlsteps.prompting import render_template
+    from mlsteps.prompt.prompter import render_template
+    from mlsteps.stages.finetune import data as fd
 
     row = {"source": "hi", "words": ["a", "b"], "Hi.": "x"}
     for template in ("Q: {source}", "{Hi.} -> {source}", "{{ source | upper }}!"):
@@ -77,7 +77,7 @@ def test_double_brace_means_one_thing_and_the_old_reading_is_refused() -> None:
     from pydantic import ValidationError
 
     from mlsteps.errors import UserError
-    from mlsteps.prompting import render_template, template_fields
+    from mlsteps.prompt.prompter import render_template, template_fields
 
     old = 'JSON: {{"q": "{source}"}}\nA: '
     with pytest.raises(ValidationError, match="template_format: format"):
@@ -85,7 +85,7 @@ def test_double_brace_means_one_thing_and_the_old_reading_is_refused() -> None:
     with pytest.raises(UserError, match="template_format: format"):
         template_fields(old)
     spec = _sft(old, template_format="format")
-    from mlsteps.engine import finetune_data as fd
+    from mlsteps.stages.finetune import data as fd
 
     expected = 'JSON: {"q": "hi"}\nA: '
     assert fd.sft_prompt({"source": "hi"}, spec, index=0, where="t") == expected

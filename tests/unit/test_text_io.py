@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mlsteps.positions import config_max_positions, max_positions
-from mlsteps.prompting import PROMPT_FILE, Prompter, load_prompter, prompt_file, save_prompter
+from mlsteps.prompt.prompter import PROMPT_FILE, Prompter, load_prompter, prompt_file, save_prompter
 from mlsteps.text_io import atomic_write_jsonl
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlsteps.errors import UserError
-from mlsteps.yamlio import parse_scalar, parse_yaml
+from mlsteps.recipe.yamlio import parse_scalar, parse_yaml
 
 
 def test_exponent_numbers_are_floats():

@@ -12,12 +12,12 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mlsteps.errors import UserError, did_you_mean
-from mlsteps.recipe_errors import field_keys, format_error, short
+from mlsteps.recipe.errors import field_keys, format_error, short
+from mlsteps.recipe.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 from mlsteps.specs import SPEC_BY_KIND, StageSpec, _build
 from mlsteps.specs.common import SAFE_NAME_RE, STAGE_NAME_RE, DataSpec, Seed, Strict
 from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.stage_kinds import check_kinds
-from mlsteps.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 
 # Files at the top of a run directory; a stage directory of the same name would clobber them.
 RESERVED_NAMES = frozenset({"state.json", "metrics.json", "report.md", "env.json", "recipe.yaml"})

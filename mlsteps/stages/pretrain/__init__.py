@@ -1,8 +1,8 @@
 """The `pretrain` stage: causal-LM or masked-LM pretraining, from scratch or continued.
 
 Documents are tokenised and packed shard by shard into a memory-mapped block file, cached by
-content (``engine.packing``, ``mlsteps.cache``; memory does not grow with the corpus), and trained through ``engine.training.train``. Validation loss is
-token-weighted (ΣNLL / Σscored tokens over the whole validation set), so the perplexity reported
+content (``packing`` here, ``mlsteps.cache``; memory does not grow with the corpus), and trained
+through ``engine.training.train``. Validation loss is token-weighted (ΣNLL / Σscored tokens over the whole validation set), so the perplexity reported
 is exp of that, never a mean of batch perplexities. ``final/`` holds model + tokenizer, loadable as
 is by ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer``.
 """
@@ -17,7 +17,6 @@ from transformers import set_seed
 from mlsteps import distributed
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
-from mlsteps.engine import lm_data, packing
 from mlsteps.engine.data import TEXT_COLUMN, load_text, split_validation
 from mlsteps.engine.modeling import (
     build_model,
@@ -35,6 +34,7 @@ from mlsteps.engine.training import save_final, train
 from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError
 from mlsteps.specs.pretrain import PretrainSpec
+from mlsteps.stages.pretrain import lm_data, packing
 
 # Masks of the validation set are drawn once from this seed offset, identical at every eval.
 _EVAL_MASK_SEED_OFFSET = 7919

@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 import torch
 
-from mlsteps.engine.packing import PackedBlocks, pack_token_rows
+from mlsteps.stages.pretrain.packing import PackedBlocks, pack_token_rows
 
 
 def tokenize_documents(
@@ -114,8 +114,8 @@ def pack_blocks(
     what: str = "training text",
 ) -> PackedBlocks:
     """Cut the concatenated token stream of ``tokenized`` rows (``input_ids``) into blocks of
-    ``block_len`` tokens (see ``engine.packing.BlockPacker``; the pretrain stage packs text
-    through ``engine.packing.pack_corpus`` instead, which tokenises and caches too).
+    ``block_len`` tokens (see ``stages.pretrain.packing.BlockPacker``; the pretrain stage packs text
+    through ``stages.pretrain.packing.pack_corpus`` instead, which tokenises and caches too).
 
     ``wrap=(cls_id, sep_id)`` puts ``cls`` before and ``sep`` after each piece of
     ``block_len - 2`` tokens (MLM). A remainder shorter than a block is kept only when asked

@@ -179,7 +179,7 @@ class Prompter:
     has_adapter: bool = False
     model_kind: Literal["causal", "seq2seq"] = "causal"
     num_virtual_tokens: int = 0
-    # Verbalizer-score calibration at classification time (see engine.prompt_scoring).
+    # Verbalizer-score calibration at classification time (see prompt.scoring).
     calibration: str = "none"
     # Prompts go through the model's chat template (see "Chat models" below).
     chat: bool = False

@@ -37,7 +37,8 @@ from peft import (
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import Trainer
 
-from mlsteps.engine.prompt_scoring import (
+from mlsteps.errors import UserError
+from mlsteps.prompt.scoring import (
     PromptCollator,
     build_example,
     classify_prompted,
@@ -45,7 +46,6 @@ from mlsteps.engine.prompt_scoring import (
     encode_prompt,
     pad_id_of,
 )
-from mlsteps.errors import UserError
 
 
 def peft_config(

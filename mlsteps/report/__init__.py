@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from mlsteps.metrics import table
-from mlsteps.report_data import failed_attempt, load_run
-from mlsteps.report_plots import loss_label, plot_comparison, plot_curves, read_metrics_log
-from mlsteps.report_text import (
+from mlsteps.report.data import failed_attempt, load_run
+from mlsteps.report.plots import loss_label, plot_comparison, plot_curves, read_metrics_log
+from mlsteps.report.text import (
     LADDER_SCALE_NOTE,
     PERCENT_SCALED,
     describe_stage,

@@ -37,9 +37,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
-from mlsteps.engine import chat_data, chat_sft, lora
-from mlsteps.engine import finetune_data as fd
-from mlsteps.engine import finetune_eval as fe
+from mlsteps.engine import chat_data, lora
 from mlsteps.engine import validation_sets as vs
 from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.engine.modeling import (
@@ -57,6 +55,9 @@ from mlsteps.engine.training import save_final, train
 from mlsteps.errors import UserError
 from mlsteps.specs.common import ENCODER_ONLY_FAMILIES
 from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.stages.finetune import chat
+from mlsteps.stages.finetune import data as fd
+from mlsteps.stages.finetune import evaluation as fe
 
 # Model types without a causal-LM head worth training: AutoModelForCausalLM would give them a
 # "decoder" head on top of a bidirectional encoder, which silently learns to copy.
@@ -120,7 +121,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     if spec.task == "chat":
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-        chat_sft.use_turn_end_as_eos(tokenizer, model, spec.chat_template)
+        chat.use_turn_end_as_eos(tokenizer, model, spec.chat_template)
     spec = _fit_lengths(spec, model, ctx)
     max_len = spec.max_source_len if spec.task == "seq2seq" else spec.max_seq_len
     check_compatible(model, tokenizer, max_seq_len=max_len, where=where)
@@ -388,10 +389,10 @@ def _prepare_chat(
     where: str,
 ) -> _Prepared:
     col, n = spec.messages_column, spec.max_seq_len
-    train_ds = chat_sft.tokenize_chat(train_rows, tokenizer, col, n, where=f"{where}.data")
+    train_ds = chat.tokenize_chat(train_rows, tokenizer, col, n, where=f"{where}.data")
     val_ds = vs.map_sets(
         val_sets,
-        lambda name, rows: chat_sft.tokenize_chat(
+        lambda name, rows: chat.tokenize_chat(
             rows, tokenizer, col, n, where=_val_where(where, name)
         ),
     )
@@ -403,7 +404,7 @@ def _prepare_chat(
     )
     prep = _Prepared(train_ds, val_ds, fd.SftCollator(pad_token_id=int(pad_id)))
     for name, rows in val_sets.items():
-        prep.gen[name] = chat_sft.generation_pairs(
+        prep.gen[name] = chat.generation_pairs(
             _sample(rows, spec), tokenizer, col, where=_val_where(where, name)
         )
     return prep

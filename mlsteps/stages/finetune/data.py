@@ -299,7 +299,7 @@ def split_trailing_spaces(prompt: str) -> tuple[str, str]:
     """(prompt without trailing spaces, those spaces). The spaces belong to the response side:
     BPE tokenizers glue a leading space to the next word ("Ġgreat"), so a prompt ending in a
     bare space would teach a token split the model never saw in pretraining. Generation is
-    then prompted with the stripped text (see prompting.py for the same convention)."""
+    then prompted with the stripped text (see prompt/prompter.py for the same convention)."""
     stripped = prompt.rstrip(" ")
     return stripped, prompt[len(stripped) :]
 
