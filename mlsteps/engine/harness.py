@@ -109,7 +109,7 @@ def command_line(spec: LmEvalSpec, info: Any, device: str, trust_remote_code: bo
     """The ``lm_eval`` command line whose numbers this run equals."""
     args = [f"pretrained={info.model_source}", "dtype=float32"]
     if trust_remote_code:
-        args.append("trust_remote_code=True")
+        args.append(f"trust_remote_code={trust_remote_code}")  # only when the recipe asks
     if info.adapter_source:
         args.append(f"peft={info.adapter_source}")
     tokenizer = _tokenizer_source(info)
