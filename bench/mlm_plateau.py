@@ -4,7 +4,8 @@ A plain PyTorch loop (not the mlsteps pipeline: the point is to vary one thing a
 pretrains a tiny masked LM on a shared data set's training text, prints its validation MLM loss
 next to the unigram cross-entropy of the same text (the "plateau": a model that predicts token
 frequencies whatever the input), then fine-tunes it for sentiment on N = 300 labelled rows,
-3 seeds, against the same architecture from scratch, on the first 300 test rows.
+5 seeds (`--seeds`), against the same architecture from scratch, on the whole test split
+(`--test-rows` to cut it), with the standard error of the gain.
 
     .venv/bin/python bench/mlm_plateau.py --lang zh_reviews --family modernbert --steps 1600
     .venv/bin/python bench/mlm_plateau.py --lang zh_reviews --family bert --lr 5e-3 --steps 400
@@ -66,7 +67,7 @@ def _tokenizer(texts: list[str]) -> Any:
 def _config(args: Any, tok: Any, **extra: Any) -> Any:
     from transformers import BertConfig, ModernBertConfig
 
-    shape = dict(vocab_size=len(tok), hidden_size=args.hidden, num_hidden_layers=2,
+    shape = dict(vocab_size=len(tok), hidden_size=args.hidden, num_hidden_layers=args.layers,
                  num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
                  max_position_embeddings=256, pad_token_id=tok.pad_token_id)  # fmt: skip
     if args.family == "bert":
@@ -212,22 +213,32 @@ def main() -> None:
         "--ft-lr", type=float, default=1e-3, help="fine-tuning rate of the pretrained start"
     )
     p.add_argument("--ft-lr-scratch", type=float, default=1e-3)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per start")
+    p.add_argument(
+        "--test-rows", type=int, default=0, help="score on the first N test rows (0: all)"
+    )
     args = p.parse_args()
     common.setup_threads(args.threads or 1)
     if args.quick:
         args.steps = 40
-    train, test = _rows(args.lang, "train"), _rows(args.lang, "test")[:300]
+    train, test = _rows(args.lang, "train"), _rows(args.lang, "test")
+    test = test[: args.test_rows] if args.test_rows else test
+    seeds = range(1, args.seeds + 1)
     tok = _tokenizer([t for t, _ in train])
     model, result = pretrain(args, tok, [t for t, _ in train])
-    result["pretrained"] = [
-        finetune(args, tok, model, s, train, test, args.ft_lr) for s in (1, 2, 3)
-    ]
+    result["pretrained"] = [finetune(args, tok, model, s, train, test, args.ft_lr) for s in seeds]
     result["scratch"] = [
-        finetune(args, tok, None, s, train, test, args.ft_lr_scratch) for s in (1, 2, 3)
+        finetune(args, tok, None, s, train, test, args.ft_lr_scratch) for s in seeds
     ]
     gain = 100 * (float(np.mean(result["pretrained"])) - float(np.mean(result["scratch"])))
+    # Standard error of the difference of two independent means (seed-to-seed spread; the
+    # test set is the same for both starts).
+    stderr = 100 * math.sqrt(sum(float(np.var(result[k], ddof=1)) / len(result[k])
+                                 for k in ("pretrained", "scratch")))  # fmt: skip
     result.update(settings={k: v for k, v in vars(args).items() if k not in ("quick", "no_write")},
-                  gain_points=round(gain, 1))  # fmt: skip
+                  gain_points=round(gain, 1), gain_stderr_points=round(stderr, 1),
+                  test_rows=len(test))  # fmt: skip
     text = json.dumps(result)
     print(text)
     common.write_results(
@@ -235,7 +246,11 @@ def main() -> None:
         quick=args.quick,
         result=result,
         markdown=f"```\n{text}\n```\n",
-        headline={"gain_points": round(gain, 1), "final_val_loss": result["val_loss"][-1][1]},
+        headline={
+            "gain_points": round(gain, 1),
+            "gain_stderr_points": round(stderr, 1),
+            "final_val_loss": result["val_loss"][-1][1],
+        },
         no_write=args.no_write,
     )
 
