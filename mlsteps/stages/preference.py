@@ -38,7 +38,7 @@ from mlsteps.engine.modeling import (
     loaded_metrics,
     loading_kwargs,
 )
-from mlsteps.engine.training import save_final, train
+from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.errors import UserError
 from mlsteps.specs.preference import PreferenceSpec
 
@@ -119,20 +119,22 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
         + (", conversations (chat template applied)" if conversational else "")
     )
     outcome = train(
-        model=model,
-        tokenizer=tokenizer,
-        train_dataset=train_rows,
-        eval_dataset=val_rows,
-        data_collator=None,  # TRL's own preference collator
-        spec=spec.train,
-        ctx=ctx,
-        trainer_cls=trainer_cls,
-        args_cls=args_cls,
-        args_overrides=overrides,
-        trainer_kwargs=kwargs,
-        group_by_length=False,  # TRL datasets carry no input_ids column to group by
-        seq_len_for_mfu=spec.max_seq_len,
-        eval_at_start=True,
+        TrainRequest(
+            model=model,
+            tokenizer=tokenizer,
+            train_dataset=train_rows,
+            eval_dataset=val_rows,
+            data_collator=None,  # TRL's own preference collator
+            spec=spec.train,
+            ctx=ctx,
+            trainer_cls=trainer_cls,
+            args_cls=args_cls,
+            args_overrides=overrides,
+            trainer_kwargs=kwargs,
+            group_by_length=False,  # TRL datasets carry no input_ids column to group by
+            seq_len_for_mfu=spec.max_seq_len,
+            eval_at_start=True,
+        )
     )
     # TRL's diagnostics (logit means, entropy, token counts) stay in metrics.jsonl only.
     metrics: dict[str, Any] = {

@@ -300,7 +300,7 @@ def _train_soft(
 
     from mlsteps.engine import validation_sets as vs
     from mlsteps.engine.modeling import load_model, loaded_metrics, loading_kwargs, max_positions
-    from mlsteps.engine.training import save_final, train
+    from mlsteps.engine.training import TrainRequest, save_final, train
     from mlsteps.prompt import soft_prompt
     from mlsteps.prompt.scoring import PromptCollator, pad_id_of
 
@@ -368,20 +368,24 @@ def _train_soft(
             )
         )
     outcome = train(
-        model=model,
-        tokenizer=tokenizer,
-        train_dataset=train_ds,
-        eval_dataset=vs.trainer_eval_dataset(eval_ds),
-        data_collator=collator,
-        spec=spec.train,
-        ctx=ctx,
-        trainer_cls=soft_prompt.VerbalizerTrainer if classify else soft_prompt.SoftPromptTrainer,
-        extra_eval=extra_eval,
-        # Our collator builds the batches; the Trainer must not drop columns by signature.
-        args_overrides={"remove_unused_columns": False, "label_names": ["labels"]},
-        seq_len_for_mfu=max_seq_len,
-        # Verbalizer rows hold candidate lists, which the length-grouping sampler cannot measure.
-        group_by_length=False if classify else None,
+        TrainRequest(
+            model=model,
+            tokenizer=tokenizer,
+            train_dataset=train_ds,
+            eval_dataset=vs.trainer_eval_dataset(eval_ds),
+            data_collator=collator,
+            spec=spec.train,
+            ctx=ctx,
+            trainer_cls=soft_prompt.VerbalizerTrainer
+            if classify
+            else soft_prompt.SoftPromptTrainer,
+            extra_eval=extra_eval,
+            # Our collator builds the batches; the Trainer must not drop columns by signature.
+            args_overrides={"remove_unused_columns": False, "label_names": ["labels"]},
+            seq_len_for_mfu=max_seq_len,
+            # Verbalizer rows hold candidate lists, which the length-grouping sampler cannot measure.
+            group_by_length=False if classify else None,
+        )
     )
     preview_rows = (next(iter(val_sets.values()), None) or rows)[: spec.preview_rows]
     preview = write_preview(

@@ -51,7 +51,7 @@ from mlsteps.engine.modeling import (
     loading_kwargs,
     max_positions,
 )
-from mlsteps.engine.training import save_final, train
+from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.errors import UserError
 from mlsteps.specs.common import ENCODER_ONLY_FAMILIES
 from mlsteps.specs.finetune import FinetuneSpec
@@ -177,21 +177,23 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
         f"{n_trainable:,} trainable parameters"
     )
     outcome = train(
-        model=model,
-        tokenizer=tokenizer,
-        train_dataset=prep.train,
-        eval_dataset=vs.trainer_eval_dataset(prep.validation),
-        data_collator=prep.collator,
-        spec=spec.train,
-        ctx=ctx,
-        compute_metrics=prep.compute_metrics,
-        extra_eval=vs.named_evaluation(gen_evals),
-        # Loss-only evaluation for LMs: gathering vocab-sized logits of the whole validation set
-        # would need gigabytes for nothing.
-        args_overrides={"prediction_loss_only": spec.task != "classification"},
-        trainer_kwargs=prep.trainer_kwargs,
-        group_by_length=False if spec.packing and spec.task in ("causal_lm", "chat") else None,
-        seq_len_for_mfu=max_len,
+        TrainRequest(
+            model=model,
+            tokenizer=tokenizer,
+            train_dataset=prep.train,
+            eval_dataset=vs.trainer_eval_dataset(prep.validation),
+            data_collator=prep.collator,
+            spec=spec.train,
+            ctx=ctx,
+            compute_metrics=prep.compute_metrics,
+            extra_eval=vs.named_evaluation(gen_evals),
+            # Loss-only evaluation for LMs: gathering vocab-sized logits of the whole validation set
+            # would need gigabytes for nothing.
+            args_overrides={"prediction_loss_only": spec.task != "classification"},
+            trainer_kwargs=prep.trainer_kwargs,
+            group_by_length=False if spec.packing and spec.task in ("causal_lm", "chat") else None,
+            seq_len_for_mfu=max_len,
+        )
     )
 
     metrics: dict[str, Any] = dict(outcome.metrics)

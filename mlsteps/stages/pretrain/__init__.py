@@ -30,7 +30,7 @@ from mlsteps.engine.modeling import (
     loading_kwargs,
     max_positions,
 )
-from mlsteps.engine.training import save_final, train
+from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError
 from mlsteps.specs.pretrain import PretrainSpec
@@ -196,17 +196,19 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     evaluator = named_evaluation(evaluators)
 
     outcome = train(
-        model=model,
-        tokenizer=tokenizer,
-        train_dataset=train_blocks,
-        eval_dataset=None,
-        data_collator=collator,
-        spec=spec.train,
-        ctx=ctx,
-        extra_eval=evaluator,
-        group_by_length=False,  # packed blocks all have the same length
-        seq_len_for_mfu=spec.max_seq_len,
-        eval_at_start=True,
+        TrainRequest(
+            model=model,
+            tokenizer=tokenizer,
+            train_dataset=train_blocks,
+            eval_dataset=None,
+            data_collator=collator,
+            spec=spec.train,
+            ctx=ctx,
+            extra_eval=evaluator,
+            group_by_length=False,  # packed blocks all have the same length
+            seq_len_for_mfu=spec.max_seq_len,
+            eval_at_start=True,
+        )
     )
 
     metrics: dict[str, Any] = dict(outcome.metrics)
