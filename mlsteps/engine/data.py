@@ -269,49 +269,11 @@ def load_rows(
     """
     # Our own log lines describe progress; per-file "Generating/Map" bars only add noise.
     datasets.disable_progress_bars()
+    located: tuple[list[Path], str, bool] | None = None
     if spec.files:
-        files = resolve_files(spec.files, where=where)
-        formats = {infer_format(p, spec.format, where=where) for p in files}
-        if len(formats) > 1:
-            raise UserError(
-                f"files mix formats ({', '.join(sorted(formats))})",
-                where=where,
-                hint="use one format per data entry",
-            )
-        fmt = formats.pop()
-        for path in files:
-            if fmt == "parquet":
-                if not os.access(path, os.R_OK):
-                    raise UserError(f"cannot read {path}: permission denied", where=where)
-                if path.stat().st_size == 0:
-                    raise UserError(f"{path} is empty", where=where)
-            else:
-                check_text_file(path, where=where)
-        ds = _load_files(
-            files,
-            fmt,
-            where=where,
-            cache_dir=cache_dir,
-            column_names=spec.columns,
-            txt_unit=spec.txt_unit,
-        )
-        origin = ", ".join(p.name for p in files[:3])
-        if fmt in ("csv", "tsv") and not spec.columns:
-            note_header_row(ds, files[0])  # a missing column may mean a file without a header
+        ds, origin, located = _read_files(spec, where=where, cache_dir=cache_dir)
     elif spec.hub:
-        try:
-            # The user's HF cache (HF_HOME / HF_DATASETS_CACHE), never the run directory's:
-            # a hub dataset is downloaded and prepared once for every run that reads it.
-            loaded = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.split)
-        except Exception as exc:  # network, unknown id, unknown split: all user-fixable
-            raise UserError(
-                f"cannot load hub dataset {spec.hub!r} (config {spec.hub_config}, split {spec.split}): "
-                f"{first_line(exc)}",
-                where=where,
-            ) from exc
-        if not isinstance(loaded, datasets.Dataset):
-            raise UserError(f"hub dataset {spec.hub!r} did not give a single split", where=where)
-        ds, origin = loaded, spec.hub
+        ds, origin = _read_hub(spec, where=where), spec.hub
     elif spec.aligned:
         ds, origin = _load_aligned(spec.aligned, where=where), ", ".join(spec.aligned.values())
     else:
@@ -324,6 +286,67 @@ def load_rows(
     numbered = bool(required) and first_missing(ds, required) is not None
     if numbered:
         ds = ds.add_column(ROW_NUMBER, list(range(ds.num_rows)))  # type: ignore[arg-type]
+    ds = _select(ds, spec, origin, where=where)
+    if numbered:
+        check_missing(ds, required, located, where=where)
+        ds = ds.remove_columns(ROW_NUMBER)
+    return ds
+
+
+def _read_files(
+    spec: DataSpec, *, where: str, cache_dir: Path | None
+) -> tuple[datasets.Dataset, str, tuple[list[Path], str, bool]]:
+    """Local files, each checked first: (rows, where they came from, how to find a row's file
+    line: files, format, whether the first line is a header)."""
+    assert spec.files is not None
+    files = resolve_files(spec.files, where=where)
+    formats = {infer_format(p, spec.format, where=where) for p in files}
+    if len(formats) > 1:
+        raise UserError(
+            f"files mix formats ({', '.join(sorted(formats))})",
+            where=where,
+            hint="use one format per data entry",
+        )
+    fmt = formats.pop()
+    for path in files:
+        if fmt == "parquet":
+            if not os.access(path, os.R_OK):
+                raise UserError(f"cannot read {path}: permission denied", where=where)
+            if path.stat().st_size == 0:
+                raise UserError(f"{path} is empty", where=where)
+        else:
+            check_text_file(path, where=where)
+    ds = _load_files(
+        files,
+        fmt,
+        where=where,
+        cache_dir=cache_dir,
+        column_names=spec.columns,
+        txt_unit=spec.txt_unit,
+    )
+    if fmt in ("csv", "tsv") and not spec.columns:
+        note_header_row(ds, files[0])  # a missing column may mean a file without a header
+    return ds, ", ".join(p.name for p in files[:3]), (files, fmt, not spec.columns)
+
+
+def _read_hub(spec: DataSpec, *, where: str) -> datasets.Dataset:
+    try:
+        # The user's HF cache (HF_HOME / HF_DATASETS_CACHE), never the run directory's:
+        # a hub dataset is downloaded and prepared once for every run that reads it.
+        loaded = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.split)
+    except Exception as exc:  # network, unknown id, unknown split: all user-fixable
+        raise UserError(
+            f"cannot load hub dataset {spec.hub!r} (config {spec.hub_config}, split {spec.split}): "
+            f"{first_line(exc)}",
+            where=where,
+        ) from exc
+    if not isinstance(loaded, datasets.Dataset):
+        raise UserError(f"hub dataset {spec.hub!r} did not give a single split", where=where)
+    return loaded
+
+
+def _select(ds: datasets.Dataset, spec: DataSpec, origin: str, *, where: str) -> datasets.Dataset:
+    """shuffle_seed, then the ``rows`` slice, then max_samples."""
     if spec.shuffle_seed is not None:
         ds = ds.shuffle(seed=spec.shuffle_seed)
     if spec.rows is not None:
@@ -336,10 +359,6 @@ def load_rows(
         ds = ds.select(kept)
     if spec.max_samples is not None and spec.max_samples < ds.num_rows:
         ds = ds.select(range(spec.max_samples))
-    if numbered:
-        located = (files, fmt, not spec.columns) if spec.files else None
-        check_missing(ds, required, located, where=where)
-        ds = ds.remove_columns(ROW_NUMBER)
     return ds
 
 

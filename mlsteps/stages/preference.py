@@ -63,54 +63,20 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     info = _check_model(source, spec, f"{where}.from")
     if spec.reference_source is not None:
         _check_model(ctx.resolve_source(spec.reference_source), spec, f"{where}.reference")
-    with main_process_first():
-        train_rows, val_rows = _load_rows(spec, ctx, where)
-    train_rows, conversational = to_trl_rows(train_rows, spec, where=f"{where}.data")
-    if val_rows is not None:
-        val_rows, _ = to_trl_rows(val_rows, spec, where=f"{where}.validation")
-    if spec.method == "kto":
-        train_rows = train_rows.shuffle(seed=ctx.seed, keep_in_memory=True)
+    train_rows, val_rows, conversational = _trl_data(spec, ctx, where)
 
     set_seed(ctx.seed)  # same seed, same LoRA init: a resumed run rebuilds the model it left
     loaded = load_for_inference(
         source, trust_remote_code=spec.trust_remote_code, where=where, loading=loading_kwargs(spec)
     )
-    tokenizer = loaded.tokenizer
-    if spec.tokenizer is not None:
-        tokenizer = load_tokenizer(
-            ctx.resolve_source(spec.tokenizer),
-            trust_remote_code=spec.trust_remote_code,
-            where=f"{where}.tokenizer",
-        )
-    ensure_pad_token(tokenizer)
-    if conversational or spec.chat_template is not None:
-        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
+    tokenizer = _tokenizer(spec, ctx, loaded.tokenizer, conversational, where)
     model = _policy(loaded.model, tokenizer)
     loaded_info = loaded_metrics(model, spec)
-    ref_model = None
-    if spec.method in ("dpo", "kto") and (spec.tuning == "full" or spec.reference_source):
-        ref_source = ctx.resolve_source(spec.reference_source or spec.from_)
-        ref = load_for_inference(
-            ref_source,
-            trust_remote_code=spec.trust_remote_code,
-            where=where,
-            loading=loading_kwargs(spec),
-        )
-        ref_model = _policy(ref.model, tokenizer)
-        ref_model.requires_grad_(False)
+    ref_model = _reference(spec, ctx, tokenizer, where)
     if spec.tuning == "lora":
-        if info.adapter_source is not None and not spec.merge:
-            raise UserError(
-                f"'{spec.from_}' is a LoRA adapter; a new adapter on top of it would have no base "
-                "model on disk",
-                where=f"{where}.tuning",
-                hint="set merge: true, or fine-tune the SFT stage with merge: true",
-            )
-        model = lora.wrap(model, spec.lora_spec, "causal_lm", where=f"{where}.lora.target_modules")
+        model = _wrap_lora(spec, info, model, where)
     model.config.use_cache = False
 
-    trainer_cls, args_cls, overrides = _trainer(spec)
-    kwargs = {"ref_model": ref_model} if spec.method in ("dpo", "kto") else {}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ctx.log(
         f"{spec.method}/{spec.tuning}: {len(train_rows)} training rows, "
@@ -118,24 +84,7 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
         f"{n_trainable:,} trainable parameters"
         + (", conversations (chat template applied)" if conversational else "")
     )
-    outcome = train(
-        TrainRequest(
-            model=model,
-            tokenizer=tokenizer,
-            train_dataset=train_rows,
-            eval_dataset=val_rows,
-            data_collator=None,  # TRL's own preference collator
-            spec=spec.train,
-            ctx=ctx,
-            trainer_cls=trainer_cls,
-            args_cls=args_cls,
-            args_overrides=overrides,
-            trainer_kwargs=kwargs,
-            group_by_length=False,  # TRL datasets carry no input_ids column to group by
-            seq_len_for_mfu=spec.max_seq_len,
-            eval_at_start=True,
-        )
-    )
+    outcome = train(_train_request(spec, ctx, model, tokenizer, train_rows, val_rows, ref_model))
     # TRL's diagnostics (logit means, entropy, token counts) stay in metrics.jsonl only.
     metrics: dict[str, Any] = {
         k: v for k, v in outcome.metrics.items() if not any(n in k for n in _DIAGNOSTICS)
@@ -154,6 +103,48 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     model.config.use_cache = True
     final = _save(spec, ctx, model, tokenizer, source, info, outcome.full_state_dict)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+def _trl_data(
+    spec: PreferenceSpec, ctx: StageContext, where: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
+    """Training and validation rows in TRL's columns, and whether they are conversations."""
+    with main_process_first():
+        train_rows, val_rows = _load_rows(spec, ctx, where)
+    train_rows, conversational = to_trl_rows(train_rows, spec, where=f"{where}.data")
+    if val_rows is not None:
+        val_rows, _ = to_trl_rows(val_rows, spec, where=f"{where}.validation")
+    if spec.method == "kto":
+        train_rows = train_rows.shuffle(seed=ctx.seed, keep_in_memory=True)
+    return train_rows, val_rows, conversational
+
+
+def _train_request(
+    spec: PreferenceSpec,
+    ctx: StageContext,
+    model: Any,
+    tokenizer: Any,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    ref_model: Any,
+) -> TrainRequest:
+    trainer_cls, args_cls, overrides = _trainer(spec)
+    return TrainRequest(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_rows,
+        eval_dataset=val_rows,
+        data_collator=None,  # TRL's own preference collator
+        spec=spec.train,
+        ctx=ctx,
+        trainer_cls=trainer_cls,
+        args_cls=args_cls,
+        args_overrides=overrides,
+        trainer_kwargs={"ref_model": ref_model} if spec.method in ("dpo", "kto") else {},
+        group_by_length=False,  # TRL datasets carry no input_ids column to group by
+        seq_len_for_mfu=spec.max_seq_len,
+        eval_at_start=True,
+    )
 
 
 # ---------------------------------------------------------------- model
@@ -183,6 +174,51 @@ def _policy(model: Any, tokenizer: Any) -> Any:
         model.resize_token_embeddings(len(tokenizer))  # a builtin chat template added tokens
     model.train()
     return model
+
+
+def _tokenizer(
+    spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, conversational: bool, where: str
+) -> Any:
+    """The model's tokenizer (or ``tokenizer:``) with a pad token and, for conversations, the
+    chat template TRL applies."""
+    if spec.tokenizer is not None:
+        tokenizer = load_tokenizer(
+            ctx.resolve_source(spec.tokenizer),
+            trust_remote_code=spec.trust_remote_code,
+            where=f"{where}.tokenizer",
+        )
+    ensure_pad_token(tokenizer)
+    if conversational or spec.chat_template is not None:
+        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
+    return tokenizer
+
+
+def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, where: str) -> Any:
+    """The frozen reference model DPO/KTO compare against, when it is not the LoRA base itself
+    (None: TRL uses the policy with its adapter disabled, or the method needs none)."""
+    if spec.method not in ("dpo", "kto") or not (spec.tuning == "full" or spec.reference_source):
+        return None
+    ref_source = ctx.resolve_source(spec.reference_source or spec.from_)
+    ref = load_for_inference(
+        ref_source,
+        trust_remote_code=spec.trust_remote_code,
+        where=where,
+        loading=loading_kwargs(spec),
+    )
+    ref_model = _policy(ref.model, tokenizer)
+    ref_model.requires_grad_(False)
+    return ref_model
+
+
+def _wrap_lora(spec: PreferenceSpec, info: Any, model: Any, where: str) -> Any:
+    if info.adapter_source is not None and not spec.merge:
+        raise UserError(
+            f"'{spec.from_}' is a LoRA adapter; a new adapter on top of it would have no base "
+            "model on disk",
+            where=f"{where}.tuning",
+            hint="set merge: true, or fine-tune the SFT stage with merge: true",
+        )
+    return lora.wrap(model, spec.lora_spec, "causal_lm", where=f"{where}.lora.target_modules")
 
 
 def _trainer(spec: PreferenceSpec) -> tuple[Any, Any, dict[str, Any]]:

@@ -39,7 +39,26 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
     where = f"stages.{ctx.stage}"
     source = ctx.resolve_source(spec.from_)
     _check_source(source, spec.from_, where)
-    prompter = Prompter(
+    prompter = _prompter(spec, ctx, source)
+    template_fields(spec.template, spec.template_format, where=f"{where}.template")  # syntax
+    with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
+        rows, val_sets = _load_data(spec, ctx, prompter, where)
+    config, kind = _model_kind(spec, source, where)
+    prompter.model_kind = "seq2seq" if kind == "seq2seq" else "causal"
+    tokenizer = _tokenizer(spec, ctx, prompter, source, kind, where)
+    if spec.method == "few_shot":
+        assert rows is not None
+        _set_demonstrations(spec, ctx, prompter, rows, where)
+    preview_source = next(iter(val_sets.values()), None) or rows or []
+    if spec.method not in SOFT_METHODS:
+        return _finish_hard(spec, ctx, prompter, tokenizer, preview_source, config)
+    assert rows is not None
+    return _train_soft(spec, ctx, prompter, tokenizer, rows, val_sets, where)
+
+
+def _prompter(spec: PromptSpec, ctx: StageContext, source: str) -> Prompter:
+    """The prompted model as the recipe describes it (demonstrations and model kind come later)."""
+    return Prompter(
         method=spec.method,
         template=spec.template,
         template_format=spec.template_format,  # type: ignore[arg-type]  # "auto" is resolved
@@ -56,11 +75,12 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
         num_virtual_tokens=spec.num_virtual_tokens if spec.method in SOFT_METHODS else 0,
         calibration=spec.resolved_calibration,
     )
-    template_fields(spec.template, spec.template_format, where=f"{where}.template")  # syntax
-    with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
-        rows, val_sets = _load_data(spec, ctx, prompter, where)
+
+
+def _model_kind(spec: PromptSpec, source: str, where: str) -> tuple[Any, str]:
+    """The base model's config and kind ('clm' or 'seq2seq'); any other kind is a UserError."""
     from mlsteps.engine.inference import kind_from_config
-    from mlsteps.engine.modeling import ensure_pad_token, load_config, load_tokenizer
+    from mlsteps.engine.modeling import load_config
 
     config = load_config(
         source,
@@ -75,7 +95,16 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
             "or a seq2seq model",
             where=f"{where}.from",
         )
-    prompter.model_kind = "seq2seq" if kind == "seq2seq" else "causal"
+    return config, kind
+
+
+def _tokenizer(
+    spec: PromptSpec, ctx: StageContext, prompter: Prompter, source: str, kind: str, where: str
+) -> Any:
+    """The base model's tokenizer, with a pad token; chat turns when the prompts use them; the
+    verbalizer's words checked against it."""
+    from mlsteps.engine.modeling import ensure_pad_token, load_tokenizer
+
     tokenizer = load_tokenizer(
         source, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
     )
@@ -94,20 +123,18 @@ def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
             seq2seq=kind == "seq2seq",
             where=f"{where}.verbalizer",
         )
-    if spec.method == "few_shot":
-        assert rows is not None
-        pool = demonstrations_from_rows(rows, prompter, where=f"{where}.data")
-        if spec.per_example:
-            prompter.demo_pool = pool
-        else:
-            prompter.demos = [
-                pool[i] for i in select_demonstrations(len(pool), spec.shots, ctx.seed)
-            ]
-    preview_source = next(iter(val_sets.values()), None) or rows or []
-    if spec.method not in SOFT_METHODS:
-        return _finish_hard(spec, ctx, prompter, tokenizer, preview_source, config)
-    assert rows is not None
-    return _train_soft(spec, ctx, prompter, tokenizer, rows, val_sets, where)
+    return tokenizer
+
+
+def _set_demonstrations(
+    spec: PromptSpec, ctx: StageContext, prompter: Prompter, rows: list[dict[str, Any]], where: str
+) -> None:
+    """few_shot: the demonstration pool (per_example) or the fixed demonstrations."""
+    pool = demonstrations_from_rows(rows, prompter, where=f"{where}.data")
+    if spec.per_example:
+        prompter.demo_pool = pool
+    else:
+        prompter.demos = [pool[i] for i in select_demonstrations(len(pool), spec.shots, ctx.seed)]
 
 
 def _uses_chat(spec: PromptSpec, kind: str | None, tokenizer: Any, where: str) -> bool:
@@ -296,96 +323,18 @@ def _train_soft(
     val_sets: dict[str, list[dict[str, Any]]],
     where: str,
 ) -> StageResult:
-    import transformers
-
-    from mlsteps.engine import validation_sets as vs
-    from mlsteps.engine.modeling import load_model, loaded_metrics, loading_kwargs, max_positions
-    from mlsteps.engine.training import TrainRequest, save_final, train
+    from mlsteps.engine.modeling import loaded_metrics
+    from mlsteps.engine.training import save_final, train
     from mlsteps.prompt import soft_prompt
-    from mlsteps.prompt.scoring import PromptCollator, pad_id_of
 
-    task = "seq2seq" if prompter.model_kind == "seq2seq" else "clm"
-    base = load_model(
-        prompter.base_model,
-        task,
-        trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.from",
-        **loading_kwargs(spec),
-    )
+    base, max_seq_len = _soft_base(spec, ctx, prompter, where)
     loaded = loaded_metrics(base, spec)
-    max_seq_len = spec.max_seq_len
-    limit = max_positions(base)
-    if (
-        limit is not None
-        and prompter.model_kind == "causal"
-        and max_seq_len + spec.num_virtual_tokens > limit
-    ):
-        # The virtual tokens occupy positions in front of every input.
-        max_seq_len = limit - spec.num_virtual_tokens
-        if max_seq_len < 2:
-            raise UserError(
-                f"num_virtual_tokens {spec.num_virtual_tokens} leaves no room in the model's {limit} positions",
-                where=f"{where}.num_virtual_tokens",
-            )
-        ctx.log(f"max_seq_len lowered to {max_seq_len}: the model reads {limit} positions")
-    transformers.set_seed(ctx.seed)  # the initial soft prompt is random
-    model = soft_prompt.wrap(
-        base,
-        tokenizer,
-        method=spec.method,
-        num_virtual_tokens=spec.num_virtual_tokens,
-        init_text=spec.init_text,
-        gradient_checkpointing=spec.train.gradient_checkpointing,
-        where=where,
-    )
+    model = _wrap_soft(spec, ctx, base, tokenizer, where)
     trainable, total = soft_prompt.trainable_parameters(model)
     ctx.log(f"{spec.method}: {trainable:,} trainable of {total:,} parameters")
-    # Classification trains through the verbalizer (cross-entropy over the label words' scores);
-    # generation trains the answer's tokens as a language model.
-    classify = spec.task == "classification"
-    build = soft_prompt.build_verbalizer_dataset if classify else soft_prompt.build_dataset
-    train_ds = build(rows, prompter, tokenizer, max_seq_len=max_seq_len)
     val_sets = {name: val_rows for name, val_rows in val_sets.items() if val_rows}
-    eval_ds = vs.map_sets(
-        val_sets, lambda _, val_rows: build(val_rows, prompter, tokenizer, max_seq_len=max_seq_len)
-    )
-    collator: Any = (
-        soft_prompt.VerbalizerCollator(pad_id_of(tokenizer))
-        if classify
-        else PromptCollator(pad_id_of(tokenizer))
-    )
-    extra_eval = None
-    if spec.task == "classification":
-        extra_eval = vs.named_evaluation(
-            vs.map_sets(
-                val_sets,
-                lambda _, val_rows: soft_prompt.classification_eval(
-                    prompter,
-                    tokenizer,
-                    val_rows[:VAL_CLASSIFY_ROWS],
-                    batch_size=spec.train.batch_size,
-                ),
-            )
-        )
     outcome = train(
-        TrainRequest(
-            model=model,
-            tokenizer=tokenizer,
-            train_dataset=train_ds,
-            eval_dataset=vs.trainer_eval_dataset(eval_ds),
-            data_collator=collator,
-            spec=spec.train,
-            ctx=ctx,
-            trainer_cls=soft_prompt.VerbalizerTrainer
-            if classify
-            else soft_prompt.SoftPromptTrainer,
-            extra_eval=extra_eval,
-            # Our collator builds the batches; the Trainer must not drop columns by signature.
-            args_overrides={"remove_unused_columns": False, "label_names": ["labels"]},
-            seq_len_for_mfu=max_seq_len,
-            # Verbalizer rows hold candidate lists, which the length-grouping sampler cannot measure.
-            group_by_length=False if classify else None,
-        )
+        _soft_request(spec, ctx, prompter, model, tokenizer, rows, val_sets, max_seq_len)
     )
     preview_rows = (next(iter(val_sets.values()), None) or rows)[: spec.preview_rows]
     preview = write_preview(
@@ -407,3 +356,116 @@ def _train_soft(
         **loaded,
     )
     return StageResult(metrics=metrics, outputs={"final": str(final), "preview": str(preview)})
+
+
+def _soft_base(
+    spec: PromptSpec, ctx: StageContext, prompter: Prompter, where: str
+) -> tuple[Any, int]:
+    """The frozen base model and the input length that leaves room for the virtual tokens."""
+    from mlsteps.engine.modeling import load_model, loading_kwargs, max_positions
+
+    task = "seq2seq" if prompter.model_kind == "seq2seq" else "clm"
+    base = load_model(
+        prompter.base_model,
+        task,
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.from",
+        **loading_kwargs(spec),
+    )
+    max_seq_len = spec.max_seq_len
+    limit = max_positions(base)
+    if (
+        limit is not None
+        and prompter.model_kind == "causal"
+        and max_seq_len + spec.num_virtual_tokens > limit
+    ):
+        # The virtual tokens occupy positions in front of every input.
+        max_seq_len = limit - spec.num_virtual_tokens
+        if max_seq_len < 2:
+            raise UserError(
+                f"num_virtual_tokens {spec.num_virtual_tokens} leaves no room in the model's {limit} positions",
+                where=f"{where}.num_virtual_tokens",
+            )
+        ctx.log(f"max_seq_len lowered to {max_seq_len}: the model reads {limit} positions")
+    return base, max_seq_len
+
+
+def _wrap_soft(spec: PromptSpec, ctx: StageContext, base: Any, tokenizer: Any, where: str) -> Any:
+    """The base wrapped by peft with a freshly initialised soft prompt (seeded: a resumed run
+    rebuilds the one it left)."""
+    import transformers
+
+    from mlsteps.prompt import soft_prompt
+
+    transformers.set_seed(ctx.seed)  # the initial soft prompt is random
+    return soft_prompt.wrap(
+        base,
+        tokenizer,
+        method=spec.method,
+        num_virtual_tokens=spec.num_virtual_tokens,
+        init_text=spec.init_text,
+        gradient_checkpointing=spec.train.gradient_checkpointing,
+        where=where,
+    )
+
+
+def _soft_request(
+    spec: PromptSpec,
+    ctx: StageContext,
+    prompter: Prompter,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    val_sets: dict[str, list[dict[str, Any]]],
+    max_seq_len: int,
+) -> Any:
+    """The training request: datasets, collator, trainer and validation of a soft prompt.
+
+    Classification trains through the verbalizer (cross-entropy over the label words' scores);
+    generation trains the answer's tokens as a language model."""
+    from mlsteps.engine import validation_sets as vs
+    from mlsteps.engine.training import TrainRequest
+    from mlsteps.prompt import soft_prompt
+    from mlsteps.prompt.scoring import PromptCollator, pad_id_of
+
+    classify = spec.task == "classification"
+    build = soft_prompt.build_verbalizer_dataset if classify else soft_prompt.build_dataset
+    train_ds = build(rows, prompter, tokenizer, max_seq_len=max_seq_len)
+    eval_ds = vs.map_sets(
+        val_sets, lambda _, val_rows: build(val_rows, prompter, tokenizer, max_seq_len=max_seq_len)
+    )
+    collator: Any = (
+        soft_prompt.VerbalizerCollator(pad_id_of(tokenizer))
+        if classify
+        else PromptCollator(pad_id_of(tokenizer))
+    )
+    extra_eval = None
+    if classify:
+        extra_eval = vs.named_evaluation(
+            vs.map_sets(
+                val_sets,
+                lambda _, val_rows: soft_prompt.classification_eval(
+                    prompter,
+                    tokenizer,
+                    val_rows[:VAL_CLASSIFY_ROWS],
+                    batch_size=spec.train.batch_size,
+                ),
+            )
+        )
+    trainer_cls = soft_prompt.VerbalizerTrainer if classify else soft_prompt.SoftPromptTrainer
+    return TrainRequest(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_ds,
+        eval_dataset=vs.trainer_eval_dataset(eval_ds),
+        data_collator=collator,
+        spec=spec.train,
+        ctx=ctx,
+        trainer_cls=trainer_cls,
+        extra_eval=extra_eval,
+        # Our collator builds the batches; the Trainer must not drop columns by signature.
+        args_overrides={"remove_unused_columns": False, "label_names": ["labels"]},
+        seq_len_for_mfu=max_seq_len,
+        # Verbalizer rows hold candidate lists, which the length-grouping sampler cannot measure.
+        group_by_length=False if classify else None,
+    )

@@ -103,70 +103,21 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
         train_rows, val_sets, explicit_val = _load_rows(spec, ctx, where)
     source = ctx.resolve_source(spec.from_) if spec.from_ else None
-    tok_source = ctx.resolve_source(spec.tokenizer) if spec.tokenizer else source
-    assert tok_source is not None  # the spec validator guarantees 'from' or 'tokenizer'
-    tokenizer = load_tokenizer(
-        tok_source, trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.{'tokenizer' if spec.tokenizer else 'from'}",
-    )  # fmt: skip
-    ensure_pad_token(tokenizer)
-    if spec.task == "chat":  # before the model: a builtin template may add tokens
-        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
-
+    tokenizer = _tokenizer(spec, ctx, source, where)
     label2id = None
     if spec.task == "classification":
         val_sets, label2id = _labels(spec, train_rows, val_sets, explicit_val, ctx, where)
     loading_info: dict[str, Any] = {}
     model = _model(spec, ctx, tokenizer, source, label2id, where, loading_info)
-    if spec.task == "chat":
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-        chat.use_turn_end_as_eos(tokenizer, model, spec.chat_template)
-    spec = _fit_lengths(spec, model, ctx)
-    max_len = spec.max_source_len if spec.task == "seq2seq" else spec.max_seq_len
-    check_compatible(model, tokenizer, max_seq_len=max_len, where=where)
-    if spec.task == "seq2seq":
-        check_compatible(model, tokenizer, max_seq_len=spec.max_target_len, where=where)
-
+    spec = _fit_to_model(spec, ctx, model, tokenizer, where)
     with main_process_first():
-        if label2id is not None:
-            prep = _prepare_classification(
-                spec, train_rows, val_sets, explicit_val, tokenizer, label2id, where
-            )
-        elif spec.task == "seq2seq":
-            prep = _prepare_seq2seq(spec, train_rows, val_sets, tokenizer, where)
-        elif spec.task == "chat":
-            prep = _prepare_chat(spec, train_rows, val_sets, tokenizer, where)
-        else:
-            prep = _prepare_sft(spec, train_rows, val_sets, tokenizer, where)
+        prep = _prepare(spec, train_rows, val_sets, explicit_val, tokenizer, label2id, where)
     if spec.task in ("causal_lm", "chat"):
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False
     loaded = loaded_metrics(model, spec)
-    if spec.method == "lora":
-        model = lora.wrap(
-            model, spec.lora, _model_task(spec), where=f"{where}.lora.target_modules",
-            loading_info=loading_info, kbit=spec.quantization is not None,
-            gradient_checkpointing=spec.train.gradient_checkpointing,
-        )  # fmt: skip
-    if spec.task == "seq2seq":
-        prep.collator = DataCollatorForSeq2Seq(
-            tokenizer, model=model, label_pad_token_id=fd.IGNORE_INDEX
-        )
-
-    seed = spec.generation.seed if spec.generation.seed is not None else ctx.seed
-    gen_evals = {
-        name: fe.GenerationEval(
-            spec,
-            tokenizer,
-            inputs,
-            refs,
-            seed=seed,
-            where=vs.where_of(f"{where}.validation", name),
-        )  # fmt: skip
-        for name, (inputs, refs) in prep.gen.items()
-        if inputs
-    }
+    model = _adapt(spec, model, tokenizer, prep, loading_info, where)
+    gen_evals = _generation_evals(spec, ctx, tokenizer, prep, where)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     truncation = fd.truncation_metrics(
         spec, prep.truncated, len(train_rows), validation=bool(prep.validation), log=ctx.log
@@ -176,25 +127,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
         f"{sum(len(v) for v in prep.validation.values())} validation, "
         f"{n_trainable:,} trainable parameters"
     )
-    outcome = train(
-        TrainRequest(
-            model=model,
-            tokenizer=tokenizer,
-            train_dataset=prep.train,
-            eval_dataset=vs.trainer_eval_dataset(prep.validation),
-            data_collator=prep.collator,
-            spec=spec.train,
-            ctx=ctx,
-            compute_metrics=prep.compute_metrics,
-            extra_eval=vs.named_evaluation(gen_evals),
-            # Loss-only evaluation for LMs: gathering vocab-sized logits of the whole validation set
-            # would need gigabytes for nothing.
-            args_overrides={"prediction_loss_only": spec.task != "classification"},
-            trainer_kwargs=prep.trainer_kwargs,
-            group_by_length=False if spec.packing and spec.task in ("causal_lm", "chat") else None,
-            seq_len_for_mfu=max_len,
-        )
-    )
+    outcome = train(_train_request(spec, ctx, model, tokenizer, prep, gen_evals))
 
     metrics: dict[str, Any] = dict(outcome.metrics)
     metrics.update(trainable_params=n_trainable, train_rows=len(train_rows), **truncation)
@@ -209,6 +142,110 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
         spec, ctx, model, tokenizer, source, label2id, extra_files, outcome.full_state_dict
     )
     return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+def _tokenizer(spec: FinetuneSpec, ctx: StageContext, source: str | None, where: str) -> Any:
+    """The tokenizer (``tokenizer:`` or the model's own), with a pad token and, for chat, the
+    chat template (before the model: a builtin template may add tokens)."""
+    tok_source = ctx.resolve_source(spec.tokenizer) if spec.tokenizer else source
+    assert tok_source is not None  # the spec validator guarantees 'from' or 'tokenizer'
+    tokenizer = load_tokenizer(
+        tok_source, trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.{'tokenizer' if spec.tokenizer else 'from'}",
+    )  # fmt: skip
+    ensure_pad_token(tokenizer)
+    if spec.task == "chat":
+        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
+    return tokenizer
+
+
+def _fit_to_model(
+    spec: FinetuneSpec, ctx: StageContext, model: Any, tokenizer: Any, where: str
+) -> FinetuneSpec:
+    """Chat: embeddings for the template's tokens and the turn end as EOS. Lengths left at their
+    defaults shrink to the model's positions; the rest are checked against them."""
+    if spec.task == "chat":
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        chat.use_turn_end_as_eos(tokenizer, model, spec.chat_template)
+    spec = _fit_lengths(spec, model, ctx)
+    check_compatible(model, tokenizer, max_seq_len=_max_len(spec), where=where)
+    if spec.task == "seq2seq":
+        check_compatible(model, tokenizer, max_seq_len=spec.max_target_len, where=where)
+    return spec
+
+
+def _max_len(spec: FinetuneSpec) -> int:
+    """The input length of one training example (the source's, for seq2seq)."""
+    return spec.max_source_len if spec.task == "seq2seq" else spec.max_seq_len
+
+
+def _adapt(
+    spec: FinetuneSpec,
+    model: Any,
+    tokenizer: Any,
+    prep: _Prepared,
+    loading_info: dict[str, Any],
+    where: str,
+) -> Any:
+    """LoRA wrapping (method lora) and the seq2seq collator, which needs the final model."""
+    if spec.method == "lora":
+        model = lora.wrap(
+            model, spec.lora, _model_task(spec), where=f"{where}.lora.target_modules",
+            loading_info=loading_info, kbit=spec.quantization is not None,
+            gradient_checkpointing=spec.train.gradient_checkpointing,
+        )  # fmt: skip
+    if spec.task == "seq2seq":
+        prep.collator = DataCollatorForSeq2Seq(
+            tokenizer, model=model, label_pad_token_id=fd.IGNORE_INDEX
+        )
+    return model
+
+
+def _generation_evals(
+    spec: FinetuneSpec, ctx: StageContext, tokenizer: Any, prep: _Prepared, where: str
+) -> dict[str, fe.GenerationEval]:
+    """Generation-based validation, per validation set that has generation inputs."""
+    seed = spec.generation.seed if spec.generation.seed is not None else ctx.seed
+    return {
+        name: fe.GenerationEval(
+            spec,
+            tokenizer,
+            inputs,
+            refs,
+            seed=seed,
+            where=vs.where_of(f"{where}.validation", name),
+        )  # fmt: skip
+        for name, (inputs, refs) in prep.gen.items()
+        if inputs
+    }
+
+
+def _train_request(
+    spec: FinetuneSpec,
+    ctx: StageContext,
+    model: Any,
+    tokenizer: Any,
+    prep: _Prepared,
+    gen_evals: dict[str, fe.GenerationEval],
+) -> TrainRequest:
+    return TrainRequest(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=prep.train,
+        eval_dataset=vs.trainer_eval_dataset(prep.validation),
+        data_collator=prep.collator,
+        spec=spec.train,
+        ctx=ctx,
+        compute_metrics=prep.compute_metrics,
+        extra_eval=vs.named_evaluation(gen_evals),
+        # Loss-only evaluation for LMs: gathering vocab-sized logits of the whole validation set
+        # would need gigabytes for nothing.
+        args_overrides={"prediction_loss_only": spec.task != "classification"},
+        trainer_kwargs=prep.trainer_kwargs,
+        group_by_length=False if spec.packing and spec.task in ("causal_lm", "chat") else None,
+        seq_len_for_mfu=_max_len(spec),
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -288,6 +325,27 @@ def _fit_lengths(spec: FinetuneSpec, model: Any, ctx: StageContext) -> FinetuneS
             f"model has {limit} positions: using {', '.join(f'{k}={v}' for k, v in update.items())}"
         )
     return spec.model_copy(update=update) if update else spec
+
+
+def _prepare(
+    spec: FinetuneSpec,
+    train_rows: datasets.Dataset,
+    val_sets: dict[str, datasets.Dataset],
+    explicit_val: bool,
+    tokenizer: Any,
+    label2id: dict[str, int] | None,
+    where: str,
+) -> _Prepared:
+    """Tokenised training and validation data, with the task's collator and validation hooks."""
+    if label2id is not None:
+        return _prepare_classification(
+            spec, train_rows, val_sets, explicit_val, tokenizer, label2id, where
+        )
+    if spec.task == "seq2seq":
+        return _prepare_seq2seq(spec, train_rows, val_sets, tokenizer, where)
+    if spec.task == "chat":
+        return _prepare_chat(spec, train_rows, val_sets, tokenizer, where)
+    return _prepare_sft(spec, train_rows, val_sets, tokenizer, where)
 
 
 def _val_where(where: str, name: str, explicit_val: bool = True) -> str:
