@@ -34,7 +34,7 @@ VARIANTS = {
 def run_stage(
     cfg: dict[str, Any], padding: str, grouped: bool, pad_to: int, workdir: Path, tok_dir: Path
 ) -> dict[str, float]:
-    import mlsteps.stages.finetune as stage
+    import mlsteps.stages.finetune.prepare as stage  # where the classification collator is built
     from mlsteps.recipe import validate_recipe
     from mlsteps.runner import run_recipe
 

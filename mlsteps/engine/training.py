@@ -1,6 +1,6 @@
 """The one Trainer wrapper shared by the pretrain, finetune and prompt stages.
 
-``train(...)`` turns a ``TrainSpec`` into ``TrainingArguments``, runs the transformers ``Trainer``
+``train(TrainRequest(...))`` turns a ``TrainSpec`` into ``TrainingArguments``, runs the transformers ``Trainer``
 (or a subclass such as ``Seq2SeqTrainer``) and adds what every stage needs:
 
 - metrics.jsonl: one JSON object per log (``step``, ``epoch``, ``loss``, ``lr``, ``grad_norm``,
@@ -73,26 +73,9 @@ class TrainOutcome:
     full_state_dict: dict[str, Any] | None = None
 
 
-def train(
-    *,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    train_dataset: Any,
-    eval_dataset: Any | None,
-    data_collator: Any,
-    spec: TrainSpec,
-    ctx: StageContext,
-    compute_metrics: Callable[..., dict[str, float]] | None = None,
-    trainer_cls: type[Trainer] | None = None,
-    extra_eval: ExtraEval | None = None,
-    args_cls: type[TrainingArguments] = TrainingArguments,
-    args_overrides: dict[str, Any] | None = None,
-    trainer_kwargs: dict[str, Any] | None = None,
-    group_by_length: bool | None = None,
-    seq_len_for_mfu: int | None = None,
-    eval_at_start: bool = False,
-) -> TrainOutcome:
-    """Train ``model``, resuming from the newest complete checkpoint in ``ctx.checkpoints_dir``.
+@dataclass(frozen=True)
+class TrainRequest:
+    """Everything one training run needs, built once by the stage and handed to ``train``.
 
     - ``eval_dataset``: evaluated by the Trainer (``eval_loss`` -> ``val_loss``, plus
       ``compute_metrics``) every ``spec.eval_every_steps`` steps and once at the end.
@@ -108,30 +91,37 @@ def train(
       reads it back from metrics.jsonl) -> ``TrainOutcome.initial_metrics``.
     - Collators with an int attribute ``batch_serial`` get it restored on resume to the number
       of micro-batches already trained (see ``stages.pretrain.lm_data.MaskingCollator``).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any | None
+    data_collator: Any
+    spec: TrainSpec
+    ctx: StageContext
+    compute_metrics: Callable[..., dict[str, float]] | None = None
+    trainer_cls: type[Trainer] | None = None
+    extra_eval: ExtraEval | None = None
+    args_cls: type[TrainingArguments] = TrainingArguments
+    args_overrides: dict[str, Any] | None = None
+    trainer_kwargs: dict[str, Any] | None = None
+    group_by_length: bool | None = None
+    seq_len_for_mfu: int | None = None
+    eval_at_start: bool = False
+
+
+def train(request: TrainRequest) -> TrainOutcome:
+    """Train ``request.model``, resuming from the newest complete checkpoint in
+    ``ctx.checkpoints_dir``: ``build``, then ``fit``, then ``collect``.
 
     Raises ``StageFailed`` on a non-finite loss and ``StageInterrupted`` after writing a complete
     checkpoint when ``ctx.stop_requested`` is set. Does not write ``final/``: see ``save_final``.
     """
-    run = build(
-        model=model,
-        tokenizer=tokenizer,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=data_collator,
-        spec=spec,
-        ctx=ctx,
-        compute_metrics=compute_metrics,
-        trainer_cls=trainer_cls,
-        extra_eval=extra_eval,
-        args_cls=args_cls,
-        args_overrides=args_overrides,
-        trainer_kwargs=trainer_kwargs,
-        group_by_length=group_by_length,
-        seq_len_for_mfu=seq_len_for_mfu,
-    )
+    run = build(request)
     run.trackers.attach(run.trainer)
     try:
-        train_seconds = fit(run, eval_at_start=eval_at_start)
+        train_seconds = fit(run)
         outcome = collect(run, train_seconds)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, StageInterrupted) else "FAILED"
@@ -154,27 +144,12 @@ class TrainingRun:
     resume: Path | None  # the newest complete checkpoint, resumed from
     best: best_ckpt.BestCallback | None
     ctx: StageContext
+    eval_at_start: bool
 
 
-def build(
-    *,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    train_dataset: Any,
-    eval_dataset: Any | None,
-    data_collator: Any,
-    spec: TrainSpec,
-    ctx: StageContext,
-    compute_metrics: Callable[..., dict[str, float]] | None = None,
-    trainer_cls: type[Trainer] | None = None,
-    extra_eval: ExtraEval | None = None,
-    args_cls: type[TrainingArguments] = TrainingArguments,
-    args_overrides: dict[str, Any] | None = None,
-    trainer_kwargs: dict[str, Any] | None = None,
-    group_by_length: bool | None = None,
-    seq_len_for_mfu: int | None = None,
-) -> TrainingRun:
+def build(request: TrainRequest) -> TrainingRun:
     """Find the checkpoint to resume from and build the Trainer with mlsteps' callbacks."""
+    spec, ctx, data_collator = request.spec, request.ctx, request.data_collator
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     resume = ckpt.newest_complete_checkpoint(ctx.checkpoints_dir, log=ctx.log)
     resume_step = ckpt.checkpoint_step(resume) if resume is not None else None
@@ -186,11 +161,15 @@ def build(
         consumed = restore_collator_state(resume, data_collator)
 
     trackers = Trackers(spec, ctx)
-    overrides = {**trackers.training_args(), **(args_overrides or {})}
+    overrides = {**trackers.training_args(), **(request.args_overrides or {})}
     args = build_training_args(
-        spec, ctx, args_cls=args_cls, group_by_length=group_by_length, **overrides
+        spec,
+        ctx,
+        args_cls=request.args_cls,
+        group_by_length=request.group_by_length,
+        **overrides,
     )
-    shared = Shared(ctx=ctx, extra_eval=extra_eval)
+    shared = Shared(ctx=ctx, extra_eval=request.extra_eval)
     best = None
     if spec.keep_best is not None or spec.early_stopping is not None:
         best = best_ckpt.BestCallback(spec, shared, resume)
@@ -199,17 +178,17 @@ def build(
     # Only rank 0 writes metrics.jsonl (the logged loss is already averaged over ranks).
     writer = JsonlWriter(ctx.metrics_path, resume_step) if distributed.is_main() else NullWriter()
     progress = RichProgress(enabled=not ctx.quiet, label=ctx.stage)
-    base = trainer_cls or Trainer
+    base = request.trainer_cls or Trainer
     trainer_type = type(f"Mlsteps{base.__name__}", (MlstepsTrainerMixin, base), {})
     trainer = trainer_type(
-        model=model,
+        model=request.model,
         args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=request.train_dataset,
+        eval_dataset=request.eval_dataset,
         data_collator=data_collator,
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        **(trainer_kwargs or {}),
+        processing_class=request.tokenizer,
+        compute_metrics=request.compute_metrics,
+        **(request.trainer_kwargs or {}),
     )
     trainer._mlsteps = shared
     for noisy in (PrinterCallback, ProgressCallback):
@@ -219,19 +198,21 @@ def build(
     callback_cls = DistributedCallback if distributed.is_distributed() else MlstepsCallback
     trainer.add_callback(callback_cls(shared, writer, spec, progress))
     shared.peak_flops = peak_flops(args.bf16 or args.fp16)
-    if seq_len_for_mfu:
-        shared.flops_per_token = flops_per_token(model, seq_len_for_mfu)
+    if request.seq_len_for_mfu:
+        shared.flops_per_token = flops_per_token(request.model, request.seq_len_for_mfu)
 
     # Our progress bar replaces the hub/save tqdm bars ("Writing model shards").
     hf_logging.disable_progress_bar()
-    return TrainingRun(trainer, args, shared, writer, progress, trackers, resume, best, ctx)
+    return TrainingRun(
+        trainer, args, shared, writer, progress, trackers, resume, best, ctx, request.eval_at_start
+    )
 
 
-def fit(run: TrainingRun, *, eval_at_start: bool = False) -> float:
-    """Evaluate first if asked, train (or restore a finished run), evaluate last. Returns the
+def fit(run: TrainingRun) -> float:
+    """Evaluate first if asked (``TrainRequest.eval_at_start``), train (or restore a finished run), evaluate last. Returns the
     seconds spent training, evaluation excluded."""
     trainer, args, shared, resume = run.trainer, run.args, run.shared, run.resume
-    if eval_at_start and resume is None and _evaluates(run):
+    if run.eval_at_start and resume is None and _evaluates(run):
         trainer.evaluate()
     started = time.perf_counter()
     finished = resume is not None and (

@@ -5,6 +5,6 @@
 - scoring.py: prompt + answer tokenisation, likelihood scoring, calibrated rank classification.
 - soft_prompt.py: peft prompt/prefix/p-tuning on a frozen base, trained through the verbalizer.
 
-The stage itself stays at ``mlsteps/stages/prompt.py``: every stage kind is dispatched as
-``mlsteps.stages.<kind>``.
+The stage itself is ``mlsteps/stages/prompt/`` (every stage kind is dispatched as
+``mlsteps.stages.<kind>``): its rows, hard-prompt results and soft-prompt training.
 """

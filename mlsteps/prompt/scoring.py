@@ -150,15 +150,7 @@ def continuation_logprobs(
     # The model's limit is less a soft prompt's virtual tokens, which occupy positions in front
     # of every input (else: IndexError in the position embedding for prompts near the limit).
     limit = max_seq_len or max_positions(model)
-    examples = []
-    for prompt, cont in zip(prompts, continuations, strict=True):
-        p_ids = encode_prompt(tokenizer, prompt, seq2seq=seq2seq)
-        c_ids = encode_answer(tokenizer, cont, seq2seq=seq2seq)
-        if not c_ids:
-            raise UserError(f"the answer {cont!r} tokenises to nothing")
-        if limit and not seq2seq and len(p_ids) + len(c_ids) > limit:
-            p_ids = p_ids[-max(1, limit - len(c_ids)) :]
-        examples.append((p_ids, c_ids))
+    examples = _encode_pairs(tokenizer, prompts, continuations, seq2seq=seq2seq, limit=limit)
     collate = PromptCollator(pad_id_of(tokenizer))
     device = next(model.parameters()).device
     was_training = model.training
@@ -181,26 +173,57 @@ def continuation_logprobs(
                     for p, c in chunk
                 ]
             batch = {k: v.to(device) for k, v in collate(feats).items()}
-            labels = batch.pop("labels")
-            if seq2seq:
-                out = model(**batch, labels=labels)
-                logits = out.logits[:, -labels.shape[1] :]
-                targets = labels
-            else:
-                out = model(**batch)
-                # peft prompt/p-tuning prepend virtual positions: keep the last len(input) ones.
-                logits = out.logits[:, -labels.shape[1] :][:, :-1]
-                targets = labels[:, 1:]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            mask = targets != -100
-            picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            totals = picked.sum(-1)
-            if length_normalize:
-                totals = totals / mask.sum(-1).clamp(min=1)
+            totals = _summed_logprobs(model, batch, seq2seq=seq2seq, normalize=length_normalize)
             scores.extend(float(x) for x in totals.cpu())
     finally:
         model.train(was_training)
     return scores
+
+
+def _encode_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    seq2seq: bool,
+    limit: int | None,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, continuation ids) per pair; a causal prompt that would not fit ``limit``
+    positions next to its continuation loses tokens from its start."""
+    examples = []
+    for prompt, cont in zip(prompts, continuations, strict=True):
+        p_ids = encode_prompt(tokenizer, prompt, seq2seq=seq2seq)
+        c_ids = encode_answer(tokenizer, cont, seq2seq=seq2seq)
+        if not c_ids:
+            raise UserError(f"the answer {cont!r} tokenises to nothing")
+        if limit and not seq2seq and len(p_ids) + len(c_ids) > limit:
+            p_ids = p_ids[-max(1, limit - len(c_ids)) :]
+        examples.append((p_ids, c_ids))
+    return examples
+
+
+def _summed_logprobs(
+    model: Any, batch: dict[str, torch.Tensor], *, seq2seq: bool, normalize: bool
+) -> torch.Tensor:
+    """Per row of ``batch``: Σ log p of the labelled tokens (divided by their count when
+    ``normalize``)."""
+    labels = batch.pop("labels")
+    if seq2seq:
+        out = model(**batch, labels=labels)
+        logits = out.logits[:, -labels.shape[1] :]
+        targets = labels
+    else:
+        out = model(**batch)
+        # peft prompt/p-tuning prepend virtual positions: keep the last len(input) ones.
+        logits = out.logits[:, -labels.shape[1] :][:, :-1]
+        targets = labels[:, 1:]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = targets != -100
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    totals = picked.sum(-1)
+    if normalize:
+        totals = totals / mask.sum(-1).clamp(min=1)
+    return totals
 
 
 def check_verbalizer(

@@ -9,9 +9,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from mlsteps.errors import UserError, did_you_mean
+from mlsteps.recipe.data_checks import check_data_files, data_specs
 from mlsteps.recipe.errors import field_keys, format_error, short
 from mlsteps.recipe.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 from mlsteps.specs import SPEC_BY_KIND, StageSpec, _build
@@ -20,6 +21,11 @@ from mlsteps.specs.distributed import DistributedSpec
 from mlsteps.stage_kinds import check_kinds
 
 # Files at the top of a run directory; a stage directory of the same name would clobber them.
+__all__ = [
+    "Recipe", "apply_defaults", "apply_overrides", "check_data_files", "check_references",
+    "data_specs", "load_recipe", "validate_recipe",
+]  # fmt: skip
+
 RESERVED_NAMES = frozenset({"state.json", "metrics.json", "report.md", "env.json", "recipe.yaml"})
 
 
@@ -329,83 +335,3 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
             raise UserError("a recipe must be a mapping with 'name' and 'stages'", where=str(path))
         raw = apply_overrides(raw, overrides)
     return validate_recipe(raw, doc, str(path), overrides)
-
-
-def data_specs(spec: BaseModel) -> list[Any]:
-    """Every DataSpec inside a stage spec (for fingerprints and up-front file checks)."""
-    found: list[Any] = []
-    for name in type(spec).model_fields:
-        value = getattr(spec, name)
-        if isinstance(value, dict):  # named data sets (validation: {name: data})
-            value = [d for v in value.values() for d in _as_list(v)]
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, DataSpec):
-                found.append(item)
-            elif isinstance(item, BaseModel):
-                found.extend(data_specs(item))
-    return found
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
-def check_data_files(recipe: Recipe) -> None:
-    """Fail before any work if a local data file or glob matches nothing, or a builtin set or
-    split does not exist (both checks are pure Python: no torch)."""
-    import glob
-
-    for stage_name, spec in recipe.stages.items():
-        for field_name in type(spec).model_fields:
-            value = getattr(spec, field_name)
-            # A single source is held as a list of one; its place is named without an index,
-            # as it was written. Named sets (validation: {name: data}) are named by their name.
-            several = isinstance(value, list) and len(value) > 1
-            items = list(enumerate(value)) if several else [(None, v) for v in _as_list(value)]
-            if isinstance(value, dict):
-                items = [(n, d) for n, v in value.items() for d in _as_list(v)]
-            for index, data in items:
-                if not isinstance(data, DataSpec):
-                    continue
-                where = f"stages.{stage_name}.{field_name}" + (
-                    f".{index}" if index is not None else ""
-                )
-                if data.builtin:
-                    _check_builtin(data, where)
-                for pattern in list(data.files or []) + list((data.aligned or {}).values()):
-                    if not glob.glob(str(Path(pattern).expanduser())):
-                        raise UserError(
-                            f"data file '{pattern}' not found",
-                            where=where,
-                            hint="check the path (relative paths start at the working directory)",
-                        )
-        lm_eval = getattr(spec, "lm_eval", None)  # its tasks read their own data
-        if lm_eval is not None and lm_eval.include_path is not None:
-            if not Path(lm_eval.include_path).expanduser().is_dir():
-                raise UserError(
-                    f"lm_eval.include_path '{lm_eval.include_path}' is not a directory",
-                    where=f"stages.{stage_name}.lm_eval.include_path",
-                    hint="point at the directory holding the task YAML files (relative paths "
-                    "start at the working directory)",
-                )
-
-
-def _check_builtin(data: DataSpec, where: str) -> None:
-    from mlsteps.builtin import list_builtin
-
-    infos = {info.name: info for info in list_builtin()}
-    info = infos.get(data.builtin or "")
-    if info is None:
-        hint = did_you_mean(data.builtin or "", infos) or f"available: {', '.join(infos)}"
-        raise UserError(
-            f"unknown builtin data set '{data.builtin}'", where=f"{where}.builtin", hint=hint
-        )
-    if data.split not in info.split_sizes:
-        hint = (
-            did_you_mean(data.split, info.split_sizes) or f"splits: {', '.join(info.split_sizes)}"
-        )
-        raise UserError(
-            f"builtin '{data.builtin}' has no split '{data.split}'",
-            where=f"{where}.split",
-            hint=hint,
-        )

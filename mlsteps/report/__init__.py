@@ -9,8 +9,6 @@ in the terminal, ending with the ladder and the report's path.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from datetime import datetime
 from pathlib import Path
@@ -18,35 +16,35 @@ from typing import Any
 
 import yaml
 
-from mlsteps.metrics import table
 from mlsteps.report.data import failed_attempt, load_run
+from mlsteps.report.ladder import (
+    HIGHER_IS_BETTER,
+    LOWER_IS_BETTER,
+    PERPLEXITY_LEGEND,
+    best_cells,
+    cell,
+    fmt,
+    is_convention,
+    is_error_of,
+    is_ladder,
+    ladder_md,
+    ladder_rows,
+    ladders,
+    md_table,
+)
 from mlsteps.report.plots import loss_label, plot_comparison, plot_curves, read_metrics_log
 from mlsteps.report.text import (
-    LADDER_SCALE_NOTE,
-    PERCENT_SCALED,
     describe_stage,
     headline,
-    ladder_value,
     settings_line,
 )
 from mlsteps.rundir import atomic_write_text, read_json
 
 __all__ = [
-    "build_report", "is_ladder", "ladder_rows", "load_run", "plot_curves", "print_report",
-    "read_metrics_log", "write_report",
+    "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "best_cells", "build_report", "is_ladder",
+    "ladder_rows", "load_run", "plot_curves", "print_report", "read_metrics_log", "write_report",
 ]  # fmt: skip
 
-# Keys that describe a number rather than being one; shown under the table, not as columns.
-LM_EVAL_NOTE = (
-    "lm-eval columns (<task>/<metric>,<filter>) are lm-eval's numbers on its own scale "
-    "(accuracy 0-1), as in its results files"
-)
-_CONVENTION_SUFFIXES = ("_convention", "_signature", "_note", "_tokenizer")
-# ``key_error`` explains why ``key`` is null (a non-finite value); shown in key's cell.
-_ERROR_SUFFIX = "_error"
-# Direction of each ladder metric, to mark the best model per column (the metric table's).
-HIGHER_IS_BETTER = frozenset(k for k, c in table.COLUMNS.items() if c.better == "max")
-LOWER_IS_BETTER = frozenset(k for k, c in table.COLUMNS.items() if c.better == "min")
 # Ladder columns left out of the terminal table (still in report.md): detail, or a near-duplicate.
 _TERMINAL_HIDDEN = frozenset(
     {"perplexity_tokens", "word_perplexity", "rougeLsum", "bits_per_byte",
@@ -56,119 +54,8 @@ _TERMINAL_NAMES = {
     "perplexity": "ppl", "response_perplexity": "resp ppl", "exact_match": "EM",
     "token_f1": "tok F1",
 }  # fmt: skip
-# What each perplexity column of a ladder means, said once under the table.
-PERPLEXITY_LEGEND = {
-    "perplexity": "of the text column as bare text (no prompt)",
-    "response_perplexity": "of the reference given each model's own prompt (template, "
-    "demonstrations, soft prompt; the encoder input for seq2seq)",
-}
 # Per-stage files linked from the report, besides final/ and predictions*.jsonl.
 _EXTRA_FILES = ("prompts_preview.jsonl", "metrics.jsonl", "tensorboard", "mlruns")  # + tracker logs
-
-
-def _is_convention(key: str) -> bool:
-    return key.endswith(_CONVENTION_SUFFIXES)
-
-
-def _is_error_of(key: str, values: dict[str, Any]) -> bool:
-    return key.endswith(_ERROR_SUFFIX) and key[: -len(_ERROR_SUFFIX)] in values
-
-
-def _cell(values: dict[str, Any], key: str) -> str:
-    """A ladder cell: on the table's 0-100 scale, or why the metric has no number."""
-    return _fmt(ladder_value(key, values.get(key, "")), values.get(key + _ERROR_SUFFIX))
-
-
-def _fmt(value: Any, error: Any = None) -> str:
-    if value is None and error:
-        return f"n/a: {error}"  # a non-finite metric, recorded as null with its reason
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}" if abs(value) < 10 else f"{value:,.2f}"
-    return str(value)
-
-
-def is_ladder(stage_metrics: Any) -> bool:
-    """An eval stage's metrics: {model: {metric: value}} (one row per model)."""
-    return (
-        isinstance(stage_metrics, dict)
-        and bool(stage_metrics)
-        and all(isinstance(v, dict) for v in stage_metrics.values())
-    )
-
-
-def _best(stage_metrics: dict[str, Any], column: str) -> float | None:
-    values = [
-        v.get(column)
-        for v in stage_metrics.values()
-        if isinstance(v.get(column), int | float) and not isinstance(v.get(column), bool)
-    ]
-    values = [v for v in values if math.isfinite(v)]
-    if len(set(values)) < 2 or column not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
-        return None  # nothing to compare, or every model ties
-    return max(values) if column in HIGHER_IS_BETTER else min(values)
-
-
-def ladder_rows(
-    stage_metrics: dict[str, Any], *, hide: frozenset[str] = frozenset()
-) -> tuple[list[str], list[list[str]], list[str]]:
-    """Header, rows and convention notes of a stage-ladder table (``hide``: columns left out).
-
-    A convention shared by every model is noted once, without a model name.
-    """
-    columns: list[str] = []
-    conventions: dict[str, dict[str, Any]] = {}
-    for model, values in stage_metrics.items():
-        for key, value in values.items():
-            if _is_convention(key):
-                conventions.setdefault(key, {})[model] = value
-            elif _is_error_of(key, values):
-                continue
-            elif key not in columns and key not in hide:
-                columns.append(key)
-    notes: list[str] = []
-    for key, per_model in conventions.items():
-        distinct = {json.dumps(v, default=str) for v in per_model.values()}
-        if len(distinct) == 1 and len(per_model) == len(stage_metrics):
-            notes.append(f"{key} = {next(iter(per_model.values()))}")
-        else:
-            notes += [f"{model}: {key} = {value}" for model, value in per_model.items()]
-    if PERCENT_SCALED & set(columns):
-        notes.insert(0, LADDER_SCALE_NOTE)
-    if any("/" in c and "," in c for c in columns):  # engine.harness: <task>/<metric>,<filter>
-        notes.insert(0, LM_EVAL_NOTE)
-    rows = [
-        [model, *(_cell(values, c) for c in columns)] for model, values in stage_metrics.items()
-    ]
-    return ["model", *columns], rows, notes
-
-
-def best_cells(stage_metrics: dict[str, Any], header: list[str]) -> set[tuple[int, int]]:
-    """(row, column) positions of the best value of each directed metric column."""
-    marked: set[tuple[int, int]] = set()
-    for col, name in enumerate(header[1:], start=1):
-        best = _best(stage_metrics, name)
-        if best is None:
-            continue
-        for row, values in enumerate(stage_metrics.values()):
-            if values.get(name) == best:
-                marked.add((row, col))
-    return marked
-
-
-def _md_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]] = set()) -> str:  # noqa: B006 - read only
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r, row in enumerate(rows):
-        cells = [f"**{c}**" if (r, k) in bold else c for k, c in enumerate(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _parse_time(text: Any) -> datetime | None:
@@ -211,26 +98,6 @@ def _summary(run_dir: Path, state: dict[str, Any], env: dict[str, Any]) -> list[
     ]
 
 
-def _ladders(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: m for name, m in metrics.items() if is_ladder(m)}
-
-
-def perplexity_legend(header: list[str]) -> list[str]:
-    """Lines saying what the ladder's perplexity columns measure (none without such columns)."""
-    return [f"{column} = {text}" for column, text in PERPLEXITY_LEGEND.items() if column in header]
-
-
-def _ladder_md(name: str, ladder: dict[str, Any]) -> list[str]:
-    header, rows, notes = ladder_rows(ladder)
-    out = [_md_table(header, rows, best_cells(ladder, header)), ""]
-    legend = perplexity_legend(header)
-    if legend:
-        out += [f"Perplexity: {'; '.join(legend)}.", ""]
-    if notes:
-        out += ["Conventions:", ""] + [f"- `{n}`" for n in notes] + [""]
-    return out
-
-
 def _links(run_dir: Path, name: str) -> list[str]:
     stage_dir = run_dir / name
     links = []
@@ -256,7 +123,7 @@ def build_report(run_dir: Path, *, plots: bool = True) -> str:
         result = headline(s.get("kind"), metrics.get(name))
         out.append(
             f"| [{name}](#{name}) | {s.get('kind')} | {s.get('status')} | "
-            f"{_fmt(s.get('duration_s'))} | {result} |"
+            f"{fmt(s.get('duration_s'))} | {result} |"
         )
     out.append("")
     if dropped:
@@ -265,11 +132,11 @@ def build_report(run_dir: Path, *, plots: bool = True) -> str:
             + ", ".join(f"`{n}`" for n in dropped),
             "",
         ]
-    for name, ladder in _ladders(metrics).items():
+    for name, ladder in ladders(metrics).items():
         out += [f"## Stage ladder ({name})", ""]
         data = specs.get(name, {}).get("data")
         out += [f"Every model scored on {settings_line('data', data)}; best value in bold.", ""]
-        out += _ladder_md(name, ladder)
+        out += ladder_md(name, ladder)
     # Stages are compared only when their losses are the same quantity (per token, per
     # example, ...): a classifier's loss next to a translation fine-tune's means nothing.
     groups: dict[tuple[str, str], list[str]] = {}
@@ -325,11 +192,11 @@ def _stage_section(
         out += ["```yaml", body, "```", "", "</details>", ""]
     if isinstance(m, dict) and is_ladder(m):
         out += [f"One row per model: see [the stage ladder](#stage-ladder-{name}).", ""]
-        out += _ladder_md(name, m)
+        out += ladder_md(name, m)
     elif isinstance(m, dict) and m:
-        values = [[k, _cell(m, k)] for k in m if not _is_convention(k) and not _is_error_of(k, m)]
-        out += [_md_table(["metric", "value"], values), ""]
-        conventions = [f"- {k}: `{v}`" for k, v in m.items() if _is_convention(k)]
+        values = [[k, cell(m, k)] for k in m if not is_convention(k) and not is_error_of(k, m)]
+        out += [md_table(["metric", "value"], values), ""]
+        conventions = [f"- {k}: `{v}`" for k, v in m.items() if is_convention(k)]
         out += conventions + ([""] if conventions else [])
     stage_dir = run_dir / name
     done = plots and s.get("status") in ("done", "failed")
@@ -384,7 +251,7 @@ def print_report(run_dir: Path) -> None:
         table.add_row(
             name,
             f"[{style}]{status}[/{style}]" if style else status,
-            _fmt(s.get("duration_s")),
+            fmt(s.get("duration_s")),
             f"[dim]{escape(what)}[/dim]" + (f"\n{escape(result)}" if result else ""),
         )
     console.print(table)
@@ -392,7 +259,7 @@ def print_report(run_dir: Path) -> None:
         failed = failed_attempt(run_dir, name)
         if failed:
             console.print(f"[yellow]{escape(name)}: {escape(failed)}[/yellow]", highlight=False)
-    for name, ladder in _ladders(metrics).items():
+    for name, ladder in ladders(metrics).items():
         header, rows, notes = ladder_rows(ladder, hide=_TERMINAL_HIDDEN)
         bold = best_cells(ladder, header)
         data = settings_line("data", specs.get(name, {}).get("data"))

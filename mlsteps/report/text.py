@@ -4,6 +4,7 @@ and its headline result (from its metrics). Pure functions over dicts; no heavy 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from mlsteps.metrics import table
@@ -120,73 +121,96 @@ def describe_stage(spec: dict[str, Any], *, short: bool = False) -> str:
     """What a stage does, from its resolved config (``short``: a few words for the terminal)."""
     kind = spec.get("kind")
     data = data_text(spec.get("data")) if spec.get("data") else ""
-    if kind == "tokenizer":
+    describe = _DESCRIBERS.get(str(kind))
+    return describe(spec, data, short) if describe is not None else str(kind)
+
+
+def _describe_tokenizer(spec: dict[str, Any], data: str, short: bool) -> str:
+    if spec.get("from"):
+        return f"wraps the tokenizer of `{spec['from']}`"
+    text = f"{spec.get('algorithm')} tokenizer, vocab {_num(spec.get('vocab_size'))}"
+    return text + (f" on {data}" if short else f" ({spec.get('target')} specials), on {data}")
+
+
+def _describe_pretrain(spec: dict[str, Any], data: str, short: bool) -> str:
+    objective = str(spec.get("objective", "clm")).upper()
+    if short:
         if spec.get("from"):
-            return f"wraps the tokenizer of `{spec['from']}`"
-        text = f"{spec.get('algorithm')} tokenizer, vocab {_num(spec.get('vocab_size'))}"
-        return text + (f" on {data}" if short else f" ({spec.get('target')} specials), on {data}")
-    if kind == "pretrain":
-        objective = str(spec.get("objective", "clm")).upper()
-        if short:
-            if spec.get("from"):
-                return f"{objective} of `{spec['from']}` on {data}"
-            arch = spec.get("model") or {}
-            return (
-                f"{objective} of a new {arch.get('family')} "
-                f"({arch.get('n_layers')}x{arch.get('hidden_size')}) on {data}"
-            )
-        val = (
-            data_text(spec["validation"])
-            if spec.get("validation")
-            else f"{spec.get('validation_fraction')} held out"
-        )
+            return f"{objective} of `{spec['from']}` on {data}"
+        arch = spec.get("model") or {}
         return (
-            f"{objective} pretraining of {model_text(spec)} on {data} "
-            f"({spec.get('max_seq_len')}-token blocks; validation: {val}); "
-            f"{train_text(spec.get('train'))}."
+            f"{objective} of a new {arch.get('family')} "
+            f"({arch.get('n_layers')}x{arch.get('hidden_size')}) on {data}"
         )
-    if kind == "finetune":
-        what = f"{spec.get('task')} fine-tuning ({spec.get('method', 'full')})"
-        if short:
-            start = f"from `{spec['from']}`" if spec.get("from") else "from scratch"
-            return f"{what} {start} on {data}"
-        text = f"{what} of {model_text(spec)} on {data}{_template(spec)}"
-        if spec.get("task") == "causal_lm" and spec.get("template"):
-            text += f", answer column `{spec.get('response_column')}`"
-        if spec.get("method") == "lora":
-            lora = spec.get("lora") or {}
-            text += f", LoRA r={lora.get('r')} alpha={lora.get('alpha')}"
-        return text + f"; {train_text(spec.get('train'))}."
-    if kind == "prompt":
-        method = spec.get("method")
-        if method == "few_shot":
-            what = f"{spec.get('shots')}-shot prompt"
-        elif method == "zero_shot":
-            what = "zero-shot prompt"
-        else:
-            what = f"{method} ({spec.get('num_virtual_tokens')} virtual tokens)"
-        if short:
-            return f"{what} of `{spec.get('from')}`"
-        text = f"{what} of `{spec.get('from')}`{_template(spec)}"
-        if method == "few_shot":
-            text += f"; demonstrations drawn from {data}"
-        elif method != "zero_shot":
-            text += f"; trained on {data}, {train_text(spec.get('train'))}"
-        return text + "."
-    if kind == "eval":
-        models = ", ".join(f"`{m}`" for m in spec.get("models") or [])
-        metrics = ", ".join(spec.get("metrics") or [])
-        tasks = ", ".join((spec.get("lm_eval") or {}).get("tasks") or [])
-        if not spec.get("metrics"):  # lm_eval only: its tasks bring their own data
-            data, metrics = "lm-eval tasks", tasks
-        elif tasks:
-            metrics += f"; lm-eval tasks {tasks}"
-        if short:
-            return f"{len(spec.get('models') or [])} models on {data}"
-        return f"scores {models} on {data}: {metrics}."
-    if kind == "predict":
-        return f"generates with `{spec.get('model')}` for {data}" + ("" if short else ".")
-    return str(kind)
+    val = (
+        data_text(spec["validation"])
+        if spec.get("validation")
+        else f"{spec.get('validation_fraction')} held out"
+    )
+    return (
+        f"{objective} pretraining of {model_text(spec)} on {data} "
+        f"({spec.get('max_seq_len')}-token blocks; validation: {val}); "
+        f"{train_text(spec.get('train'))}."
+    )
+
+
+def _describe_finetune(spec: dict[str, Any], data: str, short: bool) -> str:
+    what = f"{spec.get('task')} fine-tuning ({spec.get('method', 'full')})"
+    if short:
+        start = f"from `{spec['from']}`" if spec.get("from") else "from scratch"
+        return f"{what} {start} on {data}"
+    text = f"{what} of {model_text(spec)} on {data}{_template(spec)}"
+    if spec.get("task") == "causal_lm" and spec.get("template"):
+        text += f", answer column `{spec.get('response_column')}`"
+    if spec.get("method") == "lora":
+        lora = spec.get("lora") or {}
+        text += f", LoRA r={lora.get('r')} alpha={lora.get('alpha')}"
+    return text + f"; {train_text(spec.get('train'))}."
+
+
+def _describe_prompt(spec: dict[str, Any], data: str, short: bool) -> str:
+    method = spec.get("method")
+    if method == "few_shot":
+        what = f"{spec.get('shots')}-shot prompt"
+    elif method == "zero_shot":
+        what = "zero-shot prompt"
+    else:
+        what = f"{method} ({spec.get('num_virtual_tokens')} virtual tokens)"
+    if short:
+        return f"{what} of `{spec.get('from')}`"
+    text = f"{what} of `{spec.get('from')}`{_template(spec)}"
+    if method == "few_shot":
+        text += f"; demonstrations drawn from {data}"
+    elif method != "zero_shot":
+        text += f"; trained on {data}, {train_text(spec.get('train'))}"
+    return text + "."
+
+
+def _describe_eval(spec: dict[str, Any], data: str, short: bool) -> str:
+    models = ", ".join(f"`{m}`" for m in spec.get("models") or [])
+    metrics = ", ".join(spec.get("metrics") or [])
+    tasks = ", ".join((spec.get("lm_eval") or {}).get("tasks") or [])
+    if not spec.get("metrics"):  # lm_eval only: its tasks bring their own data
+        data, metrics = "lm-eval tasks", tasks
+    elif tasks:
+        metrics += f"; lm-eval tasks {tasks}"
+    if short:
+        return f"{len(spec.get('models') or [])} models on {data}"
+    return f"scores {models} on {data}: {metrics}."
+
+
+def _describe_predict(spec: dict[str, Any], data: str, short: bool) -> str:
+    return f"generates with `{spec.get('model')}` for {data}" + ("" if short else ".")
+
+
+_DESCRIBERS: dict[str, Callable[[dict[str, Any], str, bool], str]] = {
+    "tokenizer": _describe_tokenizer,
+    "pretrain": _describe_pretrain,
+    "finetune": _describe_finetune,
+    "prompt": _describe_prompt,
+    "eval": _describe_eval,
+    "predict": _describe_predict,
+}
 
 
 def headline(kind: Any, m: Any) -> str:

@@ -30,22 +30,11 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     ``spec.data`` with ``spec.model``."""
     from mlsteps.engine.chat_data import reference_of
     from mlsteps.engine.data import load_rows, require_columns
-    from mlsteps.engine.inference import inspect_source, load_for_inference
+    from mlsteps.engine.inference import load_for_inference
     from mlsteps.engine.modeling import loaded_metrics, loading_kwargs
 
     where = f"stages.{ctx.stage}"
-    info = inspect_source(
-        ctx.resolve_source(spec.model),
-        trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.model",
-    )
-    if info.kind not in PREDICTABLE:
-        raise UserError(
-            f"model '{spec.model}' is a {info.kind} model: it neither generates text nor "
-            "predicts labels",
-            where=f"{where}.model",
-            hint="predict needs a causal LM, a seq2seq model or a sequence classifier",
-        )
+    info = _predicting_model(spec, ctx, where)
     # A null input is reported by its file line (a prompted model renders its own columns).
     needed = [spec.input_column] if info.prompter is None else []
     rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=needed)
@@ -86,17 +75,43 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
         if spec.reference_column is not None
         else None
     )
+    records = _records(shown, preds, refs)
+    write_jsonl(ctx.predictions_path, records)
+    return StageResult(
+        metrics={"predictions": len(records), **loaded_metrics(loaded.model, spec)},
+        outputs={"predictions": str(ctx.predictions_path)},
+    )
+
+
+def _predicting_model(spec: PredictSpec, ctx: StageContext, where: str) -> Any:
+    """What ``spec.model`` is (configs only); a kind that neither generates nor classifies is
+    a UserError."""
+    from mlsteps.engine.inference import inspect_source
+
+    info = inspect_source(
+        ctx.resolve_source(spec.model),
+        trust_remote_code=spec.trust_remote_code,
+        where=f"{where}.model",
+    )
+    if info.kind not in PREDICTABLE:
+        raise UserError(
+            f"model '{spec.model}' is a {info.kind} model: it neither generates text nor "
+            "predicts labels",
+            where=f"{where}.model",
+            hint="predict needs a causal LM, a seq2seq model or a sequence classifier",
+        )
+    return info
+
+
+def _records(shown: list[Any], preds: list[Any], refs: list[Any] | None) -> list[dict[str, Any]]:
+    """predictions.jsonl's rows: index, input as the data has it, prediction, reference."""
     records = []
     for i, (shown_input, pred) in enumerate(zip(shown, preds, strict=True)):
         rec: dict[str, Any] = {"index": i, "input": shown_input, "prediction": pred}
         if refs is not None:
             rec["reference"] = refs[i]
         records.append(rec)
-    write_jsonl(ctx.predictions_path, records)
-    return StageResult(
-        metrics={"predictions": len(records), **loaded_metrics(loaded.model, spec)},
-        outputs={"predictions": str(ctx.predictions_path)},
-    )
+    return records
 
 
 def _classify(

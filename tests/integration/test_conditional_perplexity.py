@@ -40,7 +40,7 @@ from mlsteps.specs.common import DataSpec
 from mlsteps.specs.evaluate import EvalSpec
 from mlsteps.specs.finetune import FinetuneSpec
 from mlsteps.stages import eval as eval_stage
-from mlsteps.stages.finetune import data as fd
+from mlsteps.stages.finetune import sft as fs
 from mlsteps.stages.finetune.evaluation import prompter_json
 
 TEMPLATE = "English: {source}\nToy:"  # + answer separator " ": the quickstart's prompt
@@ -281,7 +281,7 @@ def test_sft_scores_exactly_what_training_scored(tmp_path: Path, root: Path) -> 
     rows = [r for r in rows if isinstance(r["target"], str)]  # one reference: what SFT trains on
     ds = datasets.Dataset.from_list(rows)
     tok = PreTrainedTokenizerFast.from_pretrained(root / "base")
-    encoded = fd.tokenize_sft(ds, tok, spec, where="t")
+    encoded = fs.tokenize_sft(ds, tok, spec, where="t")
     model = GPT2LMHeadModel.from_pretrained(root / "base").eval()
     nll, count = 0.0, 0
     with torch.no_grad():

@@ -31,6 +31,7 @@ from mlsteps.specs.common import ArchSpec
 from mlsteps.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import run
+from mlsteps.stages.finetune import sft as fs
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SST2 = DATA / "sst2"
@@ -372,8 +373,8 @@ def test_sft_labels_keep_eos_when_pad_is_eos(assets: dict[str, Path]) -> None:
             {"prompt": "Q: a longer question here\nA: ", "response": "ok"},
         ]
     )
-    encoded = fd.tokenize_sft(rows, tokenizer, spec, where="t")
-    batch = fd.SftCollator(pad_token_id=tokenizer.pad_token_id)(list(encoded))
+    encoded = fs.tokenize_sft(rows, tokenizer, spec, where="t")
+    batch = fs.SftCollator(pad_token_id=tokenizer.pad_token_id)(list(encoded))
     eos = tokenizer.eos_token_id
     for row in range(2):
         n = int(batch["attention_mask"][row].sum())
@@ -409,10 +410,10 @@ def test_packing_matches_unpacked_loss(assets: dict[str, Path]) -> None:
             for i, w in enumerate(["cat", "dog", "red hens", "blue"])
         ]
     )
-    encoded = fd.tokenize_sft(rows, tokenizer, spec, where="t")
-    packed = fd.pack_sft(encoded, 64)
+    encoded = fs.tokenize_sft(rows, tokenizer, spec, where="t")
+    packed = fs.pack_sft(encoded, 64)
     assert len(packed) < len(encoded)
-    collate = fd.SftCollator(pad_token_id=tokenizer.pad_token_id)
+    collate = fs.SftCollator(pad_token_id=tokenizer.pad_token_id)
 
     def summed_nll(batch: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():

@@ -276,6 +276,7 @@ def test_seq2seq_and_sft_truncation_flags(looping_model) -> None:
 
     from mlsteps.specs.finetune import FinetuneSpec
     from mlsteps.stages.finetune import data as fd
+    from mlsteps.stages.finetune import sft as fs
 
     _, tokenizer = looping_model
     rows = datasets.Dataset.from_list(
@@ -296,6 +297,6 @@ def test_seq2seq_and_sft_truncation_flags(looping_model) -> None:
         {**base, "task": "causal_lm", "prompt_column": "source", "response_column": "target",
          "max_seq_len": 7}
     )  # fmt: skip
-    ds, cut = fd.pop_truncated(fd.tokenize_sft(rows, tokenizer, sft, where="w"))
+    ds, cut = fd.pop_truncated(fs.tokenize_sft(rows, tokenizer, sft, where="w"))
     # prompt + response + EOS: 6, 9, 8, 4 tokens; two exceed 7.
     assert cut == 2 and max(len(ids) for ids in ds["input_ids"]) == 7

@@ -10,7 +10,7 @@ the last assistant turn is therefore exactly ``apply_chat_template(messages[:-1]
 add_generation_prompt=True)``, what ``transformers.pipeline``, vLLM and lm-eval feed the saved
 model. System and user turns are masked (label -100).
 
-Packing and dynamic padding are those of causal SFT (``data.pack_sft``/``SftCollator``).
+Packing and dynamic padding are those of causal SFT (``sft.pack_sft``/``SftCollator``).
 """
 
 from __future__ import annotations

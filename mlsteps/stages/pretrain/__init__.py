@@ -30,7 +30,7 @@ from mlsteps.engine.modeling import (
     loading_kwargs,
     max_positions,
 )
-from mlsteps.engine.training import save_final, train
+from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError
 from mlsteps.specs.pretrain import PretrainSpec
@@ -169,44 +169,21 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     )
     if spec.freeze_unseen_tokens:
         _freeze_unseen(model, tokenizer, seen, ctx)
-
-    collator: Any
-    evaluators = {}
-    if spec.objective == "clm":
-        collator = lm_data.CausalCollator(tokenizer.pad_token_id)
-        for set_name, val_blocks in val_sets.items():
-            batches = lm_data.eval_batches(val_blocks, collator, spec.train.batch_size)
-            evaluators[set_name] = lm_data.LossEvaluator(batches, causal=True)
-    else:
-        collator = lm_data.MaskingCollator(
-            tokenizer,
-            probability=spec.mlm_probability,
-            whole_word=spec.whole_word_mask,
-            seed=ctx.seed,
-        )
-        for set_name, val_blocks in val_sets.items():
-            eval_masker = lm_data.MaskingCollator(
-                tokenizer,
-                probability=spec.mlm_probability,
-                whole_word=spec.whole_word_mask,
-                seed=ctx.seed + _EVAL_MASK_SEED_OFFSET,
-            )
-            batches = lm_data.eval_batches(val_blocks, eval_masker, spec.train.batch_size)
-            evaluators[set_name] = lm_data.LossEvaluator(batches, causal=False)
-    evaluator = named_evaluation(evaluators)
-
+    collator, evaluator = _collator_and_evaluation(spec, ctx, tokenizer, val_sets)
     outcome = train(
-        model=model,
-        tokenizer=tokenizer,
-        train_dataset=train_blocks,
-        eval_dataset=None,
-        data_collator=collator,
-        spec=spec.train,
-        ctx=ctx,
-        extra_eval=evaluator,
-        group_by_length=False,  # packed blocks all have the same length
-        seq_len_for_mfu=spec.max_seq_len,
-        eval_at_start=True,
+        TrainRequest(
+            model=model,
+            tokenizer=tokenizer,
+            train_dataset=train_blocks,
+            eval_dataset=None,
+            data_collator=collator,
+            spec=spec.train,
+            ctx=ctx,
+            extra_eval=evaluator,
+            group_by_length=False,  # packed blocks all have the same length
+            seq_len_for_mfu=spec.max_seq_len,
+            eval_at_start=True,
+        )
     )
 
     metrics: dict[str, Any] = dict(outcome.metrics)
@@ -217,8 +194,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     # Token ids that never occur in training learn nothing about their meaning (see
     # freeze_unseen_tokens): a later stage that needs many of them is better served by more data.
     metrics["train_vocab_coverage"] = len(seen) / vocab_size
-    initial = outcome.initial_metrics
-    for key, value in initial.items():
+    for key, value in outcome.initial_metrics.items():
         if key.endswith(("_loss", "_perplexity")):
             metrics[f"initial_{key}"] = value
     if any(k.startswith("val_") and k.endswith("_perplexity") for k in metrics):
@@ -232,6 +208,37 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
         tokenizer.model_max_length = limit
     final = save_final(model, tokenizer, ctx, state_dict=outcome.full_state_dict)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+def _collator_and_evaluation(
+    spec: PretrainSpec, ctx: StageContext, tokenizer: Any, val_sets: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The training collator (CLM shift, or MLM masking seeded by the recipe) and the exact
+    token-weighted validation of every set (MLM: masked with its own fixed seed)."""
+    collator: Any
+    evaluators = {}
+    if spec.objective == "clm":
+        collator = lm_data.CausalCollator(tokenizer.pad_token_id)
+        for set_name, val_blocks in val_sets.items():
+            batches = lm_data.eval_batches(val_blocks, collator, spec.train.batch_size)
+            evaluators[set_name] = lm_data.LossEvaluator(batches, causal=True)
+        return collator, named_evaluation(evaluators)
+    collator = lm_data.MaskingCollator(
+        tokenizer,
+        probability=spec.mlm_probability,
+        whole_word=spec.whole_word_mask,
+        seed=ctx.seed,
+    )
+    for set_name, val_blocks in val_sets.items():
+        eval_masker = lm_data.MaskingCollator(
+            tokenizer,
+            probability=spec.mlm_probability,
+            whole_word=spec.whole_word_mask,
+            seed=ctx.seed + _EVAL_MASK_SEED_OFFSET,
+        )
+        batches = lm_data.eval_batches(val_blocks, eval_masker, spec.train.batch_size)
+        evaluators[set_name] = lm_data.LossEvaluator(batches, causal=False)
+    return collator, named_evaluation(evaluators)
 
 
 def _freeze_unseen(model: Any, tokenizer: Any, seen: Any, ctx: StageContext) -> None:

@@ -30,7 +30,6 @@ from transformers import set_seed
 from mlsteps.context import StageContext, StageResult
 from mlsteps.distributed import main_process_first
 from mlsteps.engine import chat_data, lora
-from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.engine.inference import inspect_source, load_for_inference
 from mlsteps.engine.modeling import (
     ensure_pad_token,
@@ -38,9 +37,12 @@ from mlsteps.engine.modeling import (
     loaded_metrics,
     loading_kwargs,
 )
-from mlsteps.engine.training import save_final, train
+from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.errors import UserError
 from mlsteps.specs.preference import PreferenceSpec
+from mlsteps.stages.preference.data import load_rows_and_validation, to_trl_rows
+
+__all__ = ["REWARD_CONVENTION", "run", "to_trl_rows"]
 
 REWARD_CONVENTION = {
     "dpo": "DPO implicit reward beta*(log p(answer|prompt) - log p_ref(answer|prompt)), summed "
@@ -63,54 +65,20 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     info = _check_model(source, spec, f"{where}.from")
     if spec.reference_source is not None:
         _check_model(ctx.resolve_source(spec.reference_source), spec, f"{where}.reference")
-    with main_process_first():
-        train_rows, val_rows = _load_rows(spec, ctx, where)
-    train_rows, conversational = to_trl_rows(train_rows, spec, where=f"{where}.data")
-    if val_rows is not None:
-        val_rows, _ = to_trl_rows(val_rows, spec, where=f"{where}.validation")
-    if spec.method == "kto":
-        train_rows = train_rows.shuffle(seed=ctx.seed, keep_in_memory=True)
+    train_rows, val_rows, conversational = _trl_data(spec, ctx, where)
 
     set_seed(ctx.seed)  # same seed, same LoRA init: a resumed run rebuilds the model it left
     loaded = load_for_inference(
         source, trust_remote_code=spec.trust_remote_code, where=where, loading=loading_kwargs(spec)
     )
-    tokenizer = loaded.tokenizer
-    if spec.tokenizer is not None:
-        tokenizer = load_tokenizer(
-            ctx.resolve_source(spec.tokenizer),
-            trust_remote_code=spec.trust_remote_code,
-            where=f"{where}.tokenizer",
-        )
-    ensure_pad_token(tokenizer)
-    if conversational or spec.chat_template is not None:
-        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
+    tokenizer = _tokenizer(spec, ctx, loaded.tokenizer, conversational, where)
     model = _policy(loaded.model, tokenizer)
     loaded_info = loaded_metrics(model, spec)
-    ref_model = None
-    if spec.method in ("dpo", "kto") and (spec.tuning == "full" or spec.reference_source):
-        ref_source = ctx.resolve_source(spec.reference_source or spec.from_)
-        ref = load_for_inference(
-            ref_source,
-            trust_remote_code=spec.trust_remote_code,
-            where=where,
-            loading=loading_kwargs(spec),
-        )
-        ref_model = _policy(ref.model, tokenizer)
-        ref_model.requires_grad_(False)
+    ref_model = _reference(spec, ctx, tokenizer, where)
     if spec.tuning == "lora":
-        if info.adapter_source is not None and not spec.merge:
-            raise UserError(
-                f"'{spec.from_}' is a LoRA adapter; a new adapter on top of it would have no base "
-                "model on disk",
-                where=f"{where}.tuning",
-                hint="set merge: true, or fine-tune the SFT stage with merge: true",
-            )
-        model = lora.wrap(model, spec.lora_spec, "causal_lm", where=f"{where}.lora.target_modules")
+        model = _wrap_lora(spec, info, model, where)
     model.config.use_cache = False
 
-    trainer_cls, args_cls, overrides = _trainer(spec)
-    kwargs = {"ref_model": ref_model} if spec.method in ("dpo", "kto") else {}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ctx.log(
         f"{spec.method}/{spec.tuning}: {len(train_rows)} training rows, "
@@ -118,22 +86,7 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
         f"{n_trainable:,} trainable parameters"
         + (", conversations (chat template applied)" if conversational else "")
     )
-    outcome = train(
-        model=model,
-        tokenizer=tokenizer,
-        train_dataset=train_rows,
-        eval_dataset=val_rows,
-        data_collator=None,  # TRL's own preference collator
-        spec=spec.train,
-        ctx=ctx,
-        trainer_cls=trainer_cls,
-        args_cls=args_cls,
-        args_overrides=overrides,
-        trainer_kwargs=kwargs,
-        group_by_length=False,  # TRL datasets carry no input_ids column to group by
-        seq_len_for_mfu=spec.max_seq_len,
-        eval_at_start=True,
-    )
+    outcome = train(_train_request(spec, ctx, model, tokenizer, train_rows, val_rows, ref_model))
     # TRL's diagnostics (logit means, entropy, token counts) stay in metrics.jsonl only.
     metrics: dict[str, Any] = {
         k: v for k, v in outcome.metrics.items() if not any(n in k for n in _DIAGNOSTICS)
@@ -152,6 +105,48 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     model.config.use_cache = True
     final = _save(spec, ctx, model, tokenizer, source, info, outcome.full_state_dict)
     return StageResult(metrics=metrics, outputs={"final": str(final)})
+
+
+def _trl_data(
+    spec: PreferenceSpec, ctx: StageContext, where: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
+    """Training and validation rows in TRL's columns, and whether they are conversations."""
+    with main_process_first():
+        train_rows, val_rows = load_rows_and_validation(spec, ctx, where)
+    train_rows, conversational = to_trl_rows(train_rows, spec, where=f"{where}.data")
+    if val_rows is not None:
+        val_rows, _ = to_trl_rows(val_rows, spec, where=f"{where}.validation")
+    if spec.method == "kto":
+        train_rows = train_rows.shuffle(seed=ctx.seed, keep_in_memory=True)
+    return train_rows, val_rows, conversational
+
+
+def _train_request(
+    spec: PreferenceSpec,
+    ctx: StageContext,
+    model: Any,
+    tokenizer: Any,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    ref_model: Any,
+) -> TrainRequest:
+    trainer_cls, args_cls, overrides = _trainer(spec)
+    return TrainRequest(
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_rows,
+        eval_dataset=val_rows,
+        data_collator=None,  # TRL's own preference collator
+        spec=spec.train,
+        ctx=ctx,
+        trainer_cls=trainer_cls,
+        args_cls=args_cls,
+        args_overrides=overrides,
+        trainer_kwargs={"ref_model": ref_model} if spec.method in ("dpo", "kto") else {},
+        group_by_length=False,  # TRL datasets carry no input_ids column to group by
+        seq_len_for_mfu=spec.max_seq_len,
+        eval_at_start=True,
+    )
 
 
 # ---------------------------------------------------------------- model
@@ -181,6 +176,51 @@ def _policy(model: Any, tokenizer: Any) -> Any:
         model.resize_token_embeddings(len(tokenizer))  # a builtin chat template added tokens
     model.train()
     return model
+
+
+def _tokenizer(
+    spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, conversational: bool, where: str
+) -> Any:
+    """The model's tokenizer (or ``tokenizer:``) with a pad token and, for conversations, the
+    chat template TRL applies."""
+    if spec.tokenizer is not None:
+        tokenizer = load_tokenizer(
+            ctx.resolve_source(spec.tokenizer),
+            trust_remote_code=spec.trust_remote_code,
+            where=f"{where}.tokenizer",
+        )
+    ensure_pad_token(tokenizer)
+    if conversational or spec.chat_template is not None:
+        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
+    return tokenizer
+
+
+def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, where: str) -> Any:
+    """The frozen reference model DPO/KTO compare against, when it is not the LoRA base itself
+    (None: TRL uses the policy with its adapter disabled, or the method needs none)."""
+    if spec.method not in ("dpo", "kto") or not (spec.tuning == "full" or spec.reference_source):
+        return None
+    ref_source = ctx.resolve_source(spec.reference_source or spec.from_)
+    ref = load_for_inference(
+        ref_source,
+        trust_remote_code=spec.trust_remote_code,
+        where=where,
+        loading=loading_kwargs(spec),
+    )
+    ref_model = _policy(ref.model, tokenizer)
+    ref_model.requires_grad_(False)
+    return ref_model
+
+
+def _wrap_lora(spec: PreferenceSpec, info: Any, model: Any, where: str) -> Any:
+    if info.adapter_source is not None and not spec.merge:
+        raise UserError(
+            f"'{spec.from_}' is a LoRA adapter; a new adapter on top of it would have no base "
+            "model on disk",
+            where=f"{where}.tuning",
+            hint="set merge: true, or fine-tune the SFT stage with merge: true",
+        )
+    return lora.wrap(model, spec.lora_spec, "causal_lm", where=f"{where}.lora.target_modules")
 
 
 def _trainer(spec: PreferenceSpec) -> tuple[Any, Any, dict[str, Any]]:
@@ -216,129 +256,6 @@ def _trainer(spec: PreferenceSpec) -> tuple[Any, Any, dict[str, Any]]:
     if spec.simpo_gamma is not None:
         common["simpo_gamma"] = spec.simpo_gamma
     return CPOTrainer, CPOConfig, common
-
-
-# ---------------------------------------------------------------- data
-
-
-def _load_rows(
-    spec: PreferenceSpec, ctx: StageContext, where: str
-) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir)
-    require_columns(rows, _columns(spec, rows), f"{where}.data")
-    if spec.validation is not None:
-        val = load_rows(spec.validation, where=f"{where}.validation", cache_dir=ctx.cache_dir)
-        require_columns(val, _columns(spec, val), f"{where}.validation")
-        return rows, val
-    return split_validation(
-        rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
-    )
-
-
-def _columns(spec: PreferenceSpec, rows: datasets.Dataset) -> list[str]:
-    if spec.method == "kto":
-        return [spec.prompt_column, spec.completion_column, spec.label_column]
-    pair = [spec.chosen_column, spec.rejected_column]
-    if _implicit_prompt(spec, rows):
-        return pair  # whole conversations: the prompt is their shared turns
-    return [spec.prompt_column, *pair]
-
-
-def _implicit_prompt(spec: PreferenceSpec, rows: datasets.Dataset) -> bool:
-    """Pairs of whole conversations without a prompt column (trl-lib/ultrafeedback_binarized)."""
-    return (
-        spec.method != "kto"
-        and spec.prompt_column not in rows.column_names
-        and spec.chosen_column in rows.column_names
-        and len(rows) > 0
-        and chat_data.is_conversation(rows[0][spec.chosen_column])
-    )
-
-
-def to_trl_rows(
-    rows: datasets.Dataset, spec: PreferenceSpec, *, where: str
-) -> tuple[datasets.Dataset, bool]:
-    """Rows in TRL's column names and types; (rows, conversational). UserError names the first
-    bad cell. Conversational when the first prompt is a conversation; then every prompt must be."""
-    if len(rows) == 0:
-        raise UserError("no rows", where=where, hint="check the data source and its slices")
-    if _implicit_prompt(spec, rows):
-        return _split_conversations(rows, spec, where=where), True
-    kto = spec.method == "kto"
-    answer_cols = [spec.completion_column] if kto else [spec.chosen_column, spec.rejected_column]
-    trl_answers = ["completion"] if kto else ["chosen", "rejected"]
-    conversational = chat_data.is_conversation(rows[0][spec.prompt_column])
-    out: dict[str, list[Any]] = {"prompt": [], **{name: [] for name in trl_answers}}
-    if kto:
-        out["label"] = []
-    for i, row in enumerate(rows):
-        prompt = row[spec.prompt_column]
-        if conversational:
-            out["prompt"].append(
-                chat_data.normalize_messages(prompt, where=where, row=i, column=spec.prompt_column)
-            )
-        else:
-            out["prompt"].append(_text(prompt, spec.prompt_column, i, where))
-        for col, name in zip(answer_cols, trl_answers, strict=True):
-            value = row[col]
-            if conversational:
-                turns = (
-                    [{"role": "assistant", "content": _text(value, col, i, where)}]
-                    if isinstance(value, str)
-                    else chat_data.normalize_messages(value, where=where, row=i, column=col)
-                )
-                out[name].append(turns)
-            else:
-                out[name].append(_text(value, col, i, where))
-        if kto:
-            out["label"].append(_label(row[spec.label_column], spec.label_column, i, where))
-    return datasets.Dataset.from_dict(out), conversational
-
-
-def _split_conversations(rows: datasets.Dataset, spec: PreferenceSpec, *, where: str) -> Any:
-    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": []}
-    for i, row in enumerate(rows):
-        good, bad = (
-            chat_data.normalize_messages(row[col], where=where, row=i, column=col)
-            for col in (spec.chosen_column, spec.rejected_column)
-        )
-        prompt, good, bad = chat_data.split_pair(good, bad)
-        if not prompt or not good or not bad:
-            raise UserError(
-                f"row {i}: columns '{spec.chosen_column}' and '{spec.rejected_column}' share no "
-                "opening turns, so there is no prompt to find",
-                where=where,
-                hint=f"give a '{spec.prompt_column}' column, or conversations that differ only "
-                "in the final answer",
-            )
-        out["prompt"].append(prompt)
-        out["chosen"].append(good)
-        out["rejected"].append(bad)
-    return datasets.Dataset.from_dict(out)
-
-
-def _text(value: Any, column: str, row: int, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        kind = "empty text" if isinstance(value, str) else type(value).__name__
-        raise UserError(
-            f"column '{column}' row {row} is {kind}, expected text",
-            where=where,
-            hint="every prompt and answer must be non-empty text (or, for the prompt, a "
-            "conversation)",
-        )
-    return value
-
-
-def _label(value: Any, column: str, row: int, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise UserError(
-        f"column '{column}' row {row} is {value!r}, expected true or false",
-        where=where,
-        hint="kto labels say whether the completion is desirable: true or false",
-    )
 
 
 # ---------------------------------------------------------------- final/
