@@ -192,7 +192,7 @@ def _execute(spec: Any, run_dir: str | None, *, as_json: bool, **kwargs: Any) ->
 def validate(recipe: RecipeArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
     """Validate a recipe fully without running anything (no torch import)."""
     from mlsteps.recipe import check_data_files, load_recipe
-    from mlsteps.specs.loading import needs_cuda
+    from mlsteps.recipe.specs.loading import needs_cuda
 
     _STATE["json"] = as_json
     spec = load_recipe(recipe, overrides or [])

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from mlsteps.specs import SPEC_BY_KIND
-from mlsteps.specs.common import (
+from mlsteps.recipe.specs import SPEC_BY_KIND
+from mlsteps.recipe.specs.common import (
     INT64_MAX,
     ArchSpec,
     DataSpec,
@@ -24,9 +24,9 @@ from mlsteps.specs.common import (
     Strict,
     TrainSpec,
 )
-from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
-from mlsteps.specs.evaluate import LmEvalSpec, PerplexitySpec
-from mlsteps.specs.loading import QuantizationSpec
+from mlsteps.recipe.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
+from mlsteps.recipe.specs.evaluate import LmEvalSpec, PerplexitySpec
+from mlsteps.recipe.specs.loading import QuantizationSpec
 
 
 def _bound(value: Any) -> str:

@@ -47,7 +47,7 @@ from mlsteps.errors import UserError, did_you_mean
 
 # The metric families and the model kinds they fit live with the recipe models: `validate`
 # checks them too, without importing this module.
-from mlsteps.specs.evaluate import (
+from mlsteps.recipe.specs.evaluate import (
     FITS,
     GENERATION,
     LABELS,

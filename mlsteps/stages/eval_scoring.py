@@ -9,7 +9,7 @@ from mlsteps.context import StageContext
 from mlsteps.distributed import map_sharded
 from mlsteps.engine.rows import generate_for, require_text
 from mlsteps.metrics import table
-from mlsteps.specs.evaluate import EvalSpec
+from mlsteps.recipe.specs.evaluate import EvalSpec
 from mlsteps.stages.eval import _causal_perplexity, _inputs
 
 

@@ -40,7 +40,7 @@ from mlsteps.engine.modeling import (
 )
 from mlsteps.engine.training import save_final, train
 from mlsteps.errors import UserError
-from mlsteps.specs.preference import PreferenceSpec
+from mlsteps.recipe.specs.preference import PreferenceSpec
 
 REWARD_CONVENTION = {
     "dpo": "DPO implicit reward beta*(log p(answer|prompt) - log p_ref(answer|prompt)), summed "

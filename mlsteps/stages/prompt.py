@@ -24,7 +24,7 @@ from mlsteps.prompt.prompter import (
     select_demonstrations,
     template_fields,
 )
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.text_io import atomic_write_jsonl
 
 PREVIEW_FILE = "prompts_preview.jsonl"

@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import (
+from mlsteps.recipe.specs.common import (
     DataSpec,
     Fraction,
     LoraSpec,
@@ -15,7 +15,7 @@ from mlsteps.specs.common import (
     TrainSpec,
     Unused,
 )
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
     attn_field,

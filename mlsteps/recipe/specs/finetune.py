@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import (
+from mlsteps.recipe.specs.common import (
     ArchSpec,
     Bool,
     DataSpec,
@@ -19,7 +19,7 @@ from mlsteps.specs.common import (
     Unused,
     unused_without_validation,
 )
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.loading import (
     QUANT_DESCRIPTION,
     AttnImplementation,
     ModelDtype,
@@ -28,7 +28,7 @@ from mlsteps.specs.loading import (
     loading_problems,
     model_dtype_field,
 )
-from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
+from mlsteps.recipe.specs.validation import VALIDATION_NAMED, ValidationRows
 
 
 def template_fields(template: str, template_format: str = "auto") -> list[str]:

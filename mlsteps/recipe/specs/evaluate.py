@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from mlsteps.metrics import table
-from mlsteps.specs.common import (
+from mlsteps.recipe.specs.common import (
     Bool,
     DataSpec,
     GenerationSpec,
@@ -19,7 +19,7 @@ from mlsteps.specs.common import (
     Strict,
     Unused,
 )
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
     attn_field,

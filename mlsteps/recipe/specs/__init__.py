@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from mlsteps.specs import _build  # first: no plugin discovery while the models build
-from mlsteps.specs.common import (
+from mlsteps.recipe.specs import _build  # first: no plugin discovery while the models build
+from mlsteps.recipe.specs.common import (
     ArchSpec,
     DataSpec,
     GenerationSpec,
@@ -15,13 +15,13 @@ from mlsteps.specs.common import (
     Strict,
     TrainSpec,
 )
-from mlsteps.specs.distributed import DistributedSpec
-from mlsteps.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
-from mlsteps.specs.finetune import FinetuneSpec
-from mlsteps.specs.preference import PreferenceSpec
-from mlsteps.specs.pretrain import PretrainSpec
-from mlsteps.specs.prompt import PromptSpec
-from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.recipe.specs.distributed import DistributedSpec
+from mlsteps.recipe.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.preference import PreferenceSpec
+from mlsteps.recipe.specs.pretrain import PretrainSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.tokenizer import TokenizerSpec
 
 StageSpec = Annotated[
     TokenizerSpec

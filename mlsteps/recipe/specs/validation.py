@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import Discriminator, Field, Tag
 
-from mlsteps.specs.common import DataSpec, SetName, _validation_form
+from mlsteps.recipe.specs.common import DataSpec, SetName, _validation_form
 
 NamedRows = Annotated[dict[SetName, DataSpec], Field(min_length=1)]
 

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import (
+from mlsteps.recipe.specs.common import (
     ENCODER_ONLY_FAMILIES,
     ArchSpec,
     Bool,
@@ -21,7 +21,7 @@ from mlsteps.specs.common import (
     column_list,
     unused_without_validation,
 )
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
     attn_field,

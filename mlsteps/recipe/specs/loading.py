@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from mlsteps.specs.common import Bool, Strict, Unused
+from mlsteps.recipe.specs.common import Bool, Strict, Unused
 
 ModelDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
