@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlsteps.errors import UserError
-from mlsteps.recipe.specs.common import ENCODER_ONLY_FAMILIES
 from mlsteps.recipe.specs.evaluate import FITS, LABELS, LM_EVAL_KINDS
+from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES
 
 _ENCODER_ONLY = ENCODER_ONLY_FAMILIES
 _ENCODER_DECODER = ("t5", "bart")

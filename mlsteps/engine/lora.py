@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from mlsteps.errors import UserError
-from mlsteps.recipe.specs.common import LoraSpec
+from mlsteps.recipe.specs.model import LoraSpec
 
 # Attention projections per model_type (the usual LoRA choice). gpt2's c_proj exists in both the
 # attention and the MLP block; adapting both is the common recipe for gpt2.

@@ -31,7 +31,7 @@ from transformers import (
 from mlsteps.engine.files import check_model_dir
 from mlsteps.errors import UserError, first_line
 from mlsteps.positions import max_positions  # the one rule; stages import it from here too
-from mlsteps.recipe.specs.common import ENCODER_ONLY_FAMILIES, ArchSpec
+from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES, ArchSpec
 
 # Stage tasks -> Auto classes. "causal_lm" is the finetune spelling of "clm".
 _AUTO_CLASSES: dict[str, Any] = {

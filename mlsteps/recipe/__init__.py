@@ -17,7 +17,8 @@ from mlsteps import stage_kinds
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.recipe.errors import field_keys, format_error, short
 from mlsteps.recipe.specs import SPEC_BY_KIND, StageSpec, _build
-from mlsteps.recipe.specs.common import SAFE_NAME_RE, STAGE_NAME_RE, DataSpec, Seed, Strict
+from mlsteps.recipe.specs.base import SAFE_NAME_RE, STAGE_NAME_RE, Seed, Strict
+from mlsteps.recipe.specs.data import DataSpec
 from mlsteps.recipe.specs.distributed import DistributedSpec
 from mlsteps.recipe.yamlio import LoadedYaml, load_yaml_file, parse_scalar
 

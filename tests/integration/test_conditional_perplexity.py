@@ -36,7 +36,7 @@ from mlsteps.engine.inference import load_for_inference
 from mlsteps.errors import UserError
 from mlsteps.metrics.response_perplexity import response_perplexity
 from mlsteps.prompt.prompter import PROMPT_FILE, Demonstration, Prompter, save_prompter
-from mlsteps.recipe.specs.common import DataSpec
+from mlsteps.recipe.specs.data import DataSpec
 from mlsteps.recipe.specs.evaluate import EvalSpec
 from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages import eval as eval_stage

@@ -103,7 +103,7 @@ def test_lora_variants_train_and_round_trip(
         assert hits / len(rows) == pytest.approx(m["val_accuracy"])
         return
     from mlsteps.engine.generation import generate
-    from mlsteps.recipe.specs.common import GenerationSpec
+    from mlsteps.recipe.specs.model import GenerationSpec
 
     preds = [json.loads(line) for line in ctx.predictions_path.read_text().splitlines()]
     again = generate(

@@ -123,7 +123,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     from mlsteps.builtin import load_builtin
     from mlsteps.engine.modeling import build_model
-    from mlsteps.recipe.specs.common import ArchSpec
+    from mlsteps.recipe.specs.model import ArchSpec
 
     root = tmp_path_factory.mktemp("bases")
     rows = (

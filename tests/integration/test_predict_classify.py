@@ -22,7 +22,7 @@ from mlsteps.cli import main
 from mlsteps.engine.generation import generate
 from mlsteps.errors import UserError
 from mlsteps.recipe import validate_recipe
-from mlsteps.recipe.specs.common import GenerationSpec
+from mlsteps.recipe.specs.model import GenerationSpec
 from mlsteps.runner import run_recipe
 
 TOPIC = {"builtin": "toy/topic", "rows": ":200"}

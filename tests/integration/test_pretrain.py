@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from mlsteps.context import StageContext
 from mlsteps.engine.modeling import build_model, max_positions
 from mlsteps.errors import UserError
-from mlsteps.recipe.specs.common import ArchSpec
+from mlsteps.recipe.specs.model import ArchSpec
 from mlsteps.recipe.specs.pretrain import PretrainSpec
 from mlsteps.recipe.specs.tokenizer import TokenizerSpec
 from mlsteps.stages import pretrain, tokenizer

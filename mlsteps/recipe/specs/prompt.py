@@ -6,16 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mlsteps.recipe.specs.common import (
-    Bool,
-    DataSpec,
-    Fraction,
-    PositiveInt,
-    Strict,
-    TrainSpec,
-    Unused,
-    unused_without_validation,
-)
+from mlsteps.recipe.specs.base import Bool, Fraction, PositiveInt, Strict, Unused
+from mlsteps.recipe.specs.data import DataSpec
 from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
@@ -23,7 +15,12 @@ from mlsteps.recipe.specs.loading import (
     loading_problems,
     model_dtype_field,
 )
-from mlsteps.recipe.specs.validation import VALIDATION_NAMED, ValidationRows
+from mlsteps.recipe.specs.train import TrainSpec
+from mlsteps.recipe.specs.validation import (
+    VALIDATION_NAMED,
+    ValidationRows,
+    unused_without_validation,
+)
 
 # The default of hard prompts (zero_shot, few_shot) for classification; chosen by the measured
 # ladder in BENCHMARKS.md ("Low-label ladder").

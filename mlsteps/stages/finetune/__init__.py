@@ -53,8 +53,8 @@ from mlsteps.engine.modeling import (
 )
 from mlsteps.engine.training import save_final, train
 from mlsteps.errors import UserError
-from mlsteps.recipe.specs.common import ENCODER_ONLY_FAMILIES
 from mlsteps.recipe.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES
 from mlsteps.stages.finetune import chat
 from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import evaluation as fe
