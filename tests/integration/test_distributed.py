@@ -103,7 +103,7 @@ def _helper_results(root: Path) -> dict[str, Any]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlsteps.stages.eval import _causal_perplexity
+    from mlsteps.stages.eval.scoring import _causal_perplexity
 
     model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
     tok = AutoTokenizer.from_pretrained(root / "model")
