@@ -454,7 +454,7 @@ def bench_tokenizer(vocab_size: int = 8000) -> Path:
 
 
 def gpt2_arch(layers: int = 4, width: int = 256, heads: int = 4, positions: int = 256) -> Any:
-    from mlsteps.specs.common import ArchSpec
+    from mlsteps.recipe.specs.model import ArchSpec
 
     return ArchSpec(
         family="gpt2", n_layers=layers, hidden_size=width, n_heads=heads, max_positions=positions

@@ -97,7 +97,7 @@ def main() -> None:
 
     from mlsteps.engine.generation import generate
     from mlsteps.engine.modeling import ensure_pad_token, load_tokenizer
-    from mlsteps.specs.common import GenerationSpec
+    from mlsteps.recipe.specs.model import GenerationSpec
 
     tok = load_tokenizer(str(common.bench_tokenizer(8000)))
     ensure_pad_token(tok)

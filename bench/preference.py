@@ -69,7 +69,7 @@ def _peak_mb() -> float:
 
 def run_mlsteps(base: Path, steps: int, batch: int, workdir: Path) -> dict[str, float]:
     from mlsteps.context import StageContext
-    from mlsteps.specs.preference import PreferenceSpec
+    from mlsteps.recipe.specs.preference import PreferenceSpec
     from mlsteps.stages import preference
 
     data = workdir / "pairs.jsonl"

@@ -189,7 +189,7 @@ def optimizer_step_ms(model: Any, reps: int = 5) -> dict[str, float]:
 def pack_child(mb: float) -> None:
     """Child process: tokenise + pack ~``mb`` MB of wikitext through the pretrain data path."""
     from mlsteps.engine.data import load_rows
-    from mlsteps.specs.common import DataSpec
+    from mlsteps.recipe.specs.data import DataSpec
     from mlsteps.stages.pretrain import lm_data
 
     tmp = Path(tempfile.mkdtemp())

@@ -144,7 +144,7 @@ def throughput(mb: int, tok_dir: Path, reps: int, num_proc: int) -> dict[str, An
     from transformers import AutoTokenizer
 
     from mlsteps.engine.data import TEXT_COLUMN, load_text
-    from mlsteps.specs.common import DataSpec
+    from mlsteps.recipe.specs.data import DataSpec
     from mlsteps.stages.pretrain import packing
 
     text = make_text(mb)

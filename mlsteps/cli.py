@@ -146,7 +146,7 @@ def run(
 def validate(recipe: RecipeArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
     """Validate a recipe fully without running anything (no torch import)."""
     from mlsteps.recipe import check_data_files, load_recipe
-    from mlsteps.specs.loading import needs_cuda
+    from mlsteps.recipe.specs.loading import needs_cuda
 
     STATE["json"] = as_json
     spec = load_recipe(recipe, overrides or [])

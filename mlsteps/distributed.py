@@ -32,7 +32,7 @@ from mlsteps.errors import (
 )
 
 if TYPE_CHECKING:
-    from mlsteps.specs.distributed import DistributedSpec
+    from mlsteps.recipe.specs.distributed import DistributedSpec
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -79,7 +79,7 @@ def configure(spec: DistributedSpec | None) -> None:
 
 
 def settings() -> DistributedSpec:
-    from mlsteps.specs.distributed import DistributedSpec
+    from mlsteps.recipe.specs.distributed import DistributedSpec
 
     spec = _SETTINGS["spec"]
     return spec if spec is not None else DistributedSpec()

@@ -13,10 +13,10 @@ from mlsteps.errors import StageInterrupted, UserError, did_you_mean
 from mlsteps.executor import RunResult, StageRunner
 from mlsteps.fingerprint import recipe_fingerprints
 from mlsteps.recipe import Recipe, check_data_files
+from mlsteps.recipe.specs.loading import check_devices
 from mlsteps.run_plan import Recorded, plan_run
 from mlsteps.rundir import RunLock, check_run_dir, read_json, read_state
 from mlsteps.runstate import open_run_dir
-from mlsteps.specs.loading import check_devices
 
 
 def rank() -> int:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlsteps.errors import UserError
-from mlsteps.specs.common import ENCODER_ONLY_FAMILIES
-from mlsteps.specs.evaluate import FITS, LABELS, LM_EVAL_KINDS
+from mlsteps.recipe.specs.evaluate import FITS, LABELS, LM_EVAL_KINDS
+from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES
 
 _ENCODER_ONLY = ENCODER_ONLY_FAMILIES
 _ENCODER_DECODER = ("t5", "bart")
@@ -110,7 +110,7 @@ def _check_lm_eval(
 ) -> None:
     """lm-eval's HF class scores plain causal LMs, LoRA adapters and seq2seq models; a prompted
     model (a prompt stage, or a directory with mlsteps_prompt.json) is refused: lm-eval would
-    drop its template or misalign its soft prompt (see specs.evaluate.LM_EVAL_KINDS)."""
+    drop its template or misalign its soft prompt (see recipe.specs.evaluate.LM_EVAL_KINDS)."""
     import json
     from pathlib import Path
 

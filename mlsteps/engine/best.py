@@ -27,7 +27,7 @@ from mlsteps import distributed
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.engine.train_callbacks import Shared
 from mlsteps.errors import StageFailed, UserError
-from mlsteps.specs.common import KeepBestSpec, TrainSpec
+from mlsteps.recipe.specs.train import KeepBestSpec, TrainSpec
 
 BEST_FILE = "mlsteps_best.json"
 

@@ -20,7 +20,7 @@ from mlsteps.engine.files import (
     first_missing,
 )
 from mlsteps.errors import UserError, did_you_mean, first_line
-from mlsteps.specs.common import DataSpec
+from mlsteps.recipe.specs.data import DataSpec
 
 
 def load_rows(

@@ -24,7 +24,7 @@ from mlsteps.engine.files import (
     wide_encoding_error,
 )
 from mlsteps.errors import UserError, first_line
-from mlsteps.specs.common import DataSpec
+from mlsteps.recipe.specs.data import DataSpec
 
 _EXTENSIONS = {
     ".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",

@@ -19,7 +19,7 @@ import torch
 from mlsteps.engine.chat_data import special_tokens_for
 from mlsteps.errors import UserError
 from mlsteps.positions import max_positions
-from mlsteps.specs.common import GenerationSpec
+from mlsteps.recipe.specs.model import GenerationSpec
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsteps.errors import UserError, did_you_mean, first_line
-from mlsteps.specs.evaluate import LM_EVAL_KINDS, LmEvalSpec
+from mlsteps.recipe.specs.evaluate import LM_EVAL_KINDS, LmEvalSpec
 
 _KIND_NAMES = {"mlm": "a masked LM", "classification": "a sequence classifier"}
 

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from mlsteps.errors import UserError
-from mlsteps.specs.common import LoraSpec
+from mlsteps.recipe.specs.model import LoraSpec
 
 # Attention projections per model_type (the usual LoRA choice). gpt2's c_proj exists in both the
 # attention and the MLP block; adapting both is the common recipe for gpt2.
@@ -206,7 +206,7 @@ def _to_fp32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _train_in_fp32(model: torch.nn.Module) -> None:
     """Weights that train stay fp32 on a half-precision base (model_dtype bf16/fp16; the rule of
-    specs/loading.py). peft keeps LoRA weights in fp32 and casts their input itself
+    recipe/specs/loading.py). peft keeps LoRA weights in fp32 and casts their input itself
     (autocast_adapter_dtype); the trained copies of heads (modules_to_save) would otherwise
     train in the base's half type: they get fp32 weights and an input cast."""
     for module in model.modules():

@@ -31,7 +31,7 @@ from transformers import (
 from mlsteps.engine.files import check_model_dir
 from mlsteps.errors import UserError, first_line
 from mlsteps.positions import max_positions  # the one rule; stages import it from here too
-from mlsteps.specs.common import ENCODER_ONLY_FAMILIES, ArchSpec
+from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES, ArchSpec
 
 # Stage tasks -> Auto classes. "causal_lm" is the finetune spelling of "clm".
 _AUTO_CLASSES: dict[str, Any] = {
@@ -176,7 +176,7 @@ def build_model(
     """A freshly initialised model of ``arch.family`` for ``task`` (clm, mlm, seq2seq, classification).
 
     Seed the RNG before calling (``transformers.set_seed``) for reproducible initial weights.
-    A new model is always fp32: its weights train (see specs/loading.py).
+    A new model is always fp32: its weights train (see recipe/specs/loading.py).
     """
     allowed = _FAMILIES_FOR_TASK.get(task)
     if allowed is None:
@@ -201,8 +201,8 @@ def build_model(
 def loading_kwargs(spec: Any) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments from a stage spec's model-loading fields
     (``model_dtype``, ``attn_implementation``, ``quantization``; absent fields: the defaults).
-    ``auto`` is fp32: the master copy mixed precision trains from (specs/loading.py)."""
-    from mlsteps.specs.loading import TORCH_DTYPES
+    ``auto`` is fp32: the master copy mixed precision trains from (recipe/specs/loading.py)."""
+    from mlsteps.recipe.specs.loading import TORCH_DTYPES
 
     dtype = getattr(spec, "model_dtype", "auto")
     out: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES.get(dtype, "float32"))}
@@ -218,7 +218,7 @@ def loading_kwargs(spec: Any) -> dict[str, Any]:
             bnb["bnb_4bit_compute_dtype"] = getattr(torch, bnb["bnb_4bit_compute_dtype"])
         out["quantization_config"] = BitsAndBytesConfig(**bnb)
         # k-bit weights are made on the GPU, each process on its own one (torchrun's LOCAL_RANK);
-        # the run-start check (specs/loading.check_devices) refused a machine without CUDA.
+        # the run-start check (recipe/specs/loading.check_devices) refused a machine without CUDA.
         out["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return out
 

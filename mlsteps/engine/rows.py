@@ -9,7 +9,7 @@ from typing import Any
 from mlsteps.context import StageContext
 from mlsteps.distributed import is_main
 from mlsteps.errors import UserError
-from mlsteps.specs.common import GenerationSpec
+from mlsteps.recipe.specs.model import GenerationSpec
 from mlsteps.text_io import atomic_write_jsonl
 
 

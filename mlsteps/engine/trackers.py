@@ -25,7 +25,7 @@ import yaml
 
 from mlsteps import distributed
 from mlsteps.context import StageContext
-from mlsteps.specs.common import TrainSpec
+from mlsteps.recipe.specs.train import TrainSpec
 
 STATE_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 from mlsteps import distributed
 from mlsteps.context import StageContext
 from mlsteps.errors import UserError
-from mlsteps.specs.common import TrainSpec
+from mlsteps.recipe.specs.train import TrainSpec
 
 
 def _use_bf16(spec: TrainSpec) -> bool:

@@ -19,7 +19,7 @@ from mlsteps.context import StageContext
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.engine.progress import RichProgress
 from mlsteps.errors import StageFailed
-from mlsteps.specs.common import TrainSpec
+from mlsteps.recipe.specs.train import TrainSpec
 
 RESUME_STATE_FILE = "mlsteps_state.json"
 ExtraEval = Callable[[torch.nn.Module], dict[str, float]]

@@ -55,7 +55,7 @@ from mlsteps.engine.train_callbacks import (
     restore_collator_state,
 )
 from mlsteps.errors import StageFailed, StageInterrupted
-from mlsteps.specs.common import TrainSpec
+from mlsteps.recipe.specs.train import TrainSpec
 
 
 @dataclass

@@ -184,6 +184,33 @@ def causal_lm_perplexity(
     scores its share, and their NLL sums and token counts add up to the whole). Byte and word
     counts always cover all of ``texts``.
     """
+    window, stride = _window_and_stride(model, window_tokens, stride_tokens, where)
+    docs = [t for t in texts if t.strip()]
+    prefix_id, prefix_note = _prefix_token(tokenizer)
+    prefix = [prefix_id] if prefix_id is not None else []
+    sep_id = tokenizer.eos_token_id if mode == "stream" else None
+    sequences = _sequences(_tokenize(tokenizer, docs), prefix, mode, sep_id)
+    windows = [w for seq, ok in sequences for w in _windows(seq, ok, window, stride)]
+    windows = [w for w in windows if any(w.scored)]
+    if not windows:
+        raise UserError("no tokens to score", where=where, hint="the text column is empty or blank")
+    if shard is not None:
+        windows = [windows[i] for i in shard(len(windows))]
+    nll_sum, scored = _score_windows(model, tokenizer, windows, batch_size)
+    return PerplexityResult(
+        nll_sum_nats=nll_sum,
+        scored_tokens=scored,
+        utf8_bytes=sum(len(d.encode("utf-8")) for d in docs),
+        words=sum(count_words(d) for d in docs),
+        convention=_causal_convention(window, stride, mode, prefix_note, scored),
+    )
+
+
+def _window_and_stride(
+    model: Any, window_tokens: int | None, stride_tokens: int | None, where: str
+) -> tuple[int, int]:
+    """The window (default: the model's positions, at most DEFAULT_MAX_WINDOW) and the stride
+    (default: the window), checked against the model and each other."""
     limit = max_positions(model)
     window = window_tokens or (min(limit, DEFAULT_MAX_WINDOW) if limit else None)
     if window is None:
@@ -201,32 +228,36 @@ def causal_lm_perplexity(
         raise UserError(
             f"stride {stride} exceeds window {window}", where=where, hint="use stride <= window"
         )
-    docs = [t for t in texts if t.strip()]
-    prefix_id, prefix_note = _prefix_token(tokenizer)
-    prefix = [prefix_id] if prefix_id is not None else []
-    token_lists = _tokenize(tokenizer, docs)
+    return window, stride
+
+
+def _sequences(
+    token_lists: list[list[int]], prefix: list[int], mode: str, sep_id: int | None
+) -> list[tuple[list[int], list[bool]]]:
+    """The token sequences windows are cut from, each with which tokens are scored: one per
+    non-empty row (document mode), or all rows joined with EOS, which is context (stream)."""
     sequences: list[tuple[list[int], list[bool]]] = []
     if mode == "document":
         for ids in token_lists:
             if ids:
                 seq = prefix + ids
                 sequences.append((seq, [True] * len(seq)))
-    else:
-        sep_id = tokenizer.eos_token_id
-        seq, scorable = list(prefix), [True] * len(prefix)
-        for ids in token_lists:
-            if len(seq) > len(prefix) and sep_id is not None:
-                seq.append(sep_id)
-                scorable.append(False)  # the separator is context, not text
-            seq += ids
-            scorable += [True] * len(ids)
-        sequences.append((seq, scorable))
-    windows = [w for seq, ok in sequences for w in _windows(seq, ok, window, stride)]
-    windows = [w for w in windows if any(w.scored)]
-    if not windows:
-        raise UserError("no tokens to score", where=where, hint="the text column is empty or blank")
-    if shard is not None:
-        windows = [windows[i] for i in shard(len(windows))]
+        return sequences
+    seq, scorable = list(prefix), [True] * len(prefix)
+    for ids in token_lists:
+        if len(seq) > len(prefix) and sep_id is not None:
+            seq.append(sep_id)
+            scorable.append(False)  # the separator is context, not text
+        seq += ids
+        scorable += [True] * len(ids)
+    sequences.append((seq, scorable))
+    return sequences
+
+
+def _score_windows(
+    model: Any, tokenizer: Any, windows: list[_Window], batch_size: int
+) -> tuple[float, int]:
+    """The NLL sum (nats, accumulated in float64) and the count of the windows' scored tokens."""
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll_sum = 0.0
@@ -242,22 +273,19 @@ def causal_lm_perplexity(
             keep = torch.tensor(w.scored, device=device)
             nll_sum += float(nll[keep].double().sum())
             scored += int(keep.sum())
+    return nll_sum, scored
+
+
+def _causal_convention(window: int, stride: int, mode: str, prefix_note: str, scored: int) -> str:
     doc_note = (
         "document (each row scored from its start)"
         if mode == "document"
         else "stream (rows joined with EOS; separators are context, not scored)"
     )
-    convention = (
+    return (
         f"causal LM; window={window} tokens, stride={stride} (overlap is context only); "
         f"mode={doc_note}; {prefix_note}; ppl=exp(sum NLL/{scored} tokens); bits_per_byte over "
         f"UTF-8 bytes; word_perplexity over whitespace words (+1 per CJK char); blank rows skipped"
-    )
-    return PerplexityResult(
-        nll_sum_nats=nll_sum,
-        scored_tokens=scored,
-        utf8_bytes=sum(len(d.encode("utf-8")) for d in docs),
-        words=sum(count_words(d) for d in docs),
-        convention=convention,
     )
 
 

@@ -177,14 +177,7 @@ def response_perplexity(
     what the prompt was. ``shard(n_items)`` picks the windows/examples scored here (several
     processes add their sums); byte and word counts always cover all rows.
     """
-    if len(prompts) != len(references):
-        raise UserError(
-            f"{len(prompts)} prompts but {len(references)} reference rows",
-            where=where,
-        )
-    refs = [list(r) for r in references]
-    if not refs or any(not r for r in refs):
-        raise UserError("no references to score", where=where, hint="drop rows without one")
+    refs = _check_rows(prompts, references, where)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     prompt_ids = encode_prompts(tokenizer, list(prompts), decoder_only=not seq2seq)
     if seq2seq:
@@ -194,26 +187,8 @@ def response_perplexity(
             "reference the decoder labels (text_target tokenisation, EOS appended if missing)"
         )
     else:
-        limit = max_positions(model)
-        window = window_tokens or (min(limit, DEFAULT_MAX_WINDOW) if limit else None)
-        if window is None:
-            raise UserError(
-                "the model config states no maximum length",
-                where=where,
-                hint="set perplexity.window",
-            )
-        stride = min(stride_tokens or window, window)
-        items = _causal_items(tokenizer, prompt_ids, refs, answer_prefix, window, stride)
-        eos = (
-            "then EOS (scored, as SFT trains it)"
-            if tokenizer.eos_token_id is not None
-            else ("no EOS (the tokenizer has none)")
-        )
-        layout = (
-            f"causal LM: prompt tokens as in generation, then {answer_prefix!r} + reference "
-            f"tokenised separately without special tokens, {eos}; only reference tokens scored; "
-            f"window={window} (a prompt that does not fit loses tokens from its start; a longer "
-            f"reference is scored with stride={stride})"
+        items, layout = _causal_items_and_layout(
+            model, tokenizer, prompt_ids, refs, answer_prefix, window_tokens, stride_tokens, where
         )
     if shard is not None:
         items = [items[i] for i in shard(len(items))]
@@ -221,6 +196,67 @@ def response_perplexity(
     # Counted apart from the batches, correctly rounded: fractional weights (1/3 for three
     # references) must not make the count depend on the batch order.
     tokens = math.fsum(it.weight * sum(it.scored) for it in items)
+    return ResponsePerplexityResult(
+        nll_sum_nats=nll_sum,
+        scored_tokens=tokens,
+        utf8_bytes=sum(sum(len(x.encode("utf-8")) for x in r) / len(r) for r in refs),
+        words=sum(sum(count_words(x) for x in r) / len(r) for r in refs),
+        convention=_convention(prompt_note, layout, tokens, refs),
+    )
+
+
+def _check_rows(
+    prompts: Sequence[str], references: Sequence[Sequence[str]], where: str
+) -> list[list[str]]:
+    """The references as lists, refused unless there is one row per prompt, none without one."""
+    if len(prompts) != len(references):
+        raise UserError(
+            f"{len(prompts)} prompts but {len(references)} reference rows",
+            where=where,
+        )
+    refs = [list(r) for r in references]
+    if not refs or any(not r for r in refs):
+        raise UserError("no references to score", where=where, hint="drop rows without one")
+    return refs
+
+
+def _causal_items_and_layout(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    refs: list[list[str]],
+    answer_prefix: str,
+    window_tokens: int | None,
+    stride_tokens: int | None,
+    where: str,
+) -> tuple[list[_Item], str]:
+    """A causal LM's items (window: the model's positions, at most DEFAULT_MAX_WINDOW) and the
+    convention's words for how prompt and reference are laid out."""
+    limit = max_positions(model)
+    window = window_tokens or (min(limit, DEFAULT_MAX_WINDOW) if limit else None)
+    if window is None:
+        raise UserError(
+            "the model config states no maximum length",
+            where=where,
+            hint="set perplexity.window",
+        )
+    stride = min(stride_tokens or window, window)
+    items = _causal_items(tokenizer, prompt_ids, refs, answer_prefix, window, stride)
+    eos = (
+        "then EOS (scored, as SFT trains it)"
+        if tokenizer.eos_token_id is not None
+        else ("no EOS (the tokenizer has none)")
+    )
+    layout = (
+        f"causal LM: prompt tokens as in generation, then {answer_prefix!r} + reference "
+        f"tokenised separately without special tokens, {eos}; only reference tokens scored; "
+        f"window={window} (a prompt that does not fit loses tokens from its start; a longer "
+        f"reference is scored with stride={stride})"
+    )
+    return items, layout
+
+
+def _convention(prompt_note: str, layout: str, tokens: float, refs: list[list[str]]) -> str:
     n_refs = sum(len(r) for r in refs)
     several = (
         f"; several references: mean over a row's references ({n_refs} references, "
@@ -228,17 +264,10 @@ def response_perplexity(
         if n_refs > len(refs)
         else ""
     )
-    convention = (
+    return (
         f"response perplexity of the reference given {prompt_note}; {layout}; "
         f"ppl=exp(sum NLL/{tokens:g} tokens) over the corpus; bits_per_byte over the reference's "
         f"UTF-8 bytes, word_perplexity over its whitespace words (+1 per CJK char){several}"
-    )
-    return ResponsePerplexityResult(
-        nll_sum_nats=nll_sum,
-        scored_tokens=tokens,
-        utf8_bytes=sum(sum(len(x.encode("utf-8")) for x in r) / len(r) for r in refs),
-        words=sum(sum(count_words(x) for x in r) / len(r) for r in refs),
-        convention=convention,
     )
 
 

@@ -4,7 +4,7 @@ Each :class:`Metric` says which model kinds it fits, the option family that deci
 and option blocks of the eval recipe it reads, the ladder columns it writes (each with its better
 direction and its scale) and where its compute function lives (a ``module:function`` path,
 imported only when scoring, so that ``validate`` and ``--help`` stay torch-free). The recipe
-validation (specs/evaluate.py), the eval stage's dispatch, ``mlsteps score`` and the report's
+validation (recipe/specs/evaluate.py), the eval stage's dispatch, ``mlsteps score`` and the report's
 best-value marks and 0-100 ladder scale are all read from here.
 
 lm-eval results (engine/harness.py) are not in the table: they keep lm-eval's own
@@ -44,7 +44,7 @@ class Metric:
     language: bool = False  # its tokenisation follows target_lang
 
 
-# Option families: which data columns and option blocks a metric reads (specs/evaluate.py).
+# Option families: which data columns and option blocks a metric reads (recipe/specs/evaluate.py).
 FAMILIES = ("perplexity", "response", "masked", "generation", "labels", "preference")
 
 _CAUSAL = frozenset({"clm"})

@@ -311,7 +311,7 @@ def preview_records(
     model: Any, tokenizer: Any, prompter: Any, rows: list[dict[str, Any]], *, seed: int
 ) -> list[dict[str, Any]]:
     """Prompt, expected answer and the model's output (greedy generation, or the ranked label)."""
-    from mlsteps.specs.common import GenerationSpec
+    from mlsteps.recipe.specs.model import GenerationSpec
 
     if not rows:
         return []

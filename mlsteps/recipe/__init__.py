@@ -11,14 +11,17 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
+# the module, not its function: stage_kinds imports recipe.specs, which runs this __init__ first,
+# so when stage_kinds is the first module imported it is still half-built here
+from mlsteps import stage_kinds
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.recipe.data_checks import check_data_files, data_specs
 from mlsteps.recipe.errors import field_keys, format_error, short
+from mlsteps.recipe.specs import SPEC_BY_KIND, StageSpec, _build
+from mlsteps.recipe.specs.base import SAFE_NAME_RE, STAGE_NAME_RE, Seed, Strict
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.distributed import DistributedSpec
 from mlsteps.recipe.yamlio import LoadedYaml, load_yaml_file, parse_scalar
-from mlsteps.specs import SPEC_BY_KIND, StageSpec, _build
-from mlsteps.specs.common import SAFE_NAME_RE, STAGE_NAME_RE, DataSpec, Seed, Strict
-from mlsteps.specs.distributed import DistributedSpec
-from mlsteps.stage_kinds import check_kinds
 
 # Files at the top of a run directory; a stage directory of the same name would clobber them.
 __all__ = [
@@ -29,7 +32,7 @@ __all__ = [
 RESERVED_NAMES = frozenset({"state.json", "metrics.json", "report.md", "env.json", "recipe.yaml"})
 
 
-_build.off()  # see mlsteps.specs._build
+_build.off()  # see mlsteps.recipe.specs._build
 
 
 class Recipe(Strict):
@@ -318,7 +321,7 @@ def validate_recipe(
         raise format_error(errors[0], doc, source, Recipe, overrides or [], given) from None
     check_references(recipe, doc)
     check_field_rules(recipe, raw, doc, source, override_prefix if overrides else None)
-    check_kinds(recipe, doc)
+    stage_kinds.check_kinds(recipe, doc)
     return recipe
 
 

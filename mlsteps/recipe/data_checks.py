@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from mlsteps.errors import UserError, did_you_mean
-from mlsteps.specs.common import DataSpec
+from mlsteps.recipe.specs.data import DataSpec
 
 if TYPE_CHECKING:
     from mlsteps.recipe import Recipe

@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from mlsteps.errors import UserError, did_you_mean
+from mlsteps.recipe.specs import SPEC_BY_KIND
 from mlsteps.recipe.yamlio import LoadedYaml, parse_scalar
-from mlsteps.specs import SPEC_BY_KIND
 
 
 def short(text: str, limit: int = 80) -> str:

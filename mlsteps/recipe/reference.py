@@ -14,19 +14,14 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from mlsteps.specs import SPEC_BY_KIND
-from mlsteps.specs.common import (
-    INT64_MAX,
-    ArchSpec,
-    DataSpec,
-    GenerationSpec,
-    LoraSpec,
-    Strict,
-    TrainSpec,
-)
-from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
-from mlsteps.specs.evaluate import LmEvalSpec, PerplexitySpec
-from mlsteps.specs.loading import QuantizationSpec
+from mlsteps.recipe.specs import SPEC_BY_KIND
+from mlsteps.recipe.specs.base import INT64_MAX, Strict
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
+from mlsteps.recipe.specs.evaluate import LmEvalSpec, PerplexitySpec
+from mlsteps.recipe.specs.loading import QuantizationSpec
+from mlsteps.recipe.specs.model import ArchSpec, GenerationSpec, LoraSpec
+from mlsteps.recipe.specs.train import TrainSpec
 
 
 def _bound(value: Any) -> str:

@@ -21,7 +21,7 @@ from mlsteps.engine.rows import (
     write_jsonl,
 )
 from mlsteps.errors import UserError
-from mlsteps.specs.evaluate import PredictSpec
+from mlsteps.recipe.specs.evaluate import PredictSpec
 from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
 
 

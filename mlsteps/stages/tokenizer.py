@@ -26,7 +26,7 @@ from mlsteps.engine.checkpoints import write_dir_atomically
 from mlsteps.engine.data import TEXT_COLUMN, load_text
 from mlsteps.engine.modeling import load_tokenizer
 from mlsteps.errors import UserError
-from mlsteps.specs.tokenizer import SPECIAL_ROLES, TokenizerSpec
+from mlsteps.recipe.specs.tokenizer import SPECIAL_ROLES, TokenizerSpec
 
 # Role -> token text, per naming style. BERT-style names for WordPiece, <x> elsewhere.
 _BRACKET = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.errors import StageFailed, StageInterrupted, UserError
 from mlsteps.recipe import validate_recipe
-from mlsteps.specs.pretrain import PretrainSpec
+from mlsteps.recipe.specs.pretrain import PretrainSpec
 from tests.integration.test_training_resume import _ctx, _spec
 from tests.integration.test_training_resume import tok_dirs as tok_dirs  # noqa: F401 - fixture
 

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mlsteps.prompt.prompter import CONTENT_FREE_INPUTS, Demonstration, Prompter
 from mlsteps.prompt.scoring import classify_prompted, rank_classify
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 
 WORDS = ["good", "bad", "movie", "plot", "dull", "great", "film", "acting", "the", "was"]
 VERBALIZER = {"1": "great", "0": "dull"}

@@ -36,9 +36,9 @@ from mlsteps.engine.inference import load_for_inference
 from mlsteps.errors import UserError
 from mlsteps.metrics.response_perplexity import response_perplexity
 from mlsteps.prompt.prompter import PROMPT_FILE, Demonstration, Prompter, save_prompter
-from mlsteps.specs.common import DataSpec
-from mlsteps.specs.evaluate import EvalSpec
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.evaluate import EvalSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages import eval as eval_stage
 from mlsteps.stages.finetune import sft as fs
 from mlsteps.stages.finetune.evaluation import prompter_json

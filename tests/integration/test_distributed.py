@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from mlsteps import distributed
 from mlsteps.distributed import LaunchOptions, check_options, map_sharded, shard_indices
 from mlsteps.errors import UserError
-from mlsteps.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
+from mlsteps.recipe.specs.distributed import DeepSpeedSpec, DistributedSpec, FsdpSpec
 
 SIZES = (7, 40, 101)
 WORDS = "the a toy river stone bird sings under over red blue small quick lazy fox dog".split()
@@ -103,7 +103,7 @@ def _helper_results(root: Path) -> dict[str, Any]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlsteps.stages.eval import _causal_perplexity
+    from mlsteps.stages.eval.scoring import _causal_perplexity
 
     model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
     tok = AutoTokenizer.from_pretrained(root / "model")
@@ -185,7 +185,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mlsteps.context import StageContext
-    from mlsteps.specs.tokenizer import TokenizerSpec
+    from mlsteps.recipe.specs.tokenizer import TokenizerSpec
     from mlsteps.stages import tokenizer
 
     root = tmp_path_factory.mktemp("dist")

@@ -26,8 +26,9 @@ from mlsteps.engine.generation import generate
 from mlsteps.engine.inference import load_for_inference
 from mlsteps.errors import UserError
 from mlsteps.metrics import perplexity, text
-from mlsteps.specs.common import DataSpec, GenerationSpec
-from mlsteps.specs.evaluate import EvalSpec, PredictSpec
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.evaluate import EvalSpec, PredictSpec
+from mlsteps.recipe.specs.model import GenerationSpec
 from mlsteps.stages import eval as eval_stage
 from mlsteps.stages import predict as predict_stage
 

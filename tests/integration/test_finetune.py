@@ -27,8 +27,8 @@ from mlsteps.context import StageContext
 from mlsteps.engine.modeling import build_model
 from mlsteps.errors import StageInterrupted, UserError
 from mlsteps.prompt.prompter import load_prompter
-from mlsteps.specs.common import ArchSpec
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.model import ArchSpec
 from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import run
 from mlsteps.stages.finetune import sft as fs
@@ -635,7 +635,7 @@ def test_lora_defaults_match_every_family(assets: dict[str, Path], family: str) 
     """Default targets exist in each family, and the new classification head is trained and
     saved with the adapter (modules_to_save), not adapted."""
     from mlsteps.engine import lora
-    from mlsteps.specs.common import LoraSpec
+    from mlsteps.recipe.specs.model import LoraSpec
 
     tokenizer = AutoTokenizer.from_pretrained(assets["tok"])
     model = build_model(ArchSpec(family=family, **TINY), tokenizer, "classification", num_labels=3)

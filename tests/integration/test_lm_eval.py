@@ -230,7 +230,7 @@ def test_unknown_task_is_exit_2(tmp_path: Path, tasks_dir: Path) -> None:
     """A misspelled task fails before any model is loaded, with lm-eval's names suggested."""
     from mlsteps.engine.harness import task_manager
     from mlsteps.errors import UserError
-    from mlsteps.specs.evaluate import LmEvalSpec
+    from mlsteps.recipe.specs.evaluate import LmEvalSpec
 
     spec = LmEvalSpec(tasks=["toy_sentiment_mx"], include_path=str(tasks_dir))
     with pytest.raises(UserError) as err:
@@ -244,7 +244,7 @@ def test_task_files_are_part_of_the_fingerprint(tmp_path: Path) -> None:
     """An edited task YAML under include_path re-runs the stage; no include_path, no change to
     the fingerprints other stages had."""
     from mlsteps.fingerprint import fingerprint
-    from mlsteps.specs.evaluate import EvalSpec
+    from mlsteps.recipe.specs.evaluate import EvalSpec
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -269,7 +269,7 @@ def test_task_files_are_part_of_the_fingerprint(tmp_path: Path) -> None:
 def test_eval_spec_needs_metrics_or_lm_eval(fields: dict[str, Any], message: str) -> None:
     from pydantic import ValidationError
 
-    from mlsteps.specs.evaluate import EvalSpec
+    from mlsteps.recipe.specs.evaluate import EvalSpec
 
     with pytest.raises(ValidationError, match=re.escape(message)):
         EvalSpec(kind="eval", models=["m"], **fields)

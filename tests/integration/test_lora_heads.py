@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from mlsteps.recipe import validate_recipe
 from mlsteps.runner import run_recipe
+from tests.integration.helpers import adapter_logits
 
 RECIPE = {
     "name": "lora-heads",
@@ -74,16 +75,6 @@ TEXTS = [
 ]
 
 
-def _logits(adapter: Path, seed: int) -> torch.Tensor:
-    from mlsteps.engine.inference import load_for_inference
-
-    torch.manual_seed(seed)  # any module the adapter did not save would be drawn from this
-    loaded = load_for_inference(str(adapter))
-    batch = loaded.tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return loaded.model(**batch).logits
-
-
 def test_adapter_predictions_do_not_depend_on_the_load_seed(run_dir: Path) -> None:
     adapter = run_dir / "cls" / "final"
     assert (adapter / "adapter_config.json").is_file()
@@ -96,6 +87,6 @@ def test_adapter_predictions_do_not_depend_on_the_load_seed(run_dir: Path) -> No
         saved = list(f.keys())
     assert any("pooler" in k for k in saved) and any("classifier" in k for k in saved)
 
-    first, second, third = (_logits(adapter, seed) for seed in (0, 1, 12345))
+    first, second, third = (adapter_logits(adapter, seed, TEXTS) for seed in (0, 1, 12345))
     assert torch.equal(first, second) and torch.equal(first, third)
     assert not torch.allclose(first[0], first[1])  # the inputs give different outputs

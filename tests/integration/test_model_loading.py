@@ -1,4 +1,4 @@
-"""Model loading (specs/loading.py, engine/modeling.py, engine/lora.py) on tiny models (2 layers,
+"""Model loading (recipe/specs/loading.py, engine/modeling.py, engine/lora.py) on tiny models (2 layers,
 width 32): LoRA variants (all-linear, DoRA, rsLoRA) train and their adapters reload with plain
 peft to the same predictions; half-precision frozen bases keep fp32 trainable weights; the
 attention kernel is passed through and recorded; CUDA-only settings are refused up front."""
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlsteps.context import StageContext
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages import finetune
 from tests.integration.test_multi_validation import _TASKS, _toy
 from tests.integration.test_multi_validation import bases as bases  # noqa: F401 - fixture
@@ -103,7 +103,7 @@ def test_lora_variants_train_and_round_trip(
         assert hits / len(rows) == pytest.approx(m["val_accuracy"])
         return
     from mlsteps.engine.generation import generate
-    from mlsteps.specs.common import GenerationSpec
+    from mlsteps.recipe.specs.model import GenerationSpec
 
     preds = [json.loads(line) for line in ctx.predictions_path.read_text().splitlines()]
     again = generate(
@@ -217,7 +217,7 @@ def test_soft_prompt_on_a_bf16_base_stays_fp32(
     bases: dict[str, Path],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from mlsteps.specs.prompt import PromptSpec
+    from mlsteps.recipe.specs.prompt import PromptSpec
     from mlsteps.stages import prompt
 
     spec = PromptSpec.model_validate(

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from mlsteps.errors import UserError
 from mlsteps.recipe import validate_recipe
 from mlsteps.runner import run_recipe
+from tests.integration.helpers import adapter_logits
 
 ARCH = {"family": "modernbert", "n_layers": 2, "hidden_size": 32, "n_heads": 2,
         "max_positions": 64}  # fmt: skip
@@ -71,18 +72,6 @@ def test_pretrain_records_its_perplexity_next_to_the_unigram_reference(run_dir: 
     assert math.isfinite(metrics["mlm_eval"]["pre"]["pseudo_perplexity"])
 
 
-def _logits(adapter: Path, seed: int) -> torch.Tensor:
-    from mlsteps.engine.inference import load_for_inference
-
-    torch.manual_seed(seed)  # any module the adapter did not save would be drawn from this
-    loaded = load_for_inference(str(adapter))
-    batch = loaded.tokenizer(["It rained all day.", "The cat sleeps."], padding=True,
-                             return_tensors="pt")  # fmt: skip
-    batch.pop("token_type_ids", None)
-    with torch.no_grad():
-        return loaded.model(**batch).logits
-
-
 def test_lora_adapter_saves_the_new_head_and_reloads_identically(run_dir: Path) -> None:
     adapter = run_dir / "lora" / "final"
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -91,7 +80,10 @@ def test_lora_adapter_saves_the_new_head_and_reloads_identically(run_dir: Path) 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         saved = list(f.keys())
     assert any(".head." in k for k in saved) and any("classifier" in k for k in saved)
-    first, second, third = (_logits(adapter, seed) for seed in (0, 1, 999))
+    texts = ["It rained all day.", "The cat sleeps."]
+    first, second, third = (
+        adapter_logits(adapter, seed, texts, without=("token_type_ids",)) for seed in (0, 1, 999)
+    )
     assert torch.equal(first, second) and torch.equal(first, third)
 
 

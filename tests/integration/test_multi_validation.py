@@ -13,8 +13,8 @@ import torch
 
 from mlsteps.errors import UserError
 from mlsteps.recipe import check_data_files, validate_recipe
+from mlsteps.recipe.specs.pretrain import PretrainSpec
 from mlsteps.report.plots import plot_curves
-from mlsteps.specs.pretrain import PretrainSpec
 from mlsteps.stages import pretrain
 from tests.integration.test_training_resume import DATA, _ctx
 from tests.integration.test_training_resume import tok_dirs as tok_dirs  # noqa: F401 - fixture
@@ -123,7 +123,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     from mlsteps.builtin import load_builtin
     from mlsteps.engine.modeling import build_model
-    from mlsteps.specs.common import ArchSpec
+    from mlsteps.recipe.specs.model import ArchSpec
 
     root = tmp_path_factory.mktemp("bases")
     rows = (
@@ -168,7 +168,7 @@ _TASKS: dict[str, dict[str, object]] = {
 
 
 def _finetune(bases: dict[str, Path], task: str, validation: object, **train: object) -> Any:
-    from mlsteps.specs.finetune import FinetuneSpec
+    from mlsteps.recipe.specs.finetune import FinetuneSpec
 
     fields = dict(_TASKS[task])
     data = str(fields.pop("data"))
@@ -241,7 +241,7 @@ def test_finetune_named_set_equals_it_alone(bases: dict[str, Path], tmp_path: Pa
 
 def test_soft_prompt_logs_each_named_set(bases: dict[str, Path], tmp_path: Path) -> None:
     from mlsteps.context import StageContext
-    from mlsteps.specs.prompt import PromptSpec
+    from mlsteps.recipe.specs.prompt import PromptSpec
     from mlsteps.stages import prompt
 
     spec = PromptSpec.model_validate(

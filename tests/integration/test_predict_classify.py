@@ -22,8 +22,8 @@ from mlsteps.cli import main
 from mlsteps.engine.generation import generate
 from mlsteps.errors import UserError
 from mlsteps.recipe import validate_recipe
+from mlsteps.recipe.specs.model import GenerationSpec
 from mlsteps.runner import run_recipe
-from mlsteps.specs.common import GenerationSpec
 
 TOPIC = {"builtin": "toy/topic", "rows": ":200"}
 TEST = {"builtin": "toy/topic", "split": "test", "rows": ":24"}
@@ -274,7 +274,7 @@ def test_truncated_examples_are_counted_and_reported(run_dir: Path) -> None:
 def test_seq2seq_and_sft_truncation_flags(looping_model) -> None:
     import datasets
 
-    from mlsteps.specs.finetune import FinetuneSpec
+    from mlsteps.recipe.specs.finetune import FinetuneSpec
     from mlsteps.stages.finetune import data as fd
     from mlsteps.stages.finetune import sft as fs
 

@@ -221,7 +221,7 @@ def test_other_methods_train_and_save(
     """Each TRL trainer runs through the mlsteps wrapper for two steps and leaves a loadable
     final/ (a plain model, or a peft adapter on the SFT model)."""
     from mlsteps.context import StageContext
-    from mlsteps.specs.preference import PreferenceSpec
+    from mlsteps.recipe.specs.preference import PreferenceSpec
     from mlsteps.stages import preference
 
     spec = PreferenceSpec.model_validate(
@@ -306,7 +306,7 @@ def test_eval_pair_columns_need_the_metric() -> None:
 
 def test_bad_kto_label_is_a_user_error(tmp_path: Path, reference: Path) -> None:
     from mlsteps.context import StageContext
-    from mlsteps.specs.preference import PreferenceSpec
+    from mlsteps.recipe.specs.preference import PreferenceSpec
     from mlsteps.stages import preference
 
     data = tmp_path / "kto.jsonl"
@@ -382,7 +382,7 @@ def test_whole_conversation_pairs_get_their_shared_turns_as_prompt() -> None:
     import datasets
 
     from mlsteps.builtin import load_builtin
-    from mlsteps.specs.preference import PreferenceSpec
+    from mlsteps.recipe.specs.preference import PreferenceSpec
     from mlsteps.stages.preference import to_trl_rows
 
     rows = load_builtin("toy/chat_preference", "validation")[:3]
@@ -412,7 +412,7 @@ def test_nan_guard_stops_preference_training(tmp_path: Path, reference: Path) ->
 
     from mlsteps.context import StageContext
     from mlsteps.errors import StageFailed
-    from mlsteps.specs.preference import PreferenceSpec
+    from mlsteps.recipe.specs.preference import PreferenceSpec
     from mlsteps.stages import preference
 
     src = reference / "sft" / "final"

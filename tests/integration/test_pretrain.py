@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from mlsteps.context import StageContext
 from mlsteps.engine.modeling import build_model, max_positions
 from mlsteps.errors import UserError
-from mlsteps.specs.common import ArchSpec
-from mlsteps.specs.pretrain import PretrainSpec
-from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.recipe.specs.model import ArchSpec
+from mlsteps.recipe.specs.pretrain import PretrainSpec
+from mlsteps.recipe.specs.tokenizer import TokenizerSpec
 from mlsteps.stages import pretrain, tokenizer
 from mlsteps.stages.pretrain import lm_data
 

@@ -34,8 +34,8 @@ from mlsteps.errors import StageInterrupted, UserError
 from mlsteps.prompt.prompter import PROMPT_FILE, load_prompter
 from mlsteps.prompt.scoring import rank_classify
 from mlsteps.prompt.soft_prompt import generate_prompted
-from mlsteps.specs.common import GenerationSpec
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.model import GenerationSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.stages.prompt import PREVIEW_FILE, run
 
 POS = ["good", "lovely", "superb", "fine", "nice", "brilliant"]

@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 from mlsteps import cache
 from mlsteps.context import StageContext
 from mlsteps.engine.data import TEXT_COLUMN, load_text
-from mlsteps.specs.common import DataSpec
-from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.tokenizer import TokenizerSpec
 from mlsteps.stages import tokenizer as tokenizer_stage
 from mlsteps.stages.pretrain import lm_data, packing
 

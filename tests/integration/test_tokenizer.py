@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from mlsteps.context import StageContext
 from mlsteps.errors import UserError
-from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.recipe.specs.tokenizer import TokenizerSpec
 from mlsteps.stages import tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

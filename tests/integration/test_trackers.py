@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from mlsteps.errors import StageInterrupted
+from mlsteps.recipe.specs.pretrain import PretrainSpec
 from mlsteps.report import _links
-from mlsteps.specs.pretrain import PretrainSpec
 from mlsteps.stages import pretrain
 from tests.integration.test_training_resume import _ctx, _spec
 from tests.integration.test_training_resume import tok_dirs as tok_dirs  # noqa: F401 - fixture

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from mlsteps.context import StageContext
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.errors import StageFailed, StageInterrupted
-from mlsteps.specs.pretrain import PretrainSpec
-from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.recipe.specs.pretrain import PretrainSpec
+from mlsteps.recipe.specs.tokenizer import TokenizerSpec
 from mlsteps.stages import pretrain, tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"

@@ -262,7 +262,7 @@ def test_old_manifest_without_checksums_still_resumes(base: Path, tmp_path: Path
 
 def _load(tmp_path: Path, **spec: object) -> object:
     from mlsteps.engine.data import load_rows
-    from mlsteps.specs.common import DataSpec
+    from mlsteps.recipe.specs.data import DataSpec
 
     return load_rows(DataSpec(**spec), where="stages.ft.data", cache_dir=tmp_path / "cache")
 
@@ -374,7 +374,7 @@ def test_null_value_located_in_each_format(tmp_path: Path, suffix: str, line: in
         body = "".join(f"{r['source']}{sep}{r['target'] or ''}\n" for r in rows)
         path.write_text(f"source{sep}target\n" + body, encoding="utf-8")
     from mlsteps.engine.data import load_rows
-    from mlsteps.specs.common import DataSpec
+    from mlsteps.recipe.specs.data import DataSpec
 
     spec = DataSpec(files=[str(path)], shuffle_seed=5, rows="10:")
     with pytest.raises(UserError) as info:

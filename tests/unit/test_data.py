@@ -13,7 +13,7 @@ import pytest
 
 from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.errors import UserError
-from mlsteps.specs.common import DataSpec
+from mlsteps.recipe.specs.data import DataSpec
 
 WIKI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
 WHERE = "stages.pre.data"
@@ -230,7 +230,7 @@ def _jsonl(tmp_path: Path) -> Path:
 
 def test_aligned_files_pair_lines(tmp_path, shared_data):
     from mlsteps.engine.data import load_rows
-    from mlsteps.specs.common import DataSpec
+    from mlsteps.recipe.specs.data import DataSpec
 
     multi30k = shared_data / "multi30k"
     spec = DataSpec(
@@ -253,7 +253,7 @@ def test_aligned_files_pair_lines(tmp_path, shared_data):
 
 def test_headerless_tsv_with_column_names(shared_data):
     from mlsteps.engine.data import load_rows
-    from mlsteps.specs.common import DataSpec
+    from mlsteps.recipe.specs.data import DataSpec
 
     spec = DataSpec(
         files=[str(shared_data / "tatoeba_cmn_eng" / "cmn.txt")],

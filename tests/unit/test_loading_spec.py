@@ -1,4 +1,4 @@
-"""Model-loading recipe fields (specs/loading.py): model_dtype, attn_implementation,
+"""Model-loading recipe fields (recipe/specs/loading.py): model_dtype, attn_implementation,
 quantization and the LoRA variants. Pure validation: no torch import."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from mlsteps.errors import UserError
 from mlsteps.recipe import validate_recipe
-from mlsteps.specs.loading import QuantizationSpec, needs_cuda
+from mlsteps.recipe.specs.loading import QuantizationSpec, needs_cuda
 
 
 def _recipe(**stage: Any) -> dict[str, Any]:

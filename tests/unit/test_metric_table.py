@@ -23,7 +23,7 @@ def test_every_metric_is_declared_once_with_a_compute_function() -> None:
 
 
 def test_validation_reads_the_table() -> None:
-    from mlsteps.specs import evaluate
+    from mlsteps.recipe.specs import evaluate
 
     assert evaluate.METRICS == table.NAMES
     for kind, names in evaluate.FITS.items():
@@ -108,7 +108,7 @@ def test_text_and_label_dispatch_matches_the_metric_functions() -> None:
 
 def test_the_table_and_validation_stay_torch_free() -> None:
     code = (
-        "import sys, mlsteps.metrics.table, mlsteps.specs.evaluate, mlsteps.score;"
+        "import sys, mlsteps.metrics.table, mlsteps.recipe.specs.evaluate, mlsteps.score;"
         "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -17,7 +17,7 @@ from rouge_score import rouge_scorer
 
 from mlsteps.errors import UserError
 from mlsteps.metrics import text
-from mlsteps.specs.evaluate import EvalSpec
+from mlsteps.recipe.specs.evaluate import EvalSpec
 from mlsteps.stages.eval import _require_references
 
 # The sacrebleu CLI comparison is the one tests/unit/test_text_metrics.py uses.

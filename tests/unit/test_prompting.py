@@ -25,7 +25,7 @@ from mlsteps.prompt.prompter import (
     split_separator,
     template_fields,
 )
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 
 ROWS = [{"source": f"s{i}", "target": f"t{i}", "label": i % 2} for i in range(20)]
 

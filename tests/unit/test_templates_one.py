@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _sft(template: str, **extra: Any) -> Any:
-    from mlsteps.specs.finetune import FinetuneSpec
+    from mlsteps.recipe.specs.finetune import FinetuneSpec
 
     fields = {"kind": "finetune", "task": "causal_lm", "from": "x", "data": "x.jsonl"}
     return FinetuneSpec.model_validate({**fields, "template": template, **extra})

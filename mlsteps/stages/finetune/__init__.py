@@ -36,7 +36,7 @@ from mlsteps.engine.modeling import (
     max_positions,
 )
 from mlsteps.engine.training import TrainRequest, train
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune import chat
 from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import evaluation as fe

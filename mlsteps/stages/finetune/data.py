@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 
 from mlsteps.errors import UserError
-from mlsteps.specs.finetune import FinetuneSpec, template_fields
+from mlsteps.recipe.specs.finetune import FinetuneSpec, template_fields
 from mlsteps.templates import Renderer, TemplateError
 
 IGNORE_INDEX = -100  # label value the transformers losses skip

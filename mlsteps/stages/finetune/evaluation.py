@@ -17,7 +17,7 @@ from mlsteps.engine.generation import generate
 from mlsteps.metrics import classification as cls_metrics
 from mlsteps.metrics import text as text_metrics
 from mlsteps.prompt.prompter import Prompter, prompt_file
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune.data import as_text, split_trailing_spaces
 from mlsteps.templates import Renderer, TemplateFormat
 from mlsteps.text_io import atomic_write_jsonl

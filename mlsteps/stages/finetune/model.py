@@ -17,8 +17,8 @@ from mlsteps.engine import lora
 from mlsteps.engine.modeling import build_model, load_config, load_model, loading_kwargs
 from mlsteps.engine.training import save_final
 from mlsteps.errors import UserError
-from mlsteps.specs.common import ENCODER_ONLY_FAMILIES
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES
 
 # Model types without a causal-LM head worth training: AutoModelForCausalLM would give them a
 # "decoder" head on top of a bidirectional encoder, which silently learns to copy.

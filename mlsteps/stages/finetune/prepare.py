@@ -16,7 +16,7 @@ from transformers import DataCollatorWithPadding
 from mlsteps.context import StageContext
 from mlsteps.engine import validation_sets as vs
 from mlsteps.engine.data import load_rows, require_columns, split_validation
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune import chat
 from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import evaluation as fe

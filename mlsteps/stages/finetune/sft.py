@@ -12,7 +12,7 @@ import datasets
 import torch
 
 from mlsteps.errors import UserError
-from mlsteps.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune.data import (
     IGNORE_INDEX,
     TRUNCATED,

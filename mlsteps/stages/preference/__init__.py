@@ -39,7 +39,7 @@ from mlsteps.engine.modeling import (
 )
 from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.errors import UserError
-from mlsteps.specs.preference import PreferenceSpec
+from mlsteps.recipe.specs.preference import PreferenceSpec
 from mlsteps.stages.preference.data import load_rows_and_validation, to_trl_rows
 
 __all__ = ["REWARD_CONVENTION", "run", "to_trl_rows"]

@@ -14,7 +14,7 @@ from mlsteps.context import StageContext
 from mlsteps.engine import chat_data
 from mlsteps.engine.data import load_rows, require_columns, split_validation
 from mlsteps.errors import UserError
-from mlsteps.specs.preference import PreferenceSpec
+from mlsteps.recipe.specs.preference import PreferenceSpec
 
 
 def load_rows_and_validation(

@@ -33,7 +33,7 @@ from mlsteps.engine.modeling import (
 from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError
-from mlsteps.specs.pretrain import PretrainSpec
+from mlsteps.recipe.specs.pretrain import PretrainSpec
 from mlsteps.stages.pretrain import lm_data, packing
 
 # Masks of the validation set are drawn once from this seed offset, identical at every eval.

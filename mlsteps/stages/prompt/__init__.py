@@ -26,7 +26,7 @@ from mlsteps.prompt.prompter import (
     select_demonstrations,
     template_fields,
 )
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.stages.prompt.data import load_data
 from mlsteps.stages.prompt.hard import PREVIEW_FILE, finish_hard
 from mlsteps.stages.prompt.soft import train_soft

@@ -9,7 +9,7 @@ from typing import Any
 from mlsteps.context import StageContext
 from mlsteps.errors import UserError
 from mlsteps.prompt.prompter import SOFT_METHODS, Prompter
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 
 
 def _as_text(value: Any, column: str, index: int, where: str) -> str:

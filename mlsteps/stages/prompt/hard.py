@@ -10,7 +10,7 @@ from typing import Any
 from mlsteps.context import StageContext, StageResult
 from mlsteps.positions import config_max_positions
 from mlsteps.prompt.prompter import Prompter, prompt_file
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.text_io import atomic_write_jsonl
 
 PREVIEW_FILE = "prompts_preview.jsonl"

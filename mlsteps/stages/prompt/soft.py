@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from mlsteps.context import StageContext, StageResult
 from mlsteps.errors import UserError
 from mlsteps.prompt.prompter import Prompter, prompt_file
-from mlsteps.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.stages.prompt.hard import prompt_length_metrics, write_preview
 
 if TYPE_CHECKING:

@@ -6,28 +6,18 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import (
-    ENCODER_ONLY_FAMILIES,
-    ArchSpec,
-    Bool,
-    DataSources,
-    Fraction,
-    PositiveInt,
-    Probability,
-    Strict,
-    TrainSpec,
-    Unused,
-    ValidationSources,
-    column_list,
-    unused_without_validation,
-)
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.base import Bool, Fraction, PositiveInt, Probability, Strict, Unused
+from mlsteps.recipe.specs.data import DataSources, column_list
+from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
     attn_field,
     loading_problems,
     model_dtype_field,
 )
+from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES, ArchSpec
+from mlsteps.recipe.specs.train import TrainSpec
+from mlsteps.recipe.specs.validation import ValidationSources, unused_without_validation
 
 
 class PretrainSpec(Strict):

@@ -6,22 +6,17 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import (
-    DataSpec,
-    Fraction,
-    LoraSpec,
-    PositiveInt,
-    Strict,
-    TrainSpec,
-    Unused,
-)
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.base import Fraction, PositiveInt, Strict, Unused
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
     attn_field,
     loading_problems,
     model_dtype_field,
 )
+from mlsteps.recipe.specs.model import LoraSpec
+from mlsteps.recipe.specs.train import TrainSpec
 
 # Finite, positive, and a real number: YAML `true` is not a beta.
 FinitePositive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]

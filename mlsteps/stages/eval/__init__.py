@@ -19,7 +19,7 @@ Metric families and the models they fit:
   ``input_column`` against ``label_column``.
 
 The names, families, fitting model kinds, directions and scales come from the metric table
-(metrics/table.py); stages/eval_scoring.py scores one loaded model family by family.
+(metrics/table.py); scoring.py scores one loaded model family by family.
 
 Generated text and predicted labels go to ``predictions.jsonl``: one line per model and row,
 models in the order listed, rows in input order, each with a ``model`` field.
@@ -31,14 +31,8 @@ import gc
 from typing import Any
 
 from mlsteps.context import StageContext, StageResult
-from mlsteps.distributed import (
-    all_gather_object,
-    is_distributed,
-    shard_indices,
-)
 from mlsteps.engine.rows import (
     column_values,
-    render_inputs,
     require_inputs,
     require_text,
     write_jsonl,
@@ -47,7 +41,7 @@ from mlsteps.errors import UserError, did_you_mean
 
 # The metric families and the model kinds they fit live with the recipe models: `validate`
 # checks them too, without importing this module.
-from mlsteps.specs.evaluate import (
+from mlsteps.recipe.specs.evaluate import (
     FITS,
     GENERATION,
     LABELS,
@@ -57,6 +51,7 @@ from mlsteps.specs.evaluate import (
     RESPONSE,
     EvalSpec,
 )
+from mlsteps.stages.eval.scoring import score_model
 
 _KIND_NAMES = {
     "clm": "a causal LM",
@@ -148,16 +143,6 @@ def _require_labels(rows: Any, column: str, where: str) -> list[Any]:
     return values
 
 
-def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str, loaded: Any = None) -> list[str]:
-    """Model inputs: the prompter's rendering of each row, else the input column (conversations
-    rendered with the model's chat template)."""
-    if prompter is None:
-        values = require_inputs(rows, spec.input_column, where)
-        return render_inputs(loaded, values, where, spec.input_column) if loaded else values
-    prompter.check_columns(rows.column_names, where=where)
-    return [prompter.render(row, where=where) for row in rows]
-
-
 def majority_baseline(gold: list[Any], metrics: list[str], where: str) -> dict[str, Any]:
     """The ladder row of always predicting the most frequent label *of the eval data* (ties: the
     smallest label as text): the floor any classifier in the ladder has to beat."""
@@ -175,41 +160,6 @@ def majority_baseline(gold: list[Any], metrics: list[str], where: str) -> dict[s
         row["f1"] = classification.macro_f1(predicted, gold, where=where)
     row["majority_label"] = top
     return row
-
-
-def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str) -> Any:
-    """Corpus perplexity; in a multi-process run each rank scores a disjoint share of the
-    windows (document and stream mode alike) and the sums are added, so every window is scored
-    exactly once."""
-    from mlsteps.metrics.perplexity import PerplexityResult, causal_lm_perplexity
-
-    ppl = spec.perplexity
-
-    def score(shard: Any) -> PerplexityResult:
-        return causal_lm_perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            texts,
-            window_tokens=ppl.window,
-            stride_tokens=ppl.stride,
-            mode=ppl.mode,
-            batch_size=ppl.batch_size,
-            where=where,
-            shard=shard,
-        )
-
-    if not is_distributed():
-        return score(None)
-    mine = score(shard_indices)  # shard_indices(n): this rank's share of n windows
-    sums = all_gather_object((mine.nll_sum_nats, mine.scored_tokens))
-    total = sum(tokens for _, tokens in sums)
-    return PerplexityResult(
-        nll_sum_nats=sum(nll for nll, _ in sums),
-        scored_tokens=total,
-        utf8_bytes=mine.utf8_bytes,  # every rank counted all of the text
-        words=mine.words,
-        convention=mine.convention.replace(f"/{mine.scored_tokens} tokens", f"/{total} tokens"),
-    )
 
 
 def _needed(spec: EvalSpec, metrics: list[str], infos: dict[str, Any]) -> list[str]:
@@ -276,7 +226,6 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     ``{model: {metric: value}}``."""
     from mlsteps.engine.inference import inspect_source, load_for_inference
     from mlsteps.engine.modeling import loading_kwargs
-    from mlsteps.stages.eval_scoring import score_model  # imports this module's helpers
 
     base = f"stages.{ctx.stage}"
     metrics = _check_metric_names(spec.metrics, f"{base}.metrics")

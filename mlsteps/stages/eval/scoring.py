@@ -6,11 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from mlsteps.context import StageContext
-from mlsteps.distributed import map_sharded
-from mlsteps.engine.rows import generate_for, require_text
+from mlsteps.distributed import all_gather_object, is_distributed, map_sharded, shard_indices
+from mlsteps.engine.rows import generate_for, render_inputs, require_inputs, require_text
 from mlsteps.metrics import table
-from mlsteps.specs.evaluate import EvalSpec
-from mlsteps.stages.eval import _causal_perplexity, _inputs
+from mlsteps.recipe.specs.evaluate import EvalSpec
 
 
 def score_model(
@@ -169,4 +168,49 @@ def _response_perplexity(
         stride_tokens=ppl.stride,
         batch_size=ppl.batch_size,
         where=f"stages.{ctx.stage}.metrics",
+    )
+
+
+def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str, loaded: Any = None) -> list[str]:
+    """Model inputs: the prompter's rendering of each row, else the input column (conversations
+    rendered with the model's chat template)."""
+    if prompter is None:
+        values = require_inputs(rows, spec.input_column, where)
+        return render_inputs(loaded, values, where, spec.input_column) if loaded else values
+    prompter.check_columns(rows.column_names, where=where)
+    return [prompter.render(row, where=where) for row in rows]
+
+
+def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str) -> Any:
+    """Corpus perplexity; in a multi-process run each rank scores a disjoint share of the
+    windows (document and stream mode alike) and the sums are added, so every window is scored
+    exactly once."""
+    from mlsteps.metrics.perplexity import PerplexityResult, causal_lm_perplexity
+
+    ppl = spec.perplexity
+
+    def score(shard: Any) -> PerplexityResult:
+        return causal_lm_perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            texts,
+            window_tokens=ppl.window,
+            stride_tokens=ppl.stride,
+            mode=ppl.mode,
+            batch_size=ppl.batch_size,
+            where=where,
+            shard=shard,
+        )
+
+    if not is_distributed():
+        return score(None)
+    mine = score(shard_indices)  # shard_indices(n): this rank's share of n windows
+    sums = all_gather_object((mine.nll_sum_nats, mine.scored_tokens))
+    total = sum(tokens for _, tokens in sums)
+    return PerplexityResult(
+        nll_sum_nats=sum(nll for nll, _ in sums),
+        scored_tokens=total,
+        utf8_bytes=mine.utf8_bytes,  # every rank counted all of the text
+        words=mine.words,
+        convention=mine.convention.replace(f"/{mine.scored_tokens} tokens", f"/{total} tokens"),
     )

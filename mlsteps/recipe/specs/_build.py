@@ -3,7 +3,7 @@ on scans every installed distribution's entry points for pydantic plugins, about
 `mlsteps validate`'s start-up. Recipe models use no plugin. Each ``off()`` is paired with a
 ``done()`` that restores the caller's setting, so pydantic users after that see their plugins as
 before (typer does the same while it builds its parameter adapters). Importing this module is
-the ``off()`` of the spec modules (mlsteps.specs calls ``done()`` once they are built)."""
+the ``off()`` of the spec modules (mlsteps.recipe.specs calls ``done()`` once they are built)."""
 
 from __future__ import annotations
 

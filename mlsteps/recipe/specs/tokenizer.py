@@ -6,7 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import Bool, DataSources, PositiveInt, Strict, Unused, column_list
+from mlsteps.recipe.specs.base import Bool, PositiveInt, Strict, Unused
+from mlsteps.recipe.specs.data import DataSources, column_list
 
 # Special-token roles per target, in id order (pad first: id 0 is what T5 and BERT expect).
 SPECIAL_ROLES = {

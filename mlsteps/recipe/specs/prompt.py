@@ -6,24 +6,21 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mlsteps.specs.common import (
-    Bool,
-    DataSpec,
-    Fraction,
-    PositiveInt,
-    Strict,
-    TrainSpec,
-    Unused,
-    unused_without_validation,
-)
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.base import Bool, Fraction, PositiveInt, Strict, Unused
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
     attn_field,
     loading_problems,
     model_dtype_field,
 )
-from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
+from mlsteps.recipe.specs.train import TrainSpec
+from mlsteps.recipe.specs.validation import (
+    VALIDATION_NAMED,
+    ValidationRows,
+    unused_without_validation,
+)
 
 # The default of hard prompts (zero_shot, few_shot) for classification; chosen by the measured
 # ladder in BENCHMARKS.md ("Low-label ladder").

@@ -6,22 +6,18 @@ from typing import Annotated
 
 from pydantic import Field
 
-from mlsteps.specs import _build  # first: no plugin discovery while the models build
-from mlsteps.specs.common import (
-    ArchSpec,
-    DataSpec,
-    GenerationSpec,
-    LoraSpec,
-    Strict,
-    TrainSpec,
-)
-from mlsteps.specs.distributed import DistributedSpec
-from mlsteps.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
-from mlsteps.specs.finetune import FinetuneSpec
-from mlsteps.specs.preference import PreferenceSpec
-from mlsteps.specs.pretrain import PretrainSpec
-from mlsteps.specs.prompt import PromptSpec
-from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.recipe.specs import _build  # first: no plugin discovery while the models build
+from mlsteps.recipe.specs.base import Strict
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.distributed import DistributedSpec
+from mlsteps.recipe.specs.evaluate import EvalSpec, PerplexitySpec, PredictSpec
+from mlsteps.recipe.specs.finetune import FinetuneSpec
+from mlsteps.recipe.specs.model import ArchSpec, GenerationSpec, LoraSpec
+from mlsteps.recipe.specs.preference import PreferenceSpec
+from mlsteps.recipe.specs.pretrain import PretrainSpec
+from mlsteps.recipe.specs.prompt import PromptSpec
+from mlsteps.recipe.specs.tokenizer import TokenizerSpec
+from mlsteps.recipe.specs.train import TrainSpec
 
 StageSpec = Annotated[
     TokenizerSpec

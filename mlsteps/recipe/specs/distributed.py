@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import Bool, Int, NotBool, PositiveInt, Strict, Unused
+from mlsteps.recipe.specs.base import Bool, Int, NotBool, PositiveInt, Strict, Unused
 
 # datetime.timedelta (the process-group timeout) overflows beyond 999,999,999 days; a year is
 # already far past any real collective.

@@ -1,5 +1,5 @@
 """How a stage loads its model: weight dtype, attention kernel, k-bit quantization (QLoRA).
-Recipe pieces only (LoraSpec stays in common.py); the loading itself is in engine/modeling.py
+Recipe pieces only (LoraSpec is in model.py); the loading itself is in engine/modeling.py
 and engine/lora.py, through transformers, bitsandbytes and peft.
 
 The dtype rule (docs/recipe-reference.md, README): ``model_dtype`` is the dtype of the weights
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from mlsteps.specs.common import Bool, Strict, Unused
+from mlsteps.recipe.specs.base import Bool, Strict, Unused
 
 ModelDtype = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -8,10 +8,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from mlsteps.metrics import table
-from mlsteps.specs.common import (
+from mlsteps.recipe.specs.base import (
     Bool,
-    DataSpec,
-    GenerationSpec,
     NonNegativeInt,
     PositiveFraction,
     PositiveInt,
@@ -19,13 +17,15 @@ from mlsteps.specs.common import (
     Strict,
     Unused,
 )
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.loading import (
     AttnImplementation,
     ModelDtype,
     attn_field,
     loading_problems,
     model_dtype_field,
 )
+from mlsteps.recipe.specs.model import GenerationSpec
 
 # Names, families and fitting model kinds come from the one metric table (torch-free).
 METRICS = table.NAMES

@@ -6,20 +6,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from mlsteps.specs.common import (
-    ArchSpec,
-    Bool,
-    DataSpec,
-    Fraction,
-    GenerationSpec,
-    LoraSpec,
-    PositiveInt,
-    Strict,
-    TrainSpec,
-    Unused,
-    unused_without_validation,
-)
-from mlsteps.specs.loading import (
+from mlsteps.recipe.specs.base import Bool, Fraction, PositiveInt, Strict, Unused
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.recipe.specs.loading import (
     QUANT_DESCRIPTION,
     AttnImplementation,
     ModelDtype,
@@ -28,7 +17,13 @@ from mlsteps.specs.loading import (
     loading_problems,
     model_dtype_field,
 )
-from mlsteps.specs.validation import VALIDATION_NAMED, ValidationRows
+from mlsteps.recipe.specs.model import ArchSpec, GenerationSpec, LoraSpec
+from mlsteps.recipe.specs.train import TrainSpec
+from mlsteps.recipe.specs.validation import (
+    VALIDATION_NAMED,
+    ValidationRows,
+    unused_without_validation,
+)
 
 
 def template_fields(template: str, template_format: str = "auto") -> list[str]:
