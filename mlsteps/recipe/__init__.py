@@ -271,6 +271,10 @@ def check_field_rules(
     for name, spec in recipe.stages.items():
         for key, what, fix in spec.invalid_fields()[:1]:
             raise UserError(what, where=where(name, key), hint=fix)
+        if spec.kind != "pretrain":  # only pretraining packs its text shard by shard
+            for key in _streamed_keys(spec)[:1]:
+                what = f"streaming: true is for a pretrain stage's data, not {spec.kind}"
+                raise UserError(what, where=where(name, key), hint="remove streaming")
     found = [
         (f"stages.{name}.{key}", where(name, key), why, fix)
         for name, spec in recipe.stages.items()
@@ -343,6 +347,24 @@ def data_specs(spec: BaseModel) -> list[Any]:
                 found.append(item)
             elif isinstance(item, BaseModel):
                 found.extend(data_specs(item))
+    return found
+
+
+def _streamed_keys(spec: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted keys (``data.streaming``, ``validation.web.1.streaming``) of streamed DataSpecs."""
+    found: list[str] = []
+    for name, field in type(spec).model_fields.items():
+        value, key = getattr(spec, name), prefix + (field.alias or name)
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, group in items:
+            base = f"{key}.{sub}" if sub else key
+            listed = _as_list(group)
+            for i, item in enumerate(listed):
+                at = f"{base}.{i}" if len(listed) > 1 else base
+                if isinstance(item, DataSpec):
+                    found += [f"{at}.streaming"] if item.streaming else []
+                elif isinstance(item, BaseModel):
+                    found += _streamed_keys(item, f"{at}.")
     return found
 
 

@@ -4,15 +4,26 @@ after kill -9, and no pass over the text keeps the pages it has read."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
+import datasets
+import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
+from mlsteps import cache
+from mlsteps.context import StageContext
 from mlsteps.engine import data as data_module
 from mlsteps.engine import filepages
 from mlsteps.engine.data import TEXT_COLUMN, load_text
 from mlsteps.specs.common import DataSpec
+from mlsteps.specs.tokenizer import TokenizerSpec
+from mlsteps.stages import tokenizer as tokenizer_stage
+from mlsteps.stages.pretrain import packing
+from mlsteps.stages.pretrain.streaming import load_streamed_text
 
 WIKI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
 
@@ -62,3 +73,84 @@ def test_loading_a_txt_corpus_does_not_keep_its_pages_resident(
     assert max(resident) < 1200, resident
     lines = [t.strip("\n") for t in src.read_text("utf-8").splitlines() if t.strip()]
     assert ds[TEXT_COLUMN] == [t.lstrip("\ufeff") for t in lines]
+
+
+@pytest.fixture(scope="module")
+def clm_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if not WIKI.exists():
+        pytest.skip("shared data not found")
+    root = tmp_path_factory.mktemp("tok")
+    ctx = StageContext(run_dir=root, stage="tok", kind="tokenizer", seed=0, quiet=True)
+    spec = TokenizerSpec.model_validate(
+        {
+            "kind": "tokenizer",
+            "data": {"files": [str(WIKI)], "max_samples": 300},
+            "vocab_size": 300,
+            "target": "clm",
+        }
+    )
+    tokenizer_stage.run(spec, ctx)
+    return AutoTokenizer.from_pretrained(ctx.final_dir)
+
+
+def _pack(text: Any, tok: Any, fingerprint: str | None = None) -> packing.PackedBlocks:
+    return packing.pack_corpus(
+        text, tok, TEXT_COLUMN, end_id=tok.eos_token_id, block_len=16, keep_remainder=True,
+        wrap=None, where="w", fingerprint=fingerprint,
+    )  # fmt: skip
+
+
+def test_a_streamed_corpus_packs_into_the_same_blocks(
+    clm_tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """txt (lines with blank ones, a byte-order mark, paragraphs) and jsonl with two text
+    columns and a null, streamed or prepared: byte-identical block files; the streamed entry
+    is keyed by identity, reused by a second stream and not by changed bytes."""
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "c"))
+    monkeypatch.setattr(packing, "SHARD_DOCS", 7)  # many shard boundaries inside blocks
+    lines = WIKI.read_text(encoding="utf-8").splitlines()[:300]
+    txt = tmp_path / "t.txt"
+    txt.write_text("\ufeff" + "\n".join(lines), "utf-8")
+    jsonl = tmp_path / "t.jsonl"
+    rows = [{"a": a, "b": b or None} for a, b in zip(lines[::2], lines[1::2], strict=False)]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows), "utf-8")
+    cases = [
+        ({"files": [str(txt)]}, ["text"]),
+        ({"files": [str(txt)], "txt_unit": "paragraph", "max_samples": 9}, ["text"]),
+        ({"files": [str(jsonl)]}, ["b", "a"]),
+    ]
+    for source, columns in cases:
+        prepared = load_text(
+            [DataSpec(**source)], columns, where="w", column_where="w", cache_dir=tmp_path / "hf"
+        )
+        streamed = load_streamed_text(
+            [DataSpec(**source, streaming=True)], columns, where="w", column_where="w"
+        )
+        assert isinstance(streamed.dataset, datasets.IterableDataset)
+        want, got = _pack(prepared, clm_tok), _pack(streamed.dataset, clm_tok, streamed.fingerprint)
+        assert got.path != want.path and got.n_blocks == want.n_blocks > 10
+        assert (got.path / packing.BLOCKS_FILE).read_bytes() == (
+            want.path / packing.BLOCKS_FILE
+        ).read_bytes()
+        assert np.array_equal(got.token_counts(), want.token_counts())
+    # A mix of a streamed and a prepared source: one stream, the two texts one after another.
+    mixed = load_streamed_text(
+        [DataSpec(files=[str(txt)], streaming=True), DataSpec(files=[str(jsonl)])],
+        ["text", "a"], where="w", column_where="w", cache_dir=tmp_path / "hf",
+    )  # fmt: skip
+    whole = load_text(
+        [DataSpec(files=[str(txt)]), DataSpec(files=[str(jsonl)])],
+        ["text", "a"], where="w", column_where="w", cache_dir=tmp_path / "hf",
+    )  # fmt: skip
+    assert [r[TEXT_COLUMN] for r in mixed.dataset] == whole[TEXT_COLUMN]
+    # The key: the same bytes under another name reuse the entry; one changed byte does not.
+    key = load_streamed_text([DataSpec(files=[str(txt)], streaming=True)], ["text"], where="w",
+                             column_where="w").fingerprint  # fmt: skip
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(txt.read_bytes())
+    same = load_streamed_text([DataSpec(files=[str(copy)], streaming=True)], ["text"], where="w",
+                              column_where="w").fingerprint  # fmt: skip
+    copy.write_text("\ufeff" + "\n".join([lines[0] + "!", *lines[1:]]), "utf-8")
+    changed = load_streamed_text([DataSpec(files=[str(copy)], streaming=True)], ["text"],
+                                 where="w", column_where="w").fingerprint  # fmt: skip
+    assert key == same != changed

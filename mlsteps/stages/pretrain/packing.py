@@ -331,10 +331,13 @@ def pack_corpus(
     where: str,
     what: str = "training text",
     log: Callable[[str], None] | None = None,
+    fingerprint: str | None = None,
 ) -> PackedBlocks:
-    """Tokenise the ``text_column`` of ``ds`` and pack it, through the cache (see module doc)."""
+    """Tokenise the ``text_column`` of ``ds`` and pack it, through the cache (see module doc).
+    ``ds`` is a ``datasets.Dataset``, keyed by its content, or a streamed ``IterableDataset``
+    with the ``fingerprint`` of its identity (``stages.pretrain.streaming``)."""
     settings = {
-        "corpus": corpus_fingerprint(ds, text_column),
+        "corpus": fingerprint or corpus_fingerprint(ds, text_column),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "end_id": end_id,
         "block_len": block_len,
