@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ from mlsteps.stages import tokenizer as tokenizer_stage
 from mlsteps.stages.pretrain import packing
 from mlsteps.stages.pretrain.streaming import load_streamed_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_scale_data as scale  # noqa: E402  (its recipe, run and kill helpers)
+
+relkit = scale.relkit
 WIKI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
@@ -154,3 +159,47 @@ def test_a_streamed_corpus_packs_into_the_same_blocks(
     changed = load_streamed_text([DataSpec(files=[str(copy)], streaming=True)], ["text"],
                                  where="w", column_where="w").fingerprint  # fmt: skip
     assert key == same != changed
+
+
+STREAMED_RECIPE = scale.RECIPE.replace(
+    "    data: {{files: [{text}]}}\n    validation_fraction: 0.05\n",
+    "    data: {{files: [{text}], streaming: true}}\n"
+    "    validation: {{files: [{val}], streaming: true}}\n",
+)
+
+
+@pytest.mark.slow  # four minutes on the loaded 2-core machine
+def test_kill9_mid_epoch_on_a_streamed_corpus_then_resume_is_identical(tmp_path: Path) -> None:
+    """kill -9 while a mid-epoch checkpoint is being marked complete; the rerun resumes on the
+    streamed corpus's cached blocks and ends with the uninterrupted run's loss curve and weights."""
+    if not WIKI.exists():
+        pytest.skip("shared data not found")
+    assert "streaming: true" in STREAMED_RECIPE
+    lines = WIKI.read_text(encoding="utf-8").splitlines()
+    text, val = tmp_path / "corpus.txt", tmp_path / "val.txt"
+    text.write_text("\n".join(lines[:1500]), "utf-8")
+    val.write_text("\n".join(lines[1500:1700]), "utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(STREAMED_RECIPE.format(text=text, val=val), "utf-8")
+    ref_dir = tmp_path / "ref"
+    done = scale._run(["run", recipe, "--run-dir", ref_dir], tmp_path, tmp_path / "cache-ref")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert relkit.read_json(ref_dir / "metrics.json")["pre"]["train_blocks"] > 8 * 4  # mid-epoch
+    # Streamed: no Arrow copy of the validation text was prepared, and the only one of the
+    # corpus is the tokenizer stage's (one datasets builder folder, keyed by the files read).
+    assert len({p.parent for p in ref_dir.rglob("*.arrow")}) == 1
+
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    cmd = ["run", recipe, "--run-dir", run_dir]
+    proc = scale._spawn(cmd, tmp_path, cache_dir, r"/pre/checkpoints/checkpoint-4/COMPLETE$", "k")
+    proc.wait_paused()
+    proc.kill()
+    res = scale._run(cmd, tmp_path, cache_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reusing cache entry" in res.stderr and "resum" in res.stderr.lower()
+    assert relkit.loss_curve(run_dir / "pre" / "metrics.jsonl") == relkit.loss_curve(
+        ref_dir / "pre" / "metrics.jsonl"
+    )
+    assert relkit.tree_hashes(run_dir / "pre" / "final") == relkit.tree_hashes(
+        ref_dir / "pre" / "final"
+    )
