@@ -12,7 +12,8 @@
    tokenizer), and ``datasets.map(num_proc=N)`` with the same tokenizer (which of the two ways
    to use every core is faster; docs/scale.md). Target: pack >= 0.9x encode_batch.
 3. Training tokens/s of one model on the packed blocks read memory-mapped vs loaded in memory
-   (``PackedBlocks(in_memory=True)``), interleaved. Target: >= 0.97x.
+   (``PackedBlocks(in_memory=True)``), interleaved step by step in one process, medians of the
+   per-step times (``train_speed``). Target: >= 0.97x.
 """
 
 from __future__ import annotations
@@ -200,6 +201,13 @@ def throughput(mb: int, tok_dir: Path, reps: int, num_proc: int) -> dict[str, An
 
 
 def train_speed(blocks_path: Path, steps: int, reps: int) -> dict[str, Any]:
+    """Tokens/s of training on memory-mapped vs in-memory blocks, interleaved step by step.
+
+    One model, one process, two loaders (same shuffle seed): steps alternate between the two
+    sources (ABAB..., the order flipped every pair), so a change in machine load hits both
+    alike. Each step is timed from fetching its batch to the optimizer step; the ratio is of
+    the medians of the per-step times, over ``reps`` x ``steps`` steps per source. The data
+    path alone (no model) is timed the same way."""
     import torch
     from transformers import AutoTokenizer
 
@@ -208,51 +216,57 @@ def train_speed(blocks_path: Path, steps: int, reps: int) -> dict[str, Any]:
     from mlsteps.stages.pretrain.packing import PackedBlocks
 
     tok = AutoTokenizer.from_pretrained(common.bench_tokenizer())
-    rates: dict[str, list[float]] = {"memmap": [], "in_memory": []}
-    for rep in range(reps):
-        # Alternate which goes first: on a loaded machine the first of a pair ran slower.
-        for mode in ("memmap", "in_memory")[:: 1 if rep % 2 == 0 else -1]:
-            blocks = PackedBlocks(blocks_path, in_memory=mode == "in_memory")
-            torch.manual_seed(0)
-            model = build_model(common.gpt2_arch(2, 128, 2, 128), tok, "clm", where="bench")
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            loader = torch.utils.data.DataLoader(
-                blocks, batch_size=8, shuffle=True, collate_fn=CausalCollator(tok.pad_token_id),
-                generator=torch.Generator().manual_seed(0),
-            )  # fmt: skip
-            it = iter(loader)
-            tokens, t0 = 0, 0.0
-            for step in range(steps):
-                if step == 3:  # warm-up done
-                    t0, tokens = time.perf_counter(), 0
-                batch = next(it)
-                loss = model(**batch).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                tokens += int(batch["attention_mask"].sum())
-            rates[mode].append(tokens / (time.perf_counter() - t0))
-            common.log(f"train {mode}: {rates[mode][-1]:.0f} tokens/s")
-    # The data path alone (no model): what memory mapping can cost a step at most.
-    loader_ms: dict[str, list[float]] = {"memmap": [], "in_memory": []}
-    for rep in range(3):
-        for mode in ("memmap", "in_memory")[:: 1 if rep % 2 == 0 else -1]:
-            loader = torch.utils.data.DataLoader(
+    modes = ("memmap", "in_memory")
+
+    def loaders(seed: int) -> dict[str, Any]:
+        return {
+            mode: iter(torch.utils.data.DataLoader(
                 PackedBlocks(blocks_path, in_memory=mode == "in_memory"), batch_size=8,
                 shuffle=True, collate_fn=CausalCollator(tok.pad_token_id),
-                generator=torch.Generator().manual_seed(rep),
-            )  # fmt: skip
-            it, t0 = iter(loader), time.perf_counter()
-            for _ in range(300):
-                next(it)
-            loader_ms[mode].append((time.perf_counter() - t0) / 300 * 1000)
-    mm, mem = common.median(rates["memmap"]), common.median(rates["in_memory"])
+                generator=torch.Generator().manual_seed(seed),
+            ))
+            for mode in modes
+        }  # fmt: skip
+
+    step_s: dict[str, list[float]] = {m: [] for m in modes}
+    tokens = 0
+    for rep in range(reps):
+        torch.manual_seed(0)
+        model = build_model(common.gpt2_arch(2, 128, 2, 128), tok, "clm", where="bench")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        its = loaders(rep)
+        for step in range(2 * (steps + 2)):
+            pair, first = divmod(step, 2)
+            mode = modes[first ^ (pair % 2)]
+            t0 = time.perf_counter()
+            batch = next(its[mode])
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if pair >= 2:  # warm-up pairs done
+                step_s[mode].append(time.perf_counter() - t0)
+                tokens = int(batch["attention_mask"].sum())
+        common.log(
+            f"train rep {rep}: memmap {common.median(step_s['memmap']) * 1000:.1f} ms/step, "
+            f"in-memory {common.median(step_s['in_memory']) * 1000:.1f} ms/step"
+        )
+    # The data path alone (no model): what memory mapping can cost a step at most.
+    fetch_s: dict[str, list[float]] = {m: [] for m in modes}
+    its = loaders(99)
+    for step in range(2 * 600):
+        mode = modes[(step % 2) ^ ((step // 2) % 2)]
+        t0 = time.perf_counter()
+        next(its[mode])
+        fetch_s[mode].append(time.perf_counter() - t0)
+    mm, mem = common.median(step_s["memmap"]), common.median(step_s["in_memory"])
     return {
-        "rates": rates,
-        "loader_ms_per_batch": {k: round(common.median(v), 2) for k, v in loader_ms.items()},
-        "memmap_tokens_s": round(mm),
-        "in_memory_tokens_s": round(mem),
-        "memmap_vs_in_memory": round(mm / mem, 3),
+        "steps_per_source": len(step_s["memmap"]),
+        "ms_per_step": {"memmap": round(mm * 1000, 2), "in_memory": round(mem * 1000, 2)},
+        "loader_ms_per_batch": {k: round(common.median(v) * 1000, 3) for k, v in fetch_s.items()},
+        "memmap_tokens_s": round(tokens / mm),
+        "in_memory_tokens_s": round(tokens / mem),
+        "memmap_vs_in_memory": round(mem / mm, 3),
     }
 
 
@@ -279,7 +293,7 @@ def main() -> None:
         print(json.dumps(result["throughput"]), flush=True)
     blocks = args.blocks or result.get("throughput", {}).get("blocks_path")
     if "train" not in skip and blocks:
-        steps, reps = (15, 1) if args.quick else (40, 3)
+        steps, reps = (10, 1) if args.quick else (60, 3)
         result["train"] = train_speed(Path(blocks), steps, reps)
         print(json.dumps(result["train"]), flush=True)
     if "rss" not in skip:

@@ -67,7 +67,9 @@ def _read_hub(spec: DataSpec, *, where: str) -> datasets.Dataset:
     try:
         # The user's HF cache (HF_HOME / HF_DATASETS_CACHE), never the run directory's:
         # a hub dataset is downloaded and prepared once for every run that reads it.
-        loaded = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.split)
+        loaded = datasets.load_dataset(
+            spec.hub, spec.hub_config, split=spec.split, revision=spec.revision
+        )
     except Exception as exc:  # network, unknown id, unknown split: all user-fixable
         raise UserError(
             f"cannot load hub dataset {spec.hub!r} (config {spec.hub_config}, split {spec.split}): "

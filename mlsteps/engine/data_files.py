@@ -17,6 +17,7 @@ from typing import Any
 
 import datasets
 
+from mlsteps.engine import filepages
 from mlsteps.engine.files import (
     note_header_row,
     require_regular_file,
@@ -194,7 +195,10 @@ def _load_files(
     cache_dir: Path | None,
     column_names: list[str] | None = None,
     txt_unit: str = "line",
-) -> datasets.Dataset:
+    streaming: bool = False,
+) -> Any:
+    """A ``datasets.Dataset`` of ``files``; with ``streaming``, an ``IterableDataset`` that reads
+    them as it is iterated (nothing prepared or cached; json arrays are refused before this)."""
     if fmt == "json":
         parts = [_load_json_array(p, where=where) for p in files]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -216,6 +220,7 @@ def _load_files(
             data_files=[str(p) for p in files],
             split="train",
             cache_dir=str(cache_dir) if cache_dir else None,
+            streaming=streaming,
             **kwargs,
         )
     except Exception as exc:  # datasets wraps parser errors in its own types; make them clear
@@ -229,10 +234,19 @@ def _load_files(
             where=where,
             hint="all files must be valid and share the same columns",
         ) from exc
-    assert isinstance(ds, datasets.Dataset)
+    assert isinstance(ds, (datasets.Dataset, datasets.IterableDataset))
     if fmt == "txt":
-        # One pass: cut into the rows asked for, drop blank ones and byte-order marks.
-        ds = ds.map(lambda batch: {"text": _txt_rows(batch["text"], txt_unit)}, batched=True)
+        # One pass: cut into the rows asked for, drop blank ones and byte-order marks. It reads
+        # the whole Arrow file memory-mapped; its pages leave the resident set as it goes, else
+        # RSS would grow by the corpus's size (engine/filepages.py).
+        pages = filepages.PageReleaser(filepages.arrow_files(ds))
+
+        def rows(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+            pages.add(sum(map(len, batch["text"])))
+            return {"text": _txt_rows(batch["text"], txt_unit)}
+
+        ds = ds.map(rows, batched=True)
+        pages.release()
     return ds
 
 

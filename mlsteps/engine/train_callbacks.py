@@ -18,6 +18,7 @@ from mlsteps import distributed
 from mlsteps.context import StageContext
 from mlsteps.engine import checkpoints as ckpt
 from mlsteps.engine.progress import RichProgress
+from mlsteps.engine.sampler import PermutationSampler
 from mlsteps.errors import StageFailed
 from mlsteps.recipe.specs.train import TrainSpec
 
@@ -269,6 +270,14 @@ class MlstepsTrainerMixin:
     """Per-step loss capture (NaN guard), token counting and the extra evaluation hook."""
 
     _mlsteps: Shared
+
+    def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
+        sampler = super()._get_train_sampler(train_dataset)  # type: ignore[misc]
+        seed = self.args.data_seed  # type: ignore[attr-defined]
+        # The plain shuffle, seeded: the same order without a per-epoch list (engine/sampler.py).
+        if type(sampler) is torch.utils.data.RandomSampler and seed is not None:
+            return PermutationSampler(len(sampler), int(seed))
+        return sampler
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]

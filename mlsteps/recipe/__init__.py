@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 # so when stage_kinds is the first module imported it is still half-built here
 from mlsteps import stage_kinds
 from mlsteps.errors import UserError, did_you_mean
-from mlsteps.recipe.data_checks import check_data_files, data_specs
+from mlsteps.recipe.data_checks import check_data_files, data_specs, streamed_keys
 from mlsteps.recipe.errors import field_keys, format_error, short
 from mlsteps.recipe.specs import SPEC_BY_KIND, StageSpec, _build
 from mlsteps.recipe.specs.base import SAFE_NAME_RE, STAGE_NAME_RE, Seed, Strict
@@ -280,6 +280,10 @@ def check_field_rules(
     for name, spec in recipe.stages.items():
         for key, what, fix in spec.invalid_fields()[:1]:
             raise UserError(what, where=where(name, key), hint=fix)
+        if spec.kind != "pretrain":  # only pretraining packs its text shard by shard
+            for key in streamed_keys(spec)[:1]:
+                what = f"streaming: true is for a pretrain stage's data, not {spec.kind}"
+                raise UserError(what, where=where(name, key), hint="remove streaming")
     found = [
         (f"stages.{name}.{key}", where(name, key), why, fix)
         for name, spec in recipe.stages.items()

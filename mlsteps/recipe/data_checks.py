@@ -32,6 +32,24 @@ def data_specs(spec: BaseModel) -> list[Any]:
     return found
 
 
+def streamed_keys(spec: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted keys (``data.streaming``, ``validation.web.1.streaming``) of streamed DataSpecs."""
+    found: list[str] = []
+    for name, field in type(spec).model_fields.items():
+        value, key = getattr(spec, name), prefix + (field.alias or name)
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, group in items:
+            base = f"{key}.{sub}" if sub else key
+            listed = _as_list(group)
+            for i, item in enumerate(listed):
+                at = f"{base}.{i}" if len(listed) > 1 else base
+                if isinstance(item, DataSpec):
+                    found += [f"{at}.streaming"] if item.streaming else []
+                elif isinstance(item, BaseModel):
+                    found += streamed_keys(item, f"{at}.")
+    return found
+
+
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 

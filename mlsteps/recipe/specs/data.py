@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from mlsteps.recipe.specs.base import PositiveInt, Seed, Strict, Unused
+from mlsteps.recipe.specs.base import Bool, PositiveInt, Seed, Strict, Unused
 
 # File extensions -> format (the same table as engine/data.py, kept here free of heavy imports).
 _EXTENSIONS = {
@@ -75,6 +75,18 @@ class DataSpec(Strict):
     max_samples: PositiveInt | None = Field(
         None, description="Keep only the first N rows (after reading and 'rows', before any split)."
     )
+    revision: str | None = Field(
+        None,
+        description="Hub dataset revision (branch, tag or commit) to read; pinning a commit also "
+        "pins the packed-data cache entry of a streamed source.",
+    )
+    streaming: Bool = Field(
+        False,
+        description="pretrain only: read the files or hub dataset as a stream (datasets' "
+        "IterableDataset), tokenised and packed shard by shard without preparing or holding the "
+        "corpus. Read once, in order: no shuffle_seed, no 'rows', no json arrays, and the stage "
+        "needs 'validation' (or validation_fraction: 0).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -134,7 +146,7 @@ class DataSpec(Strict):
                 "remove it; keep a part of the rows with 'rows'",
             )
         if not self.hub:
-            out += self._unused(("hub_config",), "the data is not from the hub")
+            out += self._unused(("hub_config", "revision"), "the data is not from the hub")
         if not self.files:
             out += self._unused(("format", "columns", "txt_unit"), "the data is not local 'files'")
             return out
@@ -143,6 +155,23 @@ class DataSpec(Strict):
             out += self._unused(("columns",), f"the files are {fmt}, not headerless csv/tsv")
         if fmt is not None and fmt != "txt":
             out += self._unused(("txt_unit",), f"the files are {fmt}, not txt")
+        return out
+
+    def _invalid(self) -> list[Unused]:
+        if not self.streaming:
+            return []
+        if self.builtin or self.aligned:
+            what = "builtin" if self.builtin else "aligned"
+            return [("streaming", f"'{what}' data cannot be streamed", "remove streaming")]
+        why = "cannot be combined with streaming: true (a stream is read once, in order"
+        found = [
+            ("shuffle_seed", f"shuffle_seed {why})", "shuffle the files beforehand, or remove one"),
+            ("rows", f"rows {why}, without a row count)", "use max_samples, or remove one"),
+        ]
+        out = [f for f in found if getattr(self, f[0]) is not None]
+        if self.files and self.file_format() == "json":
+            what = "a json array file cannot be streamed"
+            out.append(("streaming", what, "convert it to jsonl, or remove streaming"))
         return out
 
     @model_validator(mode="after")

@@ -105,7 +105,14 @@ class PretrainSpec(Strict):
         return out + unused_without_validation(self)
 
     def _invalid(self) -> list[Unused]:
-        return loading_problems(self, weights_train=True)
+        out: list[Unused] = []
+        streamed = [i for i, d in enumerate(self.data) if d.streaming]
+        if streamed and self.validation is None and self.validation_fraction > 0:
+            key = f"data.{streamed[0]}.streaming" if len(self.data) > 1 else "data.streaming"
+            what = "a streamed corpus has no row count to hold out validation_fraction from"
+            fix = "give 'validation' (it may be streamed too), or validation_fraction: 0"
+            out.append((key, what, fix))
+        return out + loading_problems(self, weights_train=True)
 
     @model_validator(mode="after")
     def _model_source(self) -> PretrainSpec:

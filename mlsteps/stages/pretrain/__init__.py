@@ -34,17 +34,16 @@ from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError
 from mlsteps.recipe.specs.pretrain import PretrainSpec
-from mlsteps.stages.pretrain import lm_data, packing
+from mlsteps.stages.pretrain import lm_data, packing, streaming
 
 # Masks of the validation set are drawn once from this seed offset, identical at every eval.
 _EVAL_MASK_SEED_OFFSET = 7919
 
 
-def _load_text(
-    spec: PretrainSpec, ctx: StageContext, where: str
-) -> tuple[datasets.Dataset, datasets.Dataset | None | dict[str, datasets.Dataset]]:
-    def text(sources: list[Any], field: str) -> datasets.Dataset:
-        return load_text(
+def _load_text(spec: PretrainSpec, ctx: StageContext, where: str) -> tuple[Any, Any]:
+    def text(sources: list[Any], field: str) -> Any:
+        load = streaming.load_streamed_text if streaming.any_streamed(sources) else load_text
+        return load(
             sources,
             spec.text_columns,
             where=f"{where}.{field}",
@@ -112,7 +111,7 @@ def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext, where: str)
 
 def _pack(
     spec: PretrainSpec,
-    ds: datasets.Dataset,
+    ds: datasets.Dataset | streaming.StreamedText,
     tokenizer: Any,
     ctx: StageContext,
     *,
@@ -129,9 +128,10 @@ def _pack(
     else:
         end_id = tokenizer.sep_token_id
         wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    streamed = ds if isinstance(ds, streaming.StreamedText) else None
     # Shard by shard into a memory-mapped block file, through the packed-data cache.
     return packing.pack_corpus(
-        ds,
+        streamed.dataset if streamed else ds,
         tokenizer,
         TEXT_COLUMN,
         end_id=end_id,
@@ -142,6 +142,7 @@ def _pack(
         where=where,
         what="training text" if train_split else "validation text",
         log=ctx.log,
+        fingerprint=streamed.fingerprint if streamed else None,
     )
 
 

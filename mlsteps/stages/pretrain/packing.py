@@ -19,7 +19,6 @@ so mlsteps uses one process and large batches.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import mmap
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 
 from mlsteps import cache
+from mlsteps.engine.filepages import arrow_files as _arrow_files
+from mlsteps.engine.filepages import release_file_pages
 from mlsteps.errors import UserError
 
 # Documents per shard: large enough that encode_batch keeps every core busy, small enough that
@@ -43,7 +44,7 @@ from mlsteps.errors import UserError
 SHARD_DOCS = 4096
 # Pages of memory-mapped files count in a process's RSS once touched, and stay until unmapped or
 # reclaimed: dropped from our mappings every this many bytes read, so that peak RSS stays flat
-# (the kernel keeps them in its page cache; a later read maps them again without disk I/O).
+# (engine/filepages.py).
 RELEASE_BYTES = 64 << 20
 BLOCKS_FILE = "blocks.int32"
 COUNTS_FILE = "counts.int64"
@@ -234,33 +235,6 @@ def pack_token_rows(
     return blocks
 
 
-def release_file_pages(paths: Iterable[str]) -> None:
-    """Drop this process's resident pages of its read-only mappings of ``paths`` (Arrow cache
-    files). Only mappings of exactly those files, as /proc/self/maps lists them, are touched:
-    their contents come back from the file on the next read. A no-op where /proc is absent."""
-    wanted = {os.path.realpath(p) for p in paths}
-    if not wanted:
-        return
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or "w" in parts[1] or os.path.realpath(parts[5]) not in wanted:
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
-
-
-def _arrow_files(ds: Any) -> list[str]:
-    try:
-        return [f["filename"] for f in ds.cache_files]
-    except (AttributeError, KeyError, TypeError):
-        return []
-
-
 def _hash_array(h: Any, arr: Any) -> None:
     import pyarrow as pa
 
@@ -357,10 +331,13 @@ def pack_corpus(
     where: str,
     what: str = "training text",
     log: Callable[[str], None] | None = None,
+    fingerprint: str | None = None,
 ) -> PackedBlocks:
-    """Tokenise the ``text_column`` of ``ds`` and pack it, through the cache (see module doc)."""
+    """Tokenise the ``text_column`` of ``ds`` and pack it, through the cache (see module doc).
+    ``ds`` is a ``datasets.Dataset``, keyed by its content, or a streamed ``IterableDataset``
+    with the ``fingerprint`` of its identity (``stages.pretrain.streaming``)."""
     settings = {
-        "corpus": corpus_fingerprint(ds, text_column),
+        "corpus": fingerprint or corpus_fingerprint(ds, text_column),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "end_id": end_id,
         "block_len": block_len,

@@ -1,0 +1,156 @@
+"""Streamed pretraining text (``streaming: true`` on a data source).
+
+A streamed source is read through ``datasets.load_dataset(..., streaming=True)``: an
+``IterableDataset`` that reads local files or a hub dataset as it is iterated, with nothing
+prepared or cached first. ``packing.pack_corpus`` tokenises and packs it shard by shard into the
+same cached block files as a prepared source, so training, the cache and exact resume are those
+of any other corpus; only the text is never held, not even as an Arrow copy on disk.
+
+A stream cannot be fingerprinted by content without reading it, so its packed-data cache key
+is its identity instead: local files by their bytes (hashed with plain reads, which leave no
+pages in the process), hub data by name, config, split and revision (the commit the hub
+resolves when none is pinned). Sources that are not streamed in the same list are read as
+usual and keyed by content (``packing.corpus_fingerprint``), then streamed from their Arrow file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+
+from mlsteps.engine.data import TEXT_COLUMN, load_rows, require_columns
+from mlsteps.engine.data_files import _load_files, check_text_file, infer_format, resolve_files
+from mlsteps.errors import UserError, first_line
+from mlsteps.recipe.specs.data import DataSpec
+from mlsteps.stages.pretrain.packing import FORMAT_VERSION, corpus_fingerprint
+
+
+@dataclass
+class StreamedText:
+    """The text of a data field as one ``TEXT_COLUMN`` stream, and the key of its content."""
+
+    dataset: datasets.IterableDataset
+    fingerprint: str
+
+
+def any_streamed(sources: list[DataSpec]) -> bool:
+    return any(s.streaming for s in sources)
+
+
+def _file_digest(path: Any) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hub_commit(spec: DataSpec) -> str | None:
+    """The commit a hub dataset's revision points at now (None offline: then the name is the
+    identity, and a changed dataset behind an unpinned name reuses stale blocks; pin 'revision')."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(spec.hub, revision=spec.revision).sha  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - offline or no hub access: the name is all there is
+        return None
+
+
+def _open(spec: DataSpec, *, where: str) -> tuple[datasets.IterableDataset, dict[str, Any]]:
+    for key, what, fix in spec._invalid()[:1]:  # named validation sets are not walked up front
+        raise UserError(what, where=f"{where}.{key}", hint=fix)
+    if spec.files:
+        files = resolve_files(spec.files, where=where)
+        formats = {infer_format(p, spec.format, where=where) for p in files}
+        if len(formats) > 1:
+            raise UserError(f"files mix formats ({', '.join(sorted(formats))})", where=where)
+        fmt = formats.pop()
+        for path in files:
+            if fmt != "parquet":
+                check_text_file(path, where=where)
+        ident = {
+            "files": [_file_digest(p) for p in files],
+            "format": fmt,
+            "txt_unit": spec.txt_unit,
+            "columns": spec.columns,
+        }
+        ds = _load_files(
+            files, fmt, where=where, cache_dir=None, column_names=spec.columns,
+            txt_unit=spec.txt_unit, streaming=True,
+        )  # fmt: skip
+    else:
+        assert spec.hub is not None  # DataSpec._invalid refuses builtin and aligned
+        ident = {
+            "hub": spec.hub,
+            "config": spec.hub_config,
+            "split": spec.split,
+            "revision": _hub_commit(spec) or spec.revision,
+        }
+        try:
+            ds = datasets.load_dataset(
+                spec.hub, spec.hub_config, split=spec.split, revision=spec.revision, streaming=True
+            )
+        except Exception as exc:  # network, unknown id, unknown split: all user-fixable
+            raise UserError(
+                f"cannot stream hub dataset {spec.hub!r} (config {spec.hub_config}, split "
+                f"{spec.split}): {first_line(exc)}",
+                where=where,
+            ) from exc
+        if not isinstance(ds, datasets.IterableDataset):
+            raise UserError(f"hub dataset {spec.hub!r} did not give a single split", where=where)
+    if spec.max_samples is not None:
+        ds = ds.take(spec.max_samples)
+    return ds, {**ident, "max_samples": spec.max_samples}
+
+
+def _columns(ds: datasets.IterableDataset, where: str) -> list[str]:
+    """Column names of a stream; formats without a schema (json) are peeked at their first row."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    for row in ds.take(1):
+        return list(row)
+    raise UserError("no rows in the streamed data", where=where)
+
+
+def load_streamed_text(
+    sources: list[DataSpec],
+    columns: list[str],
+    *,
+    where: str,
+    column_where: str,
+    cache_dir: Any = None,
+) -> StreamedText:
+    """``engine.data.load_text`` for a field with streamed sources: every listed column of every
+    source, one after another (columns whole, never interleaved), as one stream."""
+    parts, idents = [], []
+    for index, source in enumerate(sources):
+        place = where + (f".{index}" if len(sources) > 1 else "")
+        if source.streaming:
+            stream, ident = _open(source, where=place)
+            present = [c for c in columns if c in _columns(stream, place)]
+            if not present:
+                raise UserError(
+                    f"none of the columns {', '.join(columns)} is in the streamed data; it has "
+                    f"columns: {', '.join(_columns(stream, place))}",
+                    where=column_where,
+                    hint="set text_column to one of them",
+                )
+            for column in present:
+                parts.append(stream.select_columns([column]).rename_column(column, TEXT_COLUMN))
+                idents.append({**ident, "column": column})
+            continue
+        rows = load_rows(source, where=place, cache_dir=cache_dir)
+        present = [c for c in columns if c in rows.column_names]
+        if not present:
+            require_columns(rows, columns[:1], column_where)
+        for column in present:
+            part = rows.select_columns([column]).rename_column(column, TEXT_COLUMN)
+            idents.append({"content": corpus_fingerprint(part, TEXT_COLUMN)})
+            parts.append(part.to_iterable_dataset())
+    stream = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    body = json.dumps({"streamed": idents, "version": FORMAT_VERSION}, sort_keys=True)
+    return StreamedText(stream, hashlib.blake2b(body.encode(), digest_size=20).hexdigest())
