@@ -59,17 +59,24 @@ def test_completion_is_offered(tmp_path: Path) -> None:
 
 
 def test_unreachable_hub_fails_fast_with_exit_2(tmp_path: Path) -> None:
+    # The same command offline is the baseline: it does all the start-up work (imports, recipe)
+    # and asks no network, so the difference is the time spent on the hub. Comparing against
+    # it keeps the check about retries, not about how busy the machine's CPUs are (start-up
+    # alone took 30-50 s wall under a load of 10).
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    (tmp_path / "offline").mkdir()
     started = time.perf_counter()
-    done = _mlsteps(
-        [*FINETUNE, "--from", "someorg/tiny-model"],
-        tmp_path,
-        HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
-    )
+    _mlsteps(["--offline", *FINETUNE, "--from", "someorg/tiny-model"], tmp_path / "offline",
+             HF_ENDPOINT=endpoint)  # fmt: skip
+    baseline = time.perf_counter() - started
+    started = time.perf_counter()
+    done = _mlsteps([*FINETUNE, "--from", "someorg/tiny-model"], tmp_path, HF_ENDPOINT=endpoint)
     elapsed = time.perf_counter() - started
     assert done.returncode == 2, done.stderr
     assert "cannot reach the hub for 'someorg/tiny-model'" in done.stderr
     assert "--offline" in done.stderr and "Traceback" not in done.stderr
-    assert elapsed < 30, elapsed  # was over a minute of retries; ~3 s here when idle
+    # Was over a minute of retries on top of start-up; ~0-2 s when it fails fast.
+    assert elapsed - baseline < 20, (elapsed, baseline)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("final"))
 
 
@@ -83,7 +90,9 @@ def test_offline_fails_fast_on_an_uncached_id(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "someorg/tiny-model" in done.stderr and "Traceback" not in done.stderr
     assert "cannot reach the hub" not in done.stderr  # offline: no network asked at all
-    assert time.perf_counter() - started < 30
+    # Only a hang is caught here (start-up alone takes 30-50 s wall under a load of 10); that
+    # no network was asked is the message above.
+    assert time.perf_counter() - started < 100
 
 
 def test_offline_sets_the_hub_variables() -> None:
