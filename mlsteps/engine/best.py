@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from transformers import TrainerCallback
 
@@ -72,7 +72,7 @@ class BestCallback(TrainerCallback):
 
     @property
     def best_step(self) -> int | None:
-        return self.state["step"]
+        return cast(int | None, self.state["step"])
 
     def _protect(self) -> None:
         self.shared.protected_steps = {self.best_step} if self.keep and self.best_step else set()
@@ -81,7 +81,7 @@ class BestCallback(TrainerCallback):
         best = self.state["value"]
         if best is None:
             return True
-        return value < best - margin if self.mode == "min" else value > best + margin
+        return bool(value < best - margin if self.mode == "min" else value > best + margin)
 
     def after_eval(self, state: Any, control: Any) -> None:
         """Called by the trainer after every evaluation with ``Shared.last_eval`` filled (the

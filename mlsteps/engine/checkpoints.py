@@ -100,7 +100,7 @@ def safetensors_intact(path: Path) -> bool:
         if not offsets or len(offsets) != 2:
             return False
         end = max(end, int(offsets[1]))
-    return 8 + header_len + end == size
+    return bool(8 + header_len + end == size)
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -129,7 +129,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def newest_complete_checkpoint(checkpoints_dir: Path, log=None) -> Path | None:
+def newest_complete_checkpoint(
+    checkpoints_dir: Path, log: Callable[[str], None] | None = None
+) -> Path | None:
     """The newest resumable checkpoint. Incomplete or damaged ones are removed (and logged)."""
     for checkpoint in reversed(list_checkpoints(checkpoints_dir)):
         problem = checkpoint_problem(checkpoint)

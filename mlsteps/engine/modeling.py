@@ -8,7 +8,7 @@ passed to transformers when the recipe asks for it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -251,7 +251,7 @@ def attn_error(exc: BaseException, attn: str | None, where: str | None) -> BaseE
     )
 
 
-def _name_causal_loss(model: Any, task: str) -> Any:
+def _name_causal_loss(model: Any, task: str) -> torch.nn.Module:
     """Name the causal-LM loss on models whose class name transformers 5 cannot map to one
     (GPT2LMHeadModel). The loss itself falls back to the right function either way, but the
     Trainer only counts tokens the causal way (``labels[..., 1:]``) when the name maps to it:
@@ -259,7 +259,7 @@ def _name_causal_loss(model: Any, task: str) -> Any:
     128-token block (and warns "loss_type=None" on every run)."""
     if task in ("clm", "causal_lm") and getattr(model, "loss_type", "") is None:
         model.loss_type = "ForCausalLM"
-    return model
+    return cast(torch.nn.Module, model)
 
 
 def load_config(
@@ -276,7 +276,8 @@ def load_config(
     """
     check_model_dir(source, where=where)  # every file of the directory, before any is loaded
     try:
-        return AutoConfig.from_pretrained(source, **_remote_kwargs(trust_remote_code), **kwargs)
+        config = AutoConfig.from_pretrained(source, **_remote_kwargs(trust_remote_code), **kwargs)
+        return cast(PretrainedConfig, config)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             f"cannot load a model from {shown or source!r}: {first_line(exc)}",

@@ -373,4 +373,4 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
     in_weight = getattr(inputs, "weight", None)
     if in_weight is not None and in_weight is not getattr(outputs, "weight", None):
         params -= in_weight.numel()
-    return 6.0 * params + 12.0 * layers * width * seq_len
+    return float(6.0 * params + 12.0 * layers * width * seq_len)

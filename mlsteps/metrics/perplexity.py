@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ def _batches(items: list[Any], batch_size: int, length: Any) -> Iterator[list[An
 
 
 def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    return cast(torch.device, next(model.parameters()).device)
 
 
 def _pad(
@@ -153,7 +153,7 @@ def _pad(
 def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=mask).logits
     # Soft-prompt (peft prompt tuning) models return logits for the virtual tokens too.
-    return logits[:, -ids.shape[1] :].float()
+    return cast(torch.Tensor, logits[:, -ids.shape[1] :].float())
 
 
 def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:

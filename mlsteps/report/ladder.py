@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, cast
 
 from mlsteps.metrics import table
 from mlsteps.report.text import LADDER_SCALE_NOTE, PERCENT_SCALED, ladder_value
@@ -88,7 +88,8 @@ def _best(stage_metrics: dict[str, Any], column: str) -> float | None:
     values = [v for v in values if math.isfinite(v)]
     if len(set(values)) < 2 or column not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
         return None  # nothing to compare, or every model ties
-    return max(values) if column in HIGHER_IS_BETTER else min(values)
+    best = max(values) if column in HIGHER_IS_BETTER else min(values)
+    return cast(float | None, best)
 
 
 def ladder_rows(

@@ -189,7 +189,9 @@ class PackedBlocks(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 yield np.frombuffer(chunk, dtype=np.int32)
 
 
-def _write_entry(folder: Path, feed: Callable[[BlockPacker], None], **finish: Any) -> dict:
+def _write_entry(
+    folder: Path, feed: Callable[[BlockPacker], None], **finish: Any
+) -> dict[str, Any]:
     with open(folder / BLOCKS_FILE, "wb") as sink:
         packer = BlockPacker(sink, finish.pop("block_len"), finish.pop("wrap"))
         feed(packer)
