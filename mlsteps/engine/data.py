@@ -43,7 +43,7 @@ def load_rows(
     if spec.files:
         ds, origin, located = read_files(spec, where=where, cache_dir=cache_dir)
     elif spec.hub:
-        ds, origin = _read_hub(spec, where=where), spec.hub
+        ds, origin = read_hub(spec, where=where), spec.hub
     elif spec.aligned:
         ds, origin = load_aligned(spec.aligned, where=where), ", ".join(spec.aligned.values())
     else:
@@ -63,20 +63,27 @@ def load_rows(
     return ds
 
 
-def _read_hub(spec: DataSpec, *, where: str) -> datasets.Dataset:
+def read_hub(
+    spec: DataSpec, *, where: str, streaming: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
+    """A hub dataset's split: a ``datasets.Dataset``, or with ``streaming`` an
+    ``IterableDataset`` read as it is iterated (nothing downloaded up front)."""
     try:
         # The user's HF cache (HF_HOME / HF_DATASETS_CACHE), never the run directory's:
         # a hub dataset is downloaded and prepared once for every run that reads it.
         loaded = datasets.load_dataset(
-            spec.hub, spec.hub_config, split=spec.split, revision=spec.revision
-        )
+            spec.hub, spec.hub_config, split=spec.split, revision=spec.revision,
+            streaming=streaming,
+        )  # fmt: skip
     except Exception as exc:  # network, unknown id, unknown split: all user-fixable
+        verb = "stream" if streaming else "load"
         raise UserError(
-            f"cannot load hub dataset {spec.hub!r} (config {spec.hub_config}, split {spec.split}): "
-            f"{first_line(exc)}",
+            f"cannot {verb} hub dataset {spec.hub!r} (config {spec.hub_config}, split "
+            f"{spec.split}): {first_line(exc)}",
             where=where,
         ) from exc
-    if not isinstance(loaded, datasets.Dataset):
+    wanted = datasets.IterableDataset if streaming else datasets.Dataset
+    if not isinstance(loaded, wanted):
         raise UserError(f"hub dataset {spec.hub!r} did not give a single split", where=where)
     return loaded
 

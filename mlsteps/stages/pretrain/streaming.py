@@ -22,9 +22,9 @@ from typing import Any
 
 import datasets
 
-from mlsteps.engine.data import TEXT_COLUMN, load_rows, require_columns
+from mlsteps.engine.data import TEXT_COLUMN, load_rows, read_hub, require_columns
 from mlsteps.engine.data_files import _load_files, check_text_file, infer_format, resolve_files
-from mlsteps.errors import UserError, first_line
+from mlsteps.errors import UserError
 from mlsteps.recipe.specs.data import DataSpec
 from mlsteps.stages.pretrain.packing import FORMAT_VERSION, corpus_fingerprint
 
@@ -90,18 +90,7 @@ def _open(spec: DataSpec, *, where: str) -> tuple[datasets.IterableDataset, dict
             "split": spec.split,
             "revision": _hub_commit(spec) or spec.revision,
         }
-        try:
-            ds = datasets.load_dataset(
-                spec.hub, spec.hub_config, split=spec.split, revision=spec.revision, streaming=True
-            )
-        except Exception as exc:  # network, unknown id, unknown split: all user-fixable
-            raise UserError(
-                f"cannot stream hub dataset {spec.hub!r} (config {spec.hub_config}, split "
-                f"{spec.split}): {first_line(exc)}",
-                where=where,
-            ) from exc
-        if not isinstance(ds, datasets.IterableDataset):
-            raise UserError(f"hub dataset {spec.hub!r} did not give a single split", where=where)
+        ds = read_hub(spec, where=where, streaming=True)
     if spec.max_samples is not None:
         ds = ds.take(spec.max_samples)
     return ds, {**ident, "max_samples": spec.max_samples}
