@@ -5,6 +5,13 @@ median of N runs each. Targets: --help <= 0.25 s, validate <= 0.4 s (absolute wa
 interpreter start included). When a target is missed, the top import-time offenders of that
 command are printed (``python -X importtime``, self and cumulative microseconds).
 
+Two rows put the target in context: ``libraries`` imports typer, typer's pydantic adapters and
+pydantic and builds the recipe models (`mlsteps.recipe.specs`), i.e. what `validate` costs before
+it reads a recipe; the rest of `validate` is mlsteps' own work (YAML, checks, typer's command
+tree). mlsteps' bytecode is compiled first (``compileall``): an installed wheel has it, and an
+editable install writes it on first use, unless PYTHONDONTWRITEBYTECODE is set (it is on some
+CI and sandbox machines, where every run would otherwise recompile ~100 modules).
+
     .venv/bin/python bench/startup.py [--quick] [--reps N]
 """
 
@@ -40,6 +47,9 @@ HEAVY = (
     "rich",
 )
 
+# The floor under `validate`: the libraries it stands on and the recipe models pydantic builds.
+LIBRARIES = "import typer, typer._adapters, pydantic, yaml, mlsteps.recipe.specs"
+
 SMALL_RECIPE = """\
 name: bench-startup
 seed: 1
@@ -74,6 +84,7 @@ def commands(recipe: Path) -> dict[str, list[str]]:
         "python -c pass": [sys.executable, "-c", "pass"],
         "help": [sys.executable, script, "--help"],
         "validate": [sys.executable, script, "validate", str(recipe)],
+        "libraries": [sys.executable, "-c", LIBRARIES],
     }
 
 
@@ -118,6 +129,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=None, help="runs per command (default 15, quick 3)")
     args = p.parse_args()
     reps = args.reps or (3 if args.quick else 15)
+    subprocess.run(  # bytecode as an installed wheel has it (see the docstring)
+        [sys.executable, "-m", "compileall", "-q", str(common.REPO / "mlsteps")],
+        check=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         recipe, recipe_note = recipe_path(Path(tmp))
         cmds = commands(recipe)
