@@ -2,10 +2,10 @@
 
 Only typer is imported at module level: `--help` must stay instant, and `validate` must never
 import torch/transformers/datasets/peft/accelerate/sacrebleu/rouge_score/nltk. Everything else is
-imported inside the command bodies.
+imported inside the command bodies. The cli modules do not use ``from __future__ import
+annotations``: typer reads every command's annotations on each start, and string annotations
+cost an ``eval`` each (get_command 31 -> 12 ms CPU).
 """
-
-from __future__ import annotations
 
 import os
 import sys

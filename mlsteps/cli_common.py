@@ -4,8 +4,6 @@ the output mode the error handler reads, strict JSON on stdout, --run-dir, runni
 typer only at module level, like cli.py: `--help` stays instant and torch-free.
 """
 
-from __future__ import annotations
-
 import json
 import sys
 from pathlib import Path

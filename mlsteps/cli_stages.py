@@ -3,8 +3,6 @@ built from options, a stage config file and KEY=VALUE overrides, run through the
 as `mlsteps run`. Registered on the app by cli.py (``register``); typer only at module level.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any
 

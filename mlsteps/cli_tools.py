@@ -4,8 +4,6 @@ Registered on the app by cli.py (``register``). typer only at module level: ever
 imported inside the command bodies, so `--help` stays instant and torch-free.
 """
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import Annotated
