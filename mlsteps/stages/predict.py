@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import map_sharded
 from mlsteps.engine.rows import (
     generate_for,
@@ -25,6 +25,7 @@ from mlsteps.recipe.specs.evaluate import PredictSpec
 from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
 
 
+@stage_entry
 def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     """Generate an output (a classifier: a label and its probabilities) for every row of
     ``spec.data`` with ``spec.model``."""

@@ -22,7 +22,7 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.engine.checkpoints import write_dir_atomically
 from mlsteps.engine.data import TEXT_COLUMN, load_text
 from mlsteps.engine.modeling import load_tokenizer
@@ -187,6 +187,7 @@ def _text_metrics(wrapped: Any, ds: Any, column: str, where: str) -> dict[str, f
     }
 
 
+@stage_entry
 def run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
     """Train (or wrap) a tokenizer and save it to ``ctx.final_dir``.
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.engine.rows import (
     column_values,
     require_inputs,
@@ -221,6 +221,7 @@ def _load_data(
     return rows
 
 
+@stage_entry
 def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     """Evaluate every model of ``spec.models`` on ``spec.data`` and on ``spec.lm_eval``'s tasks:
     ``{model: {metric: value}}``."""

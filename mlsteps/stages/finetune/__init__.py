@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import DataCollatorForSeq2Seq
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
 from mlsteps.engine import chat_data, lora
 from mlsteps.engine import validation_sets as vs
@@ -44,6 +44,7 @@ from mlsteps.stages.finetune import model as fm
 from mlsteps.stages.finetune import prepare as prep_
 
 
+@stage_entry
 def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     """Fine-tune per ``spec``; returns train/validation metrics and the final/ path."""
     where = f"stages.{ctx.stage}"

@@ -27,7 +27,7 @@ from typing import Any
 import datasets
 from transformers import set_seed
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
 from mlsteps.engine import chat_data, lora
 from mlsteps.engine.inference import inspect_source, load_for_inference
@@ -58,6 +58,7 @@ REWARD_CONVENTION = {
 _DIAGNOSTICS = ("logits_", "num_tokens", "entropy", "mean_token_accuracy")
 
 
+@stage_entry
 def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     """Preference-tune ``spec.from_``; returns reward metrics and the final/ path."""
     where = f"stages.{ctx.stage}"

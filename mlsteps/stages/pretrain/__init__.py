@@ -15,7 +15,7 @@ import datasets
 from transformers import set_seed
 
 from mlsteps import distributed
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
 from mlsteps.engine.data import TEXT_COLUMN, load_text, split_validation
 from mlsteps.engine.modeling import (
@@ -146,6 +146,7 @@ def _pack(
     )
 
 
+@stage_entry
 def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     """Pretrain, evaluate token-weighted validation perplexity, write ``final/``."""
     where = f"stages.{ctx.stage}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
 from mlsteps.errors import UserError
 from mlsteps.prompt.prompter import (
@@ -34,6 +34,7 @@ from mlsteps.stages.prompt.soft import train_soft
 __all__ = ["PREVIEW_FILE", "run"]
 
 
+@stage_entry
 def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
     """Build a prompted model; for soft-prompt methods train it (resuming if interrupted)."""
     where = f"stages.{ctx.stage}"
