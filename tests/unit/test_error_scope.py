@@ -122,3 +122,23 @@ def test_stage_entry_adds_the_stage_name_once(tmp_path: Any) -> None:
         return StageResult(metrics={"m": 1})
 
     assert ok("s", ctx).metrics == {"m": 1}
+
+
+def test_every_stage_kind_runs_behind_the_stage_boundary() -> None:
+    """Field errors of a stage are relative to its recipe entry: a stage kind whose ``run`` is
+    not behind ``stage_entry`` would print them without ``stages.<name>``. Read from the
+    sources (no torch)."""
+    import ast
+    from pathlib import Path
+
+    from mlsteps.recipe.specs import SPEC_BY_KIND
+
+    stages = Path(__file__).resolve().parents[2] / "mlsteps" / "stages"
+    for kind in SPEC_BY_KIND:
+        path = stages / kind / "__init__.py"
+        path = path if path.is_file() else stages / f"{kind}.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        runs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
+        assert len(runs) == 1, f"{path}: no top-level run()"
+        decorators = [ast.unparse(d) for d in runs[0].decorator_list]
+        assert decorators == ["stage_entry"], f"{path}: run() is not decorated with stage_entry"
