@@ -142,3 +142,29 @@ def test_every_stage_kind_runs_behind_the_stage_boundary() -> None:
         assert len(runs) == 1, f"{path}: no top-level run()"
         decorators = [ast.unparse(d) for d in runs[0].decorator_list]
         assert decorators == ["stage_entry"], f"{path}: run() is not decorated with stage_entry"
+
+
+def test_an_error_from_rank_zero_gets_the_same_place_on_every_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run_on_main sends rank 0's error to the other ranks; its field must stay relative there,
+    so the stage scope around run_on_main names it on every rank alike. Rank 0's side builds
+    the payload; a non-main rank is simulated by the broadcast handing that payload back."""
+    from mlsteps import distributed
+
+    def fail() -> None:
+        raise UserError("column 'x' holds int values, not text", field="data", hint="h")
+
+    with pytest.raises(UserError) as on_main, field_scope("stages.tok"):
+        fail()
+    payload = distributed._error_payload(UserError("column 'x' holds int values, not text",
+                                                   field="data", hint="h"))  # fmt: skip
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, src=0: (None, payload))
+    with pytest.raises(UserError) as on_other, field_scope("stages.tok"):
+        distributed.run_on_main(fail)
+    assert on_other.value.where == on_main.value.where == "stages.tok.data"
+    assert (
+        str(on_other.value) == "stages.tok.data: rank 0: column 'x' holds int values, not text (h)"
+    )
