@@ -201,11 +201,11 @@ def pack_child(mb: float) -> None:
     tok = load_tokenizer(str(TOK_DIR))
     sampler = common.RssSampler(interval_s=0.02).__enter__()
     t0 = time.perf_counter()
-    rows = load_rows(DataSpec(files=[str(big)]), where="bench", cache_dir=tmp / "cache")
+    rows = load_rows(DataSpec(files=[str(big)]), cache_dir=tmp / "cache")
     # What mlsteps.stages.pretrain._pack does for clm.
     path = "engine.data.load_rows + lm_data.tokenize_documents + lm_data.pack_blocks"
     tokenized = lm_data.tokenize_documents(rows, tok, "text", end_id=tok.eos_token_id)
-    blocks = lm_data.pack_blocks(tokenized, 256, keep_remainder=False, where="bench")
+    blocks = lm_data.pack_blocks(tokenized, 256, keep_remainder=False)
     n_blocks = len(blocks)
     seconds = time.perf_counter() - t0
     sampler.__exit__()

@@ -152,7 +152,11 @@ def throughput(mb: int, tok_dir: Path, reps: int, num_proc: int) -> dict[str, An
     size_mb = text.stat().st_size / 2**20
     tok = AutoTokenizer.from_pretrained(tok_dir)
     ds = load_text(
-        [DataSpec(files=[str(text)])], ["text"], where="b", column_where="b", cache_dir=WORK / "hf"
+        [DataSpec(files=[str(text)])],
+        ["text"],
+        data_field="b",
+        column_field="b",
+        cache_dir=WORK / "hf",
     )
     batches = [b[TEXT_COLUMN] for b in ds.iter(batch_size=packing.SHARD_DOCS)]
     backend = tok.backend_tokenizer
@@ -163,7 +167,7 @@ def throughput(mb: int, tok_dir: Path, reps: int, num_proc: int) -> dict[str, An
         t0 = time.perf_counter()
         blocks = packing.pack_corpus(
             ds, tok, TEXT_COLUMN, end_id=tok.eos_token_id, block_len=128,
-            keep_remainder=False, wrap=None, where="bench",
+            keep_remainder=False, wrap=None,
         )  # fmt: skip
         pack_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
@@ -232,7 +236,7 @@ def train_speed(blocks_path: Path, steps: int, reps: int) -> dict[str, Any]:
     tokens = 0
     for rep in range(reps):
         torch.manual_seed(0)
-        model = build_model(common.gpt2_arch(2, 128, 2, 128), tok, "clm", where="bench")
+        model = build_model(common.gpt2_arch(2, 128, 2, 128), tok, "clm")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         its = loaders(rep)
         for step in range(2 * (steps + 2)):

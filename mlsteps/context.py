@@ -6,11 +6,17 @@ layout lives in one place.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from mlsteps.errors import field_scope
+
+SpecT = TypeVar("SpecT")
 
 
 @dataclass
@@ -84,7 +90,7 @@ class StageContext:
         from mlsteps.hub import check_hub_id
 
         # A hub id: an unreachable hub fails here in seconds, not after a minute of retries.
-        check_hub_id(ref, where=f"stages.{self.stage}")
+        check_hub_id(ref)  # its error is at the stage itself: stage_entry names it
         return ref
 
     def is_stage_ref(self, ref: str) -> bool:
@@ -98,3 +104,17 @@ class StageContext:
         """Progress line for humans; goes to stderr so --json stdout stays clean."""
         if not self.quiet:
             print(f"[{self.stage}] {message}", file=sys.stderr, flush=True)
+
+
+def stage_entry(
+    run: Callable[[SpecT, StageContext], StageResult],
+) -> Callable[[SpecT, StageContext], StageResult]:
+    """The stage boundary: a stage kind's ``run``. Field errors raised inside it are relative to
+    the stage's recipe entry, and get ``stages.<name>`` in front here, once (errors.py)."""
+
+    @functools.wraps(run)
+    def entry(spec: SpecT, ctx: StageContext) -> StageResult:
+        with field_scope(f"stages.{ctx.stage}"):
+            return run(spec, ctx)
+
+    return entry

@@ -168,10 +168,15 @@ def main_process_first() -> Iterator[None]:
             barrier()
 
 
-def _error_payload(exc: BaseException) -> tuple[str, str, str | None, str | None]:
+# kind, message, absolute location, relative field path, hint
+_Payload = tuple[str, str, str | None, str | None, str | None]
+
+
+def _error_payload(exc: BaseException) -> _Payload:
     if isinstance(exc, MlstepsError):
-        return type(exc).__name__, exc.message, exc.where, exc.hint
-    return "StageFailed", f"{type(exc).__name__}: {exc}", None, None
+        # The field stays relative: the scopes around run_on_main prefix it on every rank alike.
+        return type(exc).__name__, exc.message, exc.location, exc.field, exc.hint
+    return "StageFailed", f"{type(exc).__name__}: {exc}", None, None, None
 
 
 _ERRORS: dict[str, type[MlstepsError]] = {
@@ -190,7 +195,7 @@ def run_on_main(fn: Callable[[], T]) -> T:
     if not is_distributed():
         return fn()
     result: Any = None
-    error: tuple[str, str, str | None, str | None] | None = None
+    error: _Payload | None = None
     if is_main():
         try:
             result = fn()
@@ -201,8 +206,10 @@ def run_on_main(fn: Callable[[], T]) -> T:
     payload = broadcast_object((result, error))
     result, error = payload
     if error is not None:
-        kind, message, where, hint = error
-        raise _ERRORS.get(kind, StageFailed)(f"rank 0: {message}", where=where, hint=hint)
+        kind, message, where, field, hint = error
+        raise _ERRORS.get(kind, StageFailed)(
+            f"rank 0: {message}", where=where, field=field, hint=hint
+        )
     return result  # type: ignore[no-any-return]
 
 

@@ -1,19 +1,38 @@
-"""Error types that map onto the CLI's exit codes.
+"""Error types that map onto the CLI's exit codes, and where an error says it happened.
 
 - ``UserError``       -> exit 2: bad usage, invalid recipe, unusable input. One line, no traceback.
 - ``StageFailed``     -> exit 1: a stage broke while running (NaN loss, runtime fault).
 - ``StageInterrupted``-> exit 130: SIGINT/SIGTERM after a resumable checkpoint was written.
+
+Locations come in two sorts, told apart by the constructor keyword that sets them:
+
+- ``where=`` is an absolute location: ``recipe.yaml:12 (stages.ft.lr)``, ``data/train.jsonl:3``,
+  a file path, ``override 'x=1'``. Only code that knows the whole location passes one, and
+  nothing ever rewrites it.
+- ``field=`` is a field path relative to the code that raises: ``"data"``, ``"models.1"``, or
+  ``HERE`` (the empty path: the error is about the field the code was called for). Each
+  ``field_scope(name)`` the error escapes puts ``name.`` in front, so a metric raises with
+  ``field=HERE``, the eval stage calls it inside ``field_scope("metrics")`` and the stage boundary
+  (``context.stage_entry``) adds ``stages.<name>`` once: ``stages.ev.metrics``.
+
+An error raised with neither has no location, and scopes leave it so (a NaN loss has no field).
+``err.where`` is the location the message shows: the absolute one, else the field path.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Final
 
 EXIT_OK = 0
 EXIT_STAGE_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# The empty relative path: "this error is about the field my caller scoped me to".
+HERE: Final = ""
 
 
 class MlstepsError(Exception):
@@ -21,11 +40,24 @@ class MlstepsError(Exception):
 
     exit_code = EXIT_STAGE_FAILED
 
-    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
-        self.where = where
+        self.location = where  # absolute: never prefixed
+        self.field = field  # relative: prefixed by each field_scope it escapes
         self.hint = hint
+
+    @property
+    def where(self) -> str | None:
+        """The location the message shows: the absolute one, else the field path (if any)."""
+        return self.location or self.field or None
 
     def __str__(self) -> str:
         parts = []
@@ -36,6 +68,19 @@ class MlstepsError(Exception):
             parts.append(f" ({self.hint})")
         # Always one line: the CLI contract is one clear message per error.
         return " ".join("".join(parts).split("\n"))
+
+
+@contextmanager
+def field_scope(name: str) -> Iterator[None]:
+    """Errors escaping this block are about the field ``name``: a relative field path gets
+    ``name.`` in front (``HERE`` becomes ``name``). Absolute locations and errors without a
+    location pass unchanged. Scopes nest: the outermost one ends up first in the path."""
+    try:
+        yield
+    except MlstepsError as exc:
+        if exc.location is None and exc.field is not None:
+            exc.field = f"{name}.{exc.field}" if exc.field else name
+        raise
 
 
 class UserError(MlstepsError):

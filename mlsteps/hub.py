@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # A reachable hub answers a HEAD in well under a second; a silent network gets this long.
@@ -42,7 +42,7 @@ def _cached(repo_id: str, repo_type: str) -> bool:
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
-def check_hub_id(repo_id: str, *, where: str, repo_type: str = "model") -> None:
+def check_hub_id(repo_id: str, *, repo_type: str = "model") -> None:
     """Raise UserError (exit 2) within seconds when ``repo_id`` is not in the hub cache and the
     hub cannot be reached. Offline (``--offline``), the libraries themselves fail at once on an
     id that is not cached; a cached id, or a hub that answers, is left to them."""
@@ -51,7 +51,7 @@ def check_hub_id(repo_id: str, *, where: str, repo_type: str = "model") -> None:
     if not _reachable(repo_id, repo_type):
         raise UserError(
             f"cannot reach the hub for '{repo_id}'",
-            where=where,
+            field=HERE,
             hint="check the network, or use --offline with a cached model, or a local directory",
         )
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlsteps.errors import UserError, did_you_mean
+from mlsteps.errors import UserError, did_you_mean, field_scope
 from mlsteps.metrics.generated import LABEL_METRICS, TEXT_METRICS
 
 
@@ -67,7 +67,6 @@ def score(
     metrics: list[str],
     *,
     target_lang: str | None = None,
-    where: str = "score",
 ) -> dict[str, Any]:
     """The eval stage's scores of ``predictions`` against ``references`` (per row a string or a
     list of strings). Mismatched counts and empty inputs are errors, as in the eval stage."""
@@ -75,11 +74,11 @@ def score(
 
     out: dict[str, Any] = {"rows": len(predictions)}
     texts = [m for m in metrics if m in TEXT_METRICS]
-    out.update(score_texts(predictions, references, texts, target_lang=target_lang, where=where))
+    out.update(score_texts(predictions, references, texts, target_lang=target_lang))
     # Labels: one reference per row (a list of one, from several files of one each, is unwrapped).
     labels = [r[0] if isinstance(r, list) and len(r) == 1 else r for r in references]
     wanted = [m for m in LABEL_METRICS if m in metrics]
-    out.update(score_labels(predictions, labels, wanted, where=where))
+    out.update(score_labels(predictions, labels, wanted))
     return out
 
 
@@ -110,4 +109,6 @@ def score_files(
     else:  # one file per reference: row i's references are line i of every file
         refs = [[r for col in columns for r in (col[i] if isinstance(col[i], list) else [col[i]])]
                 for i in range(len(preds))]  # fmt: skip
-    return score(preds, refs, names, target_lang=target_lang, where=str(predictions))
+    # What the metrics refuse is in the rows scored: their errors name the predictions file.
+    with field_scope(str(predictions)):
+        return score(preds, refs, names, target_lang=target_lang)

@@ -92,7 +92,7 @@ class BestCallback(TrainerCallback):
             names = sorted(k for k, v in found.items() if k.startswith("val_") and _number(v))
             raise UserError(
                 f"validation metric {self.rule.metric!r} was not computed by this stage",
-                where=f"stages.{self.shared.ctx.stage}.train.keep_best.metric",
+                field="train.keep_best.metric",  # raised while the stage trains
                 hint=f"use one of: {', '.join(names) or 'val_loss'}",
             )
         value = float(raw)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 
 # ChatML (the format of Qwen and many open chat models). The generation prompt opens an
 # assistant turn; every turn ends with <|im_end|> and a newline. No BOS: byte-level BPE
@@ -40,14 +40,14 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
-def normalize_messages(value: Any, *, where: str, row: int, column: str) -> list[dict[str, str]]:
+def normalize_messages(value: Any, *, row: int, column: str) -> list[dict[str, str]]:
     """A conversation cell as ``[{role, content}, ...]``; UserError naming the row otherwise."""
     if not is_conversation(value):
         kind = type(value).__name__
         raise UserError(
             f"column '{column}' row {row} is {kind}, expected a conversation (a list of "
             "{role, content} turns)",
-            where=where,
+            field=HERE,
             hint='write e.g. [{"role": "user", "content": "..."}, {"role": "assistant", ...}]',
         )
     out = []
@@ -60,14 +60,14 @@ def normalize_messages(value: Any, *, where: str, row: int, column: str) -> list
             raise UserError(
                 f"column '{column}' row {row} turn {i} has keys {sorted(turn)}, expected "
                 "role/content (or ShareGPT from/value)",
-                where=where,
+                field=HERE,
             )
         if role not in ROLES or not isinstance(content, str):
             raise UserError(
                 f"column '{column}' row {row} turn {i}: role {role!r} with "
                 f"{type(content).__name__} content; expected a role of {', '.join(ROLES)} and "
                 "text content",
-                where=where,
+                field=HERE,
             )
         out.append({"role": str(role), "content": content})
     return out
@@ -98,7 +98,7 @@ def check_template_text(value: str) -> None:
         ) from None
 
 
-def set_template(tokenizer: Any, chat_template: str | None, *, where: str) -> None:
+def set_template(tokenizer: Any, chat_template: str | None) -> None:
     """Install ``chat_template`` (name or Jinja) on ``tokenizer``; with None keep the tokenizer's
     own and fail when it has none. Builtin templates add their turn tokens as special tokens
     (the caller resizes the model's embeddings when ``len(tokenizer)`` grew)."""
@@ -106,7 +106,7 @@ def set_template(tokenizer: Any, chat_template: str | None, *, where: str) -> No
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 "the tokenizer has no chat template, and conversations need one",
-                where=where,
+                field=HERE,
                 hint="set chat_template: chatml (or a Jinja template string)",
             )
         return
@@ -165,13 +165,13 @@ def split_last_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, st
     return messages, None
 
 
-def generation_input(tokenizer: Any, value: Any, *, where: str, row: int, column: str) -> str:
+def generation_input(tokenizer: Any, value: Any, *, row: int, column: str) -> str:
     """What a chat model is given to answer: text stays as is; a conversation is rendered by the
     tokenizer's template up to (without) its final assistant turn, with the generation prompt."""
     if not is_conversation(value):
         return str(value)
-    messages = normalize_messages(value, where=where, row=row, column=column)
-    set_template(tokenizer, None, where=where)  # fails clearly when the model has no template
+    messages = normalize_messages(value, row=row, column=column)
+    set_template(tokenizer, None)  # fails clearly when the model has no template
     prompt, _ = split_last_answer(messages)
     return render(tokenizer, prompt, generation_prompt=True)
 

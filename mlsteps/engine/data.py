@@ -19,21 +19,20 @@ from mlsteps.engine.files import (
     check_missing,
     first_missing,
 )
-from mlsteps.errors import UserError, did_you_mean, first_line
+from mlsteps.errors import HERE, UserError, did_you_mean, field_scope, first_line
 from mlsteps.recipe.specs.data import DataSpec
 
 
 def load_rows(
     spec: DataSpec,
     *,
-    where: str,
     cache_dir: Path | None = None,
     required: list[str] | tuple[str, ...] = (),
 ) -> datasets.Dataset:
     """Read the rows a DataSpec points at.
 
-    ``where`` names the recipe field for error messages (``stages.pretrain.data``); ``cache_dir``
-    (normally ``ctx.cache_dir``) holds the Arrow caches of local files; hub datasets stay in
+    Errors are about the data field the caller scopes this to (``field_scope("data")``);
+    ``cache_dir`` (normally ``ctx.cache_dir``) holds the Arrow caches of local files; hub datasets stay in
     the user's HF cache. A null in one of the
     ``required`` columns is a UserError naming its file and line (found before any shuffle).
     """
@@ -41,30 +40,30 @@ def load_rows(
     datasets.disable_progress_bars()
     located: tuple[list[Path], str, bool] | None = None
     if spec.files:
-        ds, origin, located = read_files(spec, where=where, cache_dir=cache_dir)
+        ds, origin, located = read_files(spec, cache_dir=cache_dir)
     elif spec.hub:
-        ds, origin = read_hub(spec, where=where), spec.hub
+        ds, origin = read_hub(spec), spec.hub
     elif spec.aligned:
-        ds, origin = load_aligned(spec.aligned, where=where), ", ".join(spec.aligned.values())
+        ds, origin = load_aligned(spec.aligned), ", ".join(spec.aligned.values())
     else:
         assert spec.builtin is not None
-        ds, origin = _load_builtin(spec.builtin, spec.split, where=where), f"builtin:{spec.builtin}"
+        ds, origin = _load_builtin(spec.builtin, spec.split), f"builtin:{spec.builtin}"
     if ds.num_rows == 0:
-        raise UserError(f"no rows in {origin}", where=where)
+        raise UserError(f"no rows in {origin}", field=HERE)
     # Rows with a null in a required column are found by their file line, which a shuffle
     # would hide: number the rows first (only when there are nulls at all).
     numbered = bool(required) and first_missing(ds, required) is not None
     if numbered:
         ds = ds.add_column(ROW_NUMBER, list(range(ds.num_rows)))  # type: ignore[arg-type]
-    ds = _select(ds, spec, origin, where=where)
+    ds = _select(ds, spec, origin)
     if numbered:
-        check_missing(ds, required, located, where=where)
+        check_missing(ds, required, located)
         ds = ds.remove_columns(ROW_NUMBER)
     return ds
 
 
 def read_hub(
-    spec: DataSpec, *, where: str, streaming: bool = False
+    spec: DataSpec, *, streaming: bool = False
 ) -> datasets.Dataset | datasets.IterableDataset:
     """A hub dataset's split: a ``datasets.Dataset``, or with ``streaming`` an
     ``IterableDataset`` read as it is iterated (nothing downloaded up front)."""
@@ -80,15 +79,15 @@ def read_hub(
         raise UserError(
             f"cannot {verb} hub dataset {spec.hub!r} (config {spec.hub_config}, split "
             f"{spec.split}): {first_line(exc)}",
-            where=where,
+            field=HERE,
         ) from exc
     wanted = datasets.IterableDataset if streaming else datasets.Dataset
     if not isinstance(loaded, wanted):
-        raise UserError(f"hub dataset {spec.hub!r} did not give a single split", where=where)
+        raise UserError(f"hub dataset {spec.hub!r} did not give a single split", field=HERE)
     return loaded
 
 
-def _select(ds: datasets.Dataset, spec: DataSpec, origin: str, *, where: str) -> datasets.Dataset:
+def _select(ds: datasets.Dataset, spec: DataSpec, origin: str) -> datasets.Dataset:
     """shuffle_seed, then the ``rows`` slice, then max_samples."""
     if spec.shuffle_seed is not None:
         ds = ds.shuffle(seed=spec.shuffle_seed)
@@ -97,7 +96,7 @@ def _select(ds: datasets.Dataset, spec: DataSpec, origin: str, *, where: str) ->
         if not kept:
             raise UserError(
                 f"rows '{spec.rows}' keeps none of the {ds.num_rows} rows of {origin}",
-                where=f"{where}.rows",
+                field="rows",
             )
         ds = ds.select(kept)
     if spec.max_samples is not None and spec.max_samples < ds.num_rows:
@@ -105,27 +104,27 @@ def _select(ds: datasets.Dataset, spec: DataSpec, origin: str, *, where: str) ->
     return ds
 
 
-def _load_builtin(name: str, split: str, *, where: str) -> datasets.Dataset:
+def _load_builtin(name: str, split: str) -> datasets.Dataset:
     try:
         from mlsteps.builtin import load_builtin  # type: ignore[attr-defined]
     except ImportError as exc:
         raise UserError(
-            "builtin data sets are not available in this installation", where=where
+            "builtin data sets are not available in this installation", field=HERE
         ) from exc
     try:
         rows = load_builtin(name, split)
     except UserError as exc:  # unknown name/split: keep its message, say where it came from
-        raise UserError(exc.message, where=where, hint=exc.hint) from exc
+        raise UserError(exc.message, field=HERE, hint=exc.hint) from exc
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise UserError(
             f"builtin data {name!r} (split {split}): {exc}",
-            where=where,
+            field=HERE,
             hint="see `mlsteps data list`",
         ) from exc
     return datasets.Dataset.from_list(list(rows))
 
 
-def require_columns(ds: datasets.Dataset, columns: list[str] | tuple[str, ...], where: str) -> None:
+def require_columns(ds: datasets.Dataset, columns: list[str] | tuple[str, ...]) -> None:
     """UserError naming the first missing column and listing the existing ones."""
     existing = list(ds.column_names)
     for column in columns:
@@ -133,16 +132,16 @@ def require_columns(ds: datasets.Dataset, columns: list[str] | tuple[str, ...], 
             suggestion = did_you_mean(column, existing)
             if not suggestion:
                 # The "columns" may be the first data row of a file that has no header.
-                check_header_row(ds, column, columns, where=where)
+                check_header_row(ds, column, columns)
             raise UserError(
                 f"column {column!r} not found; the data has columns: {', '.join(existing)}",
-                where=where,
+                field=HERE,
                 hint=suggestion or "set the *_column option to one of them",
             )
 
 
 def split_validation(
-    ds: datasets.Dataset, fraction: float, seed: int, *, where: str | None = None
+    ds: datasets.Dataset, fraction: float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Hold out ``fraction`` of the rows (at least one) for validation, shuffled with ``seed``.
 
@@ -153,7 +152,7 @@ def split_validation(
     if ds.num_rows < 2:
         raise UserError(
             f"cannot hold out a validation fraction from {ds.num_rows} row(s)",
-            where=where,
+            field=HERE,
             hint="add data, give 'validation' explicitly, or set validation_fraction: 0",
         )
     n_val = max(1, min(ds.num_rows - 1, round(ds.num_rows * fraction)))
@@ -169,24 +168,27 @@ def load_text(
     sources: list[DataSpec],
     columns: list[str],
     *,
-    where: str,
-    column_where: str,
+    data_field: str,
+    column_field: str,
     cache_dir: Path | None = None,
 ) -> datasets.Dataset:
     """Every listed column of every source, one after another, as one ``TEXT_COLUMN`` dataset.
 
     Columns are concatenated whole (all of source 1's first column, then its second, ...), never
     interleaved row by row: two columns of one row (a sentence and its translation) do not end
-    up side by side. A source must have at least one of ``columns`` (``column_where`` names the
-    field in that error); ``where`` is the data field, indexed when there are several sources.
+    up side by side. A source must have at least one of ``columns`` (``column_field`` names the
+    field in that error); ``data_field`` is the data field, indexed when there are several
+    sources (both relative to the caller's scope).
     """
     parts = []
     for index, source in enumerate(sources):
-        place = where + (f".{index}" if len(sources) > 1 else "")
-        ds = load_rows(source, where=place, cache_dir=cache_dir)
+        place = data_field + (f".{index}" if len(sources) > 1 else "")
+        with field_scope(place):
+            ds = load_rows(source, cache_dir=cache_dir)
         present = [c for c in columns if c in ds.column_names]
         if not present:
-            require_columns(ds, columns[:1], column_where)
+            with field_scope(column_field):
+                require_columns(ds, columns[:1])
         for column in present:
             parts.append(ds.select_columns([column]).rename_column(column, TEXT_COLUMN))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -24,7 +24,7 @@ from mlsteps.engine.files import (
     wide_encoding,
     wide_encoding_error,
 )
-from mlsteps.errors import UserError, first_line
+from mlsteps.errors import HERE, UserError, field_scope, first_line
 from mlsteps.recipe.specs.data import DataSpec
 
 _EXTENSIONS = {
@@ -35,7 +35,7 @@ _GZIP_OK = {"txt", "jsonl", "csv", "tsv"}
 _CHUNK_BYTES = 1 << 20
 
 
-def resolve_files(patterns: list[str], *, where: str) -> list[Path]:
+def resolve_files(patterns: list[str]) -> list[Path]:
     """Expand paths and globs (``**`` allowed), in the given order, each glob sorted; no duplicates."""
     files: list[Path] = []
     for pattern in patterns:
@@ -44,24 +44,24 @@ def resolve_files(patterns: list[str], *, where: str) -> list[Path]:
             matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise UserError(
-                    f"no file matches {pattern!r}", where=where, hint="check the glob pattern"
+                    f"no file matches {pattern!r}", field=HERE, hint="check the glob pattern"
                 )
             files.extend(Path(m) for m in matches)
             continue
         path = Path(expanded)
         if path.is_symlink() or path.exists():
             # Before anything opens it: a FIFO would block forever, a symlink loop crash later.
-            require_regular_file(path, where=where, dir_ok=True)
+            require_regular_file(path, dir_ok=True)
         if path.is_dir():
             raise UserError(
                 f"{pattern!r} is a directory",
-                where=where,
+                field=HERE,
                 hint=f"use a glob such as '{pattern}/*.txt'",
             )
         if not path.exists():
             raise UserError(
                 f"file not found: {pattern}",
-                where=where,
+                field=HERE,
                 hint="check the path (relative paths start at the working directory)",
             )
         files.append(path)
@@ -69,7 +69,7 @@ def resolve_files(patterns: list[str], *, where: str) -> list[Path]:
     return unique
 
 
-def infer_format(path: Path, declared: str, *, where: str) -> str:
+def infer_format(path: Path, declared: str) -> str:
     """The file format: ``declared`` unless 'auto', else from the extension (``.gz`` stripped)."""
     compressed = path.suffix == ".gz"
     suffix = Path(path.stem).suffix if compressed else path.suffix
@@ -77,12 +77,12 @@ def infer_format(path: Path, declared: str, *, where: str) -> str:
     if fmt is None:
         raise UserError(
             f"cannot tell the format of {path.name}",
-            where=where,
+            field=HERE,
             hint="name it .txt/.jsonl/.json/.csv/.tsv/.parquet or set 'format'",
         )
     if compressed and fmt not in _GZIP_OK:
         raise UserError(
-            f"{path.name}: .gz is only supported for txt, jsonl, csv and tsv", where=where
+            f"{path.name}: .gz is only supported for txt, jsonl, csv and tsv", field=HERE
         )
     return fmt
 
@@ -91,7 +91,7 @@ def _open_bytes(path: Path) -> Any:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def check_text_file(path: Path, *, where: str) -> None:
+def check_text_file(path: Path) -> None:
     """UserError if ``path`` is unreadable, empty, or not valid UTF-8 (naming the byte offset)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
@@ -102,14 +102,14 @@ def check_text_file(path: Path, *, where: str) -> None:
             while chunk := handle.read(_CHUNK_BYTES):
                 wide = wide_encoding(chunk) if offset == 0 else None
                 if wide is not None:
-                    raise wide_encoding_error(path, wide, where=where)
+                    raise wide_encoding_error(path, wide)
                 try:
                     text = decoder.decode(chunk)
                 except UnicodeDecodeError as exc:
                     raise UserError(
                         f"{path} is not valid UTF-8: byte 0x{chunk[exc.start]:02x} at byte offset "
                         f"{offset + exc.start}{note}",
-                        where=where,
+                        field=HERE,
                         hint="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
                     ) from None
                 has_text = has_text or bool(text.strip().lstrip("\ufeff"))
@@ -118,20 +118,20 @@ def check_text_file(path: Path, *, where: str) -> None:
     except UnicodeDecodeError:
         raise UserError(
             f"{path} is not valid UTF-8: truncated multi-byte character at the end (byte offset {offset - 1}{note})",
-            where=where,
+            field=HERE,
         ) from None
     except (OSError, EOFError) as exc:
-        raise UserError(f"cannot read {path}: {exc}", where=where) from exc
+        raise UserError(f"cannot read {path}: {exc}", field=HERE) from exc
     if not has_text:
-        raise UserError(f"{path} is empty", where=where, hint="point at a file with text in it")
+        raise UserError(f"{path} is empty", field=HERE, hint="point at a file with text in it")
 
 
-def _load_json_array(path: Path, *, where: str) -> datasets.Dataset:
+def _load_json_array(path: Path) -> datasets.Dataset:
     try:
         value = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise UserError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", where=where
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", field=HERE
         ) from None
     if isinstance(value, dict):
         # Accept {"data": [...]} style wrappers with exactly one list of records.
@@ -140,15 +140,15 @@ def _load_json_array(path: Path, *, where: str) -> datasets.Dataset:
     if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
         raise UserError(
             f"{path}: expected a JSON array of objects (one per row)",
-            where=where,
+            field=HERE,
             hint="use JSON Lines (.jsonl) with one object per line",
         )
     if not value:
-        raise UserError(f"{path} has no rows", where=where)
+        raise UserError(f"{path} has no rows", field=HERE)
     return datasets.Dataset.from_list(value)
 
 
-def _diagnose_jsonl(path: Path, *, where: str) -> None:
+def _diagnose_jsonl(path: Path) -> None:
     with _open_bytes(path) as handle:
         for number, raw in enumerate(handle, start=1):
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
@@ -157,22 +157,23 @@ def _diagnose_jsonl(path: Path, *, where: str) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}", where=where) from None
+                raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}", field=HERE) from None
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object per line", where=where)
+                raise UserError(f"{path}:{number}: expected a JSON object per line", field=HERE)
 
 
-def load_aligned(aligned: dict[str, str], *, where: str) -> datasets.Dataset:
+def load_aligned(aligned: dict[str, str]) -> datasets.Dataset:
     """Line-aligned text files, one per column (e.g. multi30k's train.en.gz / train.de.gz)."""
     columns: dict[str, list[str]] = {}
     for column, pattern in aligned.items():
-        paths = resolve_files([pattern], where=f"{where}.aligned.{column}")
-        if len(paths) != 1:
-            raise UserError(
-                f"'{pattern}' matches {len(paths)} files; an aligned column needs exactly one",
-                where=f"{where}.aligned.{column}",
-            )
-        check_text_file(paths[0], where=f"{where}.aligned.{column}")
+        with field_scope(f"aligned.{column}"):
+            paths = resolve_files([pattern])
+            if len(paths) != 1:
+                raise UserError(
+                    f"'{pattern}' matches {len(paths)} files; an aligned column needs exactly one",
+                    field=HERE,
+                )
+            check_text_file(paths[0])
         with _open_bytes(paths[0]) as fh:
             text = fh.read().decode("utf-8-sig")
         columns[column] = text.rstrip("\n").split("\n")
@@ -181,7 +182,7 @@ def load_aligned(aligned: dict[str, str], *, where: str) -> datasets.Dataset:
         raise UserError(
             "aligned files have different line counts: "
             + ", ".join(f"{c} {n}" for c, n in counts.items()),
-            where=f"{where}.aligned",
+            field="aligned",
             hint="row i must be line i of every file",
         )
     return datasets.Dataset.from_dict(columns)
@@ -191,7 +192,6 @@ def _load_files(
     files: list[Path],
     fmt: str,
     *,
-    where: str,
     cache_dir: Path | None,
     column_names: list[str] | None = None,
     txt_unit: str = "line",
@@ -200,7 +200,7 @@ def _load_files(
     """A ``datasets.Dataset`` of ``files``; with ``streaming``, an ``IterableDataset`` that reads
     them as it is iterated (nothing prepared or cached; json arrays are refused before this)."""
     if fmt == "json":
-        parts = [_load_json_array(p, where=where) for p in files]
+        parts = [_load_json_array(p) for p in files]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     builder, kwargs = {
         "txt": ("text", {}),
@@ -226,12 +226,12 @@ def _load_files(
     except Exception as exc:  # datasets wraps parser errors in its own types; make them clear
         if fmt == "jsonl":
             for path in files:
-                _diagnose_jsonl(path, where=where)
+                _diagnose_jsonl(path)
         names = ", ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else "")
         cause = exc.__cause__ or exc
         raise UserError(
             f"cannot read {fmt} data from {names}: {first_line(cause)}",
-            where=where,
+            field=HERE,
             hint="all files must be valid and share the same columns",
         ) from exc
     assert isinstance(ds, (datasets.Dataset, datasets.IterableDataset))
@@ -263,32 +263,31 @@ def _txt_rows(texts: list[str], unit: str) -> list[str]:
 
 
 def read_files(
-    spec: DataSpec, *, where: str, cache_dir: Path | None
+    spec: DataSpec, *, cache_dir: Path | None
 ) -> tuple[datasets.Dataset, str, tuple[list[Path], str, bool]]:
     """Local files, each checked first: (rows, where they came from, how to find a row's file
     line: files, format, whether the first line is a header)."""
     assert spec.files is not None
-    files = resolve_files(spec.files, where=where)
-    formats = {infer_format(p, spec.format, where=where) for p in files}
+    files = resolve_files(spec.files)
+    formats = {infer_format(p, spec.format) for p in files}
     if len(formats) > 1:
         raise UserError(
             f"files mix formats ({', '.join(sorted(formats))})",
-            where=where,
+            field=HERE,
             hint="use one format per data entry",
         )
     fmt = formats.pop()
     for path in files:
         if fmt == "parquet":
             if not os.access(path, os.R_OK):
-                raise UserError(f"cannot read {path}: permission denied", where=where)
+                raise UserError(f"cannot read {path}: permission denied", field=HERE)
             if path.stat().st_size == 0:
-                raise UserError(f"{path} is empty", where=where)
+                raise UserError(f"{path} is empty", field=HERE)
         else:
-            check_text_file(path, where=where)
+            check_text_file(path)
     ds = _load_files(
         files,
         fmt,
-        where=where,
         cache_dir=cache_dir,
         column_names=spec.columns,
         txt_unit=spec.txt_unit,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 
 _KINDS = {
     stat.S_IFIFO: "a FIFO (named pipe)",
@@ -33,36 +33,36 @@ _KINDS = {
 }
 
 
-def _stat(path: Path, *, where: str | None) -> os.stat_result:
+def _stat(path: Path) -> os.stat_result:
     try:
         return os.stat(path)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UserError(
                 f"{path} is a symlink loop (it points back at itself)",
-                where=where,
+                field=HERE,
                 hint="point the link at a real file",
             ) from None
         if exc.errno == errno.ENOENT and os.path.islink(path):
             raise UserError(
                 f"{path} is a broken symlink (to {os.readlink(path)})",
-                where=where,
+                field=HERE,
                 hint="point the link at an existing file",
             ) from None
-        raise UserError(f"cannot read {path}: {exc.strerror}", where=where) from None
+        raise UserError(f"cannot read {path}: {exc.strerror}", field=HERE) from None
 
 
-def require_regular_file(path: Path, *, where: str | None, dir_ok: bool = False) -> None:
+def require_regular_file(path: Path, *, dir_ok: bool = False) -> None:
     """UserError unless ``path`` is a regular file (or a directory when ``dir_ok``), never opening it."""
-    mode = _stat(path, where=where).st_mode
+    mode = _stat(path).st_mode
     if stat.S_ISREG(mode) or (dir_ok and stat.S_ISDIR(mode)):
         return
     if stat.S_ISDIR(mode):
-        raise UserError(f"{path} is a directory, expected a file", where=where)
+        raise UserError(f"{path} is a directory, expected a file", field=HERE)
     kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
     raise UserError(
         f"{path} is {kind}, not a regular file; mlsteps reads only regular files",
-        where=where,
+        field=HERE,
         hint="copy the data into a file first",
     )
 
@@ -86,11 +86,11 @@ def wide_encoding(head: bytes) -> str | None:
     return None
 
 
-def wide_encoding_error(path: Path, encoding: str, *, where: str | None) -> UserError:
+def wide_encoding_error(path: Path, encoding: str) -> UserError:
     family = encoding[:6]  # UTF-16 / UTF-32: iconv reads the byte-order mark for the byte order
     return UserError(
         f"{path} is {encoding} text (it starts with a {family} byte-order mark), not UTF-8",
-        where=where,
+        field=HERE,
         hint=f"convert it: iconv -f {family} -t UTF-8 {path} > {path.stem}.utf8{path.suffix}",
     )
 
@@ -117,7 +117,7 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def check_model_dir(source: str, *, where: str | None) -> None:
+def check_model_dir(source: str) -> None:
     """UserError naming the first file of a local model/tokenizer directory that cannot be
     what its name claims; nothing for hub ids.
 
@@ -128,15 +128,15 @@ def check_model_dir(source: str, *, where: str | None) -> None:
     path = Path(source).expanduser()
     if not (path.exists() or path.is_symlink()):
         return  # a hub id (or a missing path: the loader says so)
-    require_regular_file(path, where=where, dir_ok=True)
+    require_regular_file(path, dir_ok=True)
     if not path.is_dir():
         raise UserError(
             f"{path} is a file; a model or tokenizer is a directory",
-            where=where,
+            field=HERE,
             hint="point at the directory that holds config.json / tokenizer.json",
         )
     for entry in sorted(path.iterdir()):
-        require_regular_file(entry, where=where, dir_ok=True)
+        require_regular_file(entry, dir_ok=True)
         if entry.is_dir():
             continue
         if entry.suffix == ".json":
@@ -145,7 +145,7 @@ def check_model_dir(source: str, *, where: str | None) -> None:
             except (ValueError, UnicodeDecodeError) as exc:
                 raise UserError(
                     f"{entry} is not valid JSON ({str(exc).splitlines()[0]})",
-                    where=where,
+                    field=HERE,
                     hint=_BAD_MODEL_HINT,
                 ) from None
         elif entry.suffix == ".safetensors":
@@ -157,7 +157,7 @@ def check_model_dir(source: str, *, where: str | None) -> None:
                         "load it with torch and write it again with "
                         "save_pretrained(..., safe_serialization=True)"
                     )
-                raise UserError(f"{entry} {problem}", where=where, hint=hint)
+                raise UserError(f"{entry} {problem}", field=HERE, hint=hint)
 
 
 # ---------------------------------------------------------------- where a row came from
@@ -235,8 +235,6 @@ def check_missing(
     ds: Any,
     required: Sequence[str],
     located: tuple[Sequence[Path], str, bool] | None,
-    *,
-    where: str,
 ) -> None:
     """UserError at the null of a ``required`` column that comes first in the files.
 
@@ -260,7 +258,7 @@ def check_missing(
         place = locate_row(files, fmt, index, header=header)
     raise UserError(
         f"{place}: column '{column}' has no value (null)",
-        where=where,
+        field=HERE,
         hint="fill it in or drop that row",
     )
 
@@ -289,7 +287,7 @@ def _looks_like_data(names: Sequence[str]) -> bool:
     return any(numeric(str(n)) or len(str(n)) > 40 for n in names) or 2 * spaced > len(names)
 
 
-def check_header_row(ds: Any, column: str, wanted: Sequence[str], *, where: str) -> None:
+def check_header_row(ds: Any, column: str, wanted: Sequence[str]) -> None:
     """For a missing ``column`` of csv/tsv rows whose header row looks like data: UserError
     saying the file may have no header (its first row became the names) and how to name them."""
     note = getattr(ds.info, "description", None) or ""
@@ -302,7 +300,7 @@ def check_header_row(ds: Any, column: str, wanted: Sequence[str], *, where: str)
         f"column {column!r} not found; the data has columns: {', '.join(existing)}, read from "
         f"the first line of {note[len(_HEADER_NOTE) :]}, which looks like data: the file may "
         "have no header row",
-        where=where,
+        field=HERE,
         hint="then name the columns in the data entry, e.g. data: {files: [...], "
         f"columns: [{', '.join(names)}]}}",
     )

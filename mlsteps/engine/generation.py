@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mlsteps.engine.chat_data import special_tokens_for
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.positions import max_positions
 from mlsteps.recipe.specs.model import GenerationSpec
 
@@ -99,7 +99,6 @@ def _encode(
     inputs: Sequence[str],
     spec: GenerationSpec,
     decoder_only: bool,
-    where: str,
 ) -> list[list[int]]:
     encoded = encode_prompts(tokenizer, inputs, decoder_only=decoder_only)
     limit = max_positions(model)
@@ -111,7 +110,7 @@ def _encode(
             raise UserError(
                 f"max_new_tokens {spec.max_new_tokens} leaves no room for a prompt in the "
                 f"model's {limit} positions",
-                where=where,
+                field=HERE,
                 hint=f"set generation.max_new_tokens < {limit}",
             )
         # Keep the end of an over-long prompt: it is what the continuation follows.
@@ -163,21 +162,20 @@ def generate(
     spec: GenerationSpec,
     *,
     seed: int,
-    where: str = "generation",
 ) -> list[str]:
     """Generate one output per input, in input order (see the module docstring).
 
     Greedy when ``num_beams == 1`` and not ``do_sample``; beam search for ``num_beams > 1``;
     sampling (temperature/top-p/top-k) seeded with ``seed`` otherwise. Decoding stops at EOS or
-    after ``max_new_tokens``; special tokens are dropped and the text stripped. ``where`` names
-    the recipe field in error messages (``stages.<name>.generation``).
+    after ``max_new_tokens``; special tokens are dropped and the text stripped. Errors are about
+    the generation settings: callers scope them (``field_scope("generation")``).
     """
     if not inputs:
         return []
     decoder_only = not getattr(model.config, "is_encoder_decoder", False)
     config = _generation_config(model, tokenizer, spec)
     device = next(model.parameters()).device
-    encoded = _encode(model, tokenizer, inputs, spec, decoder_only, where)
+    encoded = _encode(model, tokenizer, inputs, spec, decoder_only)
     order = sorted(range(len(inputs)), key=lambda i: len(encoded[i]), reverse=True)
     was_training = model.training
     model.eval()

@@ -18,13 +18,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from mlsteps.errors import UserError, did_you_mean, first_line
+from mlsteps.errors import HERE, UserError, did_you_mean, first_line
 from mlsteps.recipe.specs.evaluate import LM_EVAL_KINDS, LmEvalSpec
 
 _KIND_NAMES = {"mlm": "a masked LM", "classification": "a sequence classifier"}
 
 
-def check_models(infos: dict[str, Any], where: str) -> None:
+def check_models(infos: dict[str, Any]) -> None:
     """Refuse, before any work, the models lm-eval's HF class cannot score (the recipe check in
     stage_kinds only knows earlier stages; this one reads the configs of directories too)."""
     from mlsteps.distributed import is_distributed
@@ -32,7 +32,7 @@ def check_models(infos: dict[str, Any], where: str) -> None:
     if is_distributed():  # HFLM would split the requests over the ranks its own way (untested)
         raise UserError(
             "lm_eval runs in a single process",
-            where=f"{where}.lm_eval",
+            field="lm_eval",
             hint="run this eval stage without --nproc-per-node (e.g. mlsteps run R --only STAGE)",
         )
     for index, (label, info) in enumerate(infos.items()):
@@ -42,7 +42,7 @@ def check_models(infos: dict[str, Any], where: str) -> None:
             raise UserError(
                 f"lm_eval cannot score the prompted model '{label}': lm-eval renders each "
                 "task's own prompts and its HF class cannot take soft prompts",
-                where=f"{where}.models.{index}",
+                field=f"models.{index}",
                 hint="evaluate the prompt's base model with lm_eval, or this model with "
                 "'metrics' in an eval stage without lm_eval",
             )
@@ -50,12 +50,12 @@ def check_models(infos: dict[str, Any], where: str) -> None:
             raise UserError(
                 f"lm_eval cannot score '{label}', {_KIND_NAMES.get(info.kind, info.kind)}: "
                 "lm-eval's HF class scores causal LMs and seq2seq models",
-                where=f"{where}.models.{index}",
+                field=f"models.{index}",
                 hint="give lm_eval a causal LM (or its LoRA adapter) or a seq2seq model",
             )
 
 
-def include_dir(spec: LmEvalSpec, where: str) -> Path | None:
+def include_dir(spec: LmEvalSpec) -> Path | None:
     """The include_path directory (relative to the working directory), or None."""
     if spec.include_path is None:
         return None
@@ -63,13 +63,13 @@ def include_dir(spec: LmEvalSpec, where: str) -> Path | None:
     if not path.is_dir():
         raise UserError(
             f"lm_eval.include_path '{spec.include_path}' is not a directory",
-            where=f"{where}.lm_eval.include_path",
+            field="lm_eval.include_path",
             hint="point at the directory holding the task YAML files",
         )
     return path
 
 
-def task_manager(spec: LmEvalSpec, where: str) -> Any:
+def task_manager(spec: LmEvalSpec) -> Any:
     """lm-eval's TaskManager with include_path; UserError for a task name it does not know.
 
     Indexing lm-eval's own ~15,000 task names takes half a minute on a small CPU: when every
@@ -77,7 +77,7 @@ def task_manager(spec: LmEvalSpec, where: str) -> Any:
     objects either way)."""
     from lm_eval.tasks import TaskManager
 
-    include = include_dir(spec, where)
+    include = include_dir(spec)
     if include is not None:
         manager = TaskManager(include_path=str(include), include_defaults=False)
         if all(manager.match_tasks([name]) for name in spec.tasks):
@@ -89,9 +89,7 @@ def task_manager(spec: LmEvalSpec, where: str) -> Any:
                 "list lm-eval's tasks with `python -m lm_eval ls tasks`"
                 + (f" (with --include_path {include})" if include else "")
             )
-            raise UserError(
-                f"unknown lm-eval task '{name}'", where=f"{where}.lm_eval.tasks.{i}", hint=hint
-            )
+            raise UserError(f"unknown lm-eval task '{name}'", field=f"lm_eval.tasks.{i}", hint=hint)
     return manager
 
 
@@ -132,7 +130,7 @@ def command_line(spec: LmEvalSpec, info: Any, device: str, trust_remote_code: bo
 
 
 def evaluate(
-    spec: LmEvalSpec, info: Any, manager: Any, *, trust_remote_code: bool, where: str
+    spec: LmEvalSpec, info: Any, manager: Any, *, trust_remote_code: bool
 ) -> dict[str, Any]:
     """lm-eval's results for one model (a SourceInfo), as ladder cells."""
     import lm_eval
@@ -153,7 +151,7 @@ def evaluate(
         )
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"lm-eval cannot load model '{info.source}': {first_line(exc)}", where=where
+            f"lm-eval cannot load model '{info.source}': {first_line(exc)}", field=HERE
         ) from None
     results = lm_eval.simple_evaluate(
         model=model,

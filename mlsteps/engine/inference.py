@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mlsteps.errors import UserError, first_line
+from mlsteps.errors import HERE, UserError, field_scope, first_line
 
 ModelKind = Literal["clm", "mlm", "seq2seq", "classification"]
-WHERE = "models"
 _PEFT_TASKS: dict[str, ModelKind] = {
     "CAUSAL_LM": "clm",
     "SEQ_2_SEQ_LM": "seq2seq",
@@ -93,32 +92,30 @@ def kind_from_config(config: Any) -> ModelKind | None:
     return None
 
 
-def _auto_config(source: str, trust_remote_code: bool, where: str) -> Any:
+def _auto_config(source: str, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     from mlsteps.engine.files import check_model_dir
 
-    check_model_dir(source, where=where)  # a damaged file is named, not a raw library error
+    check_model_dir(source)  # a damaged file is named, not a raw library error
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"cannot load model '{source}': {first_line(exc)}",
-            where=where,
+            field=HERE,
             hint="give an earlier stage, a model directory or a reachable hub id",
         ) from None
 
 
-def inspect_source(
-    source: str, *, trust_remote_code: bool = False, where: str = WHERE
-) -> SourceInfo:
+def inspect_source(source: str, *, trust_remote_code: bool = False) -> SourceInfo:
     """Classify ``source`` and find what to load, reading configs only (no weights).
 
-    ``where`` names the recipe field in error messages (e.g. ``stages.eval.models``).
+    Errors are about the model field the caller scopes this to (``models.0``).
     """
     from mlsteps.engine.files import check_model_dir
 
-    check_model_dir(source, where=where)  # the adapter or prompt directory itself
+    check_model_dir(source)  # the adapter or prompt directory itself
     path = Path(source)
     prompter = _load_prompter(path) if path.is_dir() else None
     adapter_cfg: dict[str, Any] | None = None
@@ -136,32 +133,32 @@ def inspect_source(
             path, adapter_cfg
         )
         if not base:
-            raise UserError(f"adapter '{source}' names no base model", where=where)
-        config = _auto_config(str(base), trust_remote_code, where)
+            raise UserError(f"adapter '{source}' names no base model", field=HERE)
+        config = _auto_config(str(base), trust_remote_code)
         task = str(adapter_cfg.get("task_type") or "")
         kind = _PEFT_TASKS.get(task) or kind_from_config(config)
         model_source, adapter_source = str(base), source
     elif path.is_dir() and not (path / "config.json").is_file() and prompter is not None:
         if not prompter.base_model:
-            raise UserError(f"prompted model '{source}' names no base model", where=where)
-        config = _auto_config(prompter.base_model, trust_remote_code, where)
+            raise UserError(f"prompted model '{source}' names no base model", field=HERE)
+        config = _auto_config(prompter.base_model, trust_remote_code)
         kind = kind_from_config(config)
         model_source, adapter_source = prompter.base_model, None
     else:
         if path.is_dir() and not (path / "config.json").is_file():
             raise UserError(
                 f"'{source}' is not a model directory (no config.json or adapter_config.json)",
-                where=where,
+                field=HERE,
                 hint="point at a stage's final/ directory",
             )
-        config = _auto_config(source, trust_remote_code, where)
+        config = _auto_config(source, trust_remote_code)
         kind = kind_from_config(config)
         model_source, adapter_source = source, None
     if kind is None:
         raise UserError(
             f"cannot tell what kind of model '{source}' is (architectures "
             f"{getattr(config, 'architectures', None)}, type {getattr(config, 'model_type', '?')})",
-            where=where,
+            field=HERE,
             hint="use a causal LM, masked LM, seq2seq or sequence-classification model",
         )
     return SourceInfo(source, kind, model_source, adapter_source, prompter, config)
@@ -202,17 +199,21 @@ def load_for_inference(
     source: str,
     *,
     trust_remote_code: bool = False,
-    where: str = WHERE,
+    model_field: str = HERE,
     loading: dict[str, Any] | None = None,
 ) -> Loaded:
     """Load ``source`` (plain model, peft adapter or prompted model) for inference.
+
+    Errors are at ``model_field`` (relative to the stage: ``models.0``), a kernel that fails at
+    the stage's attn_implementation.
 
     ``loading``: from_pretrained keyword arguments of the stage's model-loading fields
     (engine.modeling.loading_kwargs: dtype, attn_implementation); fp32 weights by default."""
     import torch
     from transformers import AutoTokenizer
 
-    info = inspect_source(source, trust_remote_code=trust_remote_code, where=where)
+    with field_scope(model_field):
+        info = inspect_source(source, trust_remote_code=trust_remote_code)
     try:
         model = _model_class(info.kind).from_pretrained(
             info.model_source,
@@ -224,12 +225,12 @@ def load_for_inference(
     except (ValueError, ImportError) as exc:
         from mlsteps.engine.modeling import attn_error
 
-        raise attn_error(exc, (loading or {}).get("attn_implementation"), where) from exc
+        raise attn_error(exc, (loading or {}).get("attn_implementation")) from exc
     except OSError as exc:
         first = first_line(exc)
         raise UserError(
             f"cannot load model weights from {info.model_source!r}: {first}",
-            where=where,
+            field=model_field,
             hint="mlsteps loads weights only from safetensors files; convert a pickled checkpoint "
             "with save_pretrained(..., safe_serialization=True)",
         ) from exc

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.recipe.specs.model import LoraSpec
 
 # Attention projections per model_type (the usual LoRA choice). gpt2's c_proj exists in both the
@@ -53,7 +53,7 @@ def default_targets(model: torch.nn.Module) -> list[str]:
         return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
     raise UserError(
         f"no default LoRA target modules for model type '{model_type}'",
-        where="lora.target_modules",
+        field=HERE,
         hint="set lora.target_modules, e.g. to " + ", ".join(_leaf_suffixes(model)[:12]),
     )
 
@@ -131,9 +131,7 @@ def _outermost(names: list[str]) -> list[str]:
     return [m for m in names if not any(m.startswith(o + ".") for o in names)]
 
 
-def check_targets(
-    model: torch.nn.Module, targets: list[str], *, exclude: list[str], where: str
-) -> None:
+def check_targets(model: torch.nn.Module, targets: list[str], *, exclude: list[str]) -> None:
     """Every target must match at least one layer (peft rule: the full name or a '.'-suffix)."""
     names = [
         n
@@ -144,7 +142,7 @@ def check_targets(
     if missing:
         raise UserError(
             f"LoRA target modules match no layer of the model: {', '.join(missing)}",
-            where=where,
+            field=HERE,
             hint="layers that exist: " + ", ".join(_leaf_suffixes(model)[:30]),
         )
 
@@ -154,7 +152,6 @@ def wrap(
     spec: LoraSpec,
     task: str,
     *,
-    where: str,
     loading_info: dict[str, Any] | None = None,
     kbit: bool = False,
     gradient_checkpointing: bool = False,
@@ -164,7 +161,8 @@ def wrap(
     (``loading_info`` from :func:`mlsteps.engine.modeling.load_model`, see :func:`new_modules`).
 
     ``kbit``: the model was loaded quantized (QLoRA); peft's prepare_model_for_kbit_training
-    casts its unquantized layers to fp32 and enables input gradients first."""
+    casts its unquantized layers to fp32 and enables input gradients first. Errors are about
+    the target modules: callers scope them (``lora.target_modules``)."""
     targets: list[str] | str
     if spec.target_modules == "all-linear":
         targets = "all-linear"  # peft's rule: every linear layer except the output head
@@ -173,7 +171,7 @@ def wrap(
     heads = head_modules(model) if task == "classification" else []
     heads = _outermost(list(dict.fromkeys(heads + new_modules(model, loading_info))))
     if isinstance(targets, list):
-        check_targets(model, targets, exclude=heads, where=where)
+        check_targets(model, targets, exclude=heads)
     if kbit:
         from peft import prepare_model_for_kbit_training
 

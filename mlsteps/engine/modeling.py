@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from mlsteps.engine.files import check_model_dir
-from mlsteps.errors import UserError, first_line
+from mlsteps.errors import HERE, UserError, field_scope, first_line
 from mlsteps.positions import max_positions  # the one rule; stages import it from here too
 from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES, ArchSpec
 
@@ -64,17 +64,16 @@ def _remote_kwargs(trust_remote_code: bool) -> dict[str, Any]:
     return {"trust_remote_code": True} if trust_remote_code else {}
 
 
-def load_tokenizer(
-    source: str, *, trust_remote_code: bool = False, where: str | None = None
-) -> Any:
-    """Load a tokenizer (fast where available) from a stage's final dir, a directory or a hub id."""
-    check_model_dir(source, where=where)  # a damaged file is named, not a raw library error
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer (fast where available) from a stage's final dir, a directory or a hub id;
+    errors are about the field the caller scopes this to."""
+    check_model_dir(source)  # a damaged file is named, not a raw library error
     try:
         return AutoTokenizer.from_pretrained(source, **_remote_kwargs(trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             f"cannot load a tokenizer from {source!r}: {first_line(exc)}",
-            where=where,
+            field=HERE,
             hint="give an earlier tokenizer stage, a directory with tokenizer.json, or a hub id",
         ) from exc
 
@@ -170,13 +169,14 @@ def build_model(
     task: str,
     *,
     num_labels: int | None = None,
-    where: str | None = None,
+    model_field: str = HERE,
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A freshly initialised model of ``arch.family`` for ``task`` (clm, mlm, seq2seq, classification).
 
     Seed the RNG before calling (``transformers.set_seed``) for reproducible initial weights.
-    A new model is always fp32: its weights train (see recipe/specs/loading.py).
+    A new model is always fp32: its weights train (see recipe/specs/loading.py). Errors are at
+    ``model_field`` (relative to the stage), a kernel that fails at attn_implementation.
     """
     allowed = _FAMILIES_FOR_TASK.get(task)
     if allowed is None:
@@ -184,7 +184,7 @@ def build_model(
     if arch.family not in allowed:
         raise UserError(
             f"model family {arch.family} cannot do {task}",
-            where=where,
+            field=model_field,
             hint=f"use one of {', '.join(allowed)}",
         )
     config = _config_for(arch, tokenizer)
@@ -194,7 +194,7 @@ def build_model(
     try:
         model = _auto_class(task).from_config(config, **attn)
     except (ValueError, ImportError) as exc:
-        raise attn_error(exc, attn_implementation, where) from exc
+        raise attn_error(exc, attn_implementation) from exc
     return _name_causal_loss(model, task)
 
 
@@ -238,15 +238,15 @@ def loaded_metrics(model: Any, spec: Any) -> dict[str, str]:
     return out
 
 
-def attn_error(exc: BaseException, attn: str | None, where: str | None) -> BaseException:
-    """A UserError at attn_implementation when the kernel is what failed, else ``exc``."""
+def attn_error(exc: BaseException, attn: str | None) -> BaseException:
+    """A UserError at the stage's attn_implementation when the kernel is what failed, else
+    ``exc`` (raise it outside any model field's scope: the field is the stage's own)."""
     text = first_line(exc)
     if not attn or not any(w in text.lower() for w in ("attn", "attention", "flash")):
         return exc
-    stage = where.rsplit(".", 1)[0] if where else None
     return UserError(
         f"attn_implementation {attn!r} cannot be used: {text}",
-        where=f"{stage}.attn_implementation" if stage else None,
+        field="attn_implementation",
         hint="use sdpa or eager (or install the kernel's package on a CUDA machine)",
     )
 
@@ -266,22 +266,22 @@ def load_config(
     source: str,
     *,
     trust_remote_code: bool = False,
-    where: str | None = None,
     shown: str | None = None,
     **kwargs: Any,
 ) -> PretrainedConfig:
     """A model's config (stage final dir, directory, hub id); UserError when there is none.
 
     ``shown`` is the name the recipe used (a stage name), when it differs from ``source``.
+    Errors are about the field the caller scopes this to.
     """
-    check_model_dir(source, where=where)  # every file of the directory, before any is loaded
+    check_model_dir(source)  # every file of the directory, before any is loaded
     try:
         config = AutoConfig.from_pretrained(source, **_remote_kwargs(trust_remote_code), **kwargs)
         return cast(PretrainedConfig, config)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             f"cannot load a model from {shown or source!r}: {first_line(exc)}",
-            where=where,
+            field=HERE,
             hint="give an earlier stage, a directory with config.json, or a hub id",
         ) from exc
 
@@ -294,7 +294,7 @@ def load_model(
     task: str,
     *,
     trust_remote_code: bool = False,
-    where: str | None = None,
+    model_field: str = HERE,
     loading_info: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
@@ -302,14 +302,16 @@ def load_model(
 
     ``loading_info``, when given, is filled with transformers' report of the load
     (``missing_keys``: parameters the checkpoint did not hold and that were newly initialised,
-    ``mismatched_keys``, ``unexpected_keys``).
+    ``mismatched_keys``, ``unexpected_keys``). Errors are at ``model_field`` (relative to the
+    stage), a kernel that fails at attn_implementation.
     """
     auto = _auto_class(task)
     remote = _remote_kwargs(trust_remote_code)
     # transformers 5 hands extra kwargs to the model constructor once a config is given, so
     # config attributes (a classifier's label map) must go into the config itself.
     config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KWARGS}
-    config = load_config(source, trust_remote_code=trust_remote_code, where=where, **config_kwargs)
+    with field_scope(model_field):
+        config = load_config(source, trust_remote_code=trust_remote_code, **config_kwargs)
     try:
         # Weights only from safetensors: a pickled pytorch_model.bin can run code when loaded.
         # fp32 always: transformers 5 otherwise keeps the stored dtype ("auto"), and a bf16
@@ -325,25 +327,23 @@ def load_model(
             loading_info.update(info)
         return _name_causal_loss(model, task)
     except (ValueError, ImportError) as exc:
-        error = attn_error(exc, kwargs.get("attn_implementation"), where)
+        error = attn_error(exc, kwargs.get("attn_implementation"))
         if error is not exc or isinstance(exc, ImportError):
             raise error from exc
         raise UserError(
             f"{source!r} is a {config.model_type} model, which cannot do {task}: {first_line(exc)}",
-            where=where,
+            field=model_field,
         ) from exc
     except OSError as exc:
         raise UserError(
             f"cannot load model weights from {source!r}: {first_line(exc)}",
-            where=where,
+            field=model_field,
             hint="mlsteps loads weights only from safetensors files; convert a pickled checkpoint "
             "with save_pretrained(..., safe_serialization=True)",
         ) from exc
 
 
-def check_compatible(
-    model: Any, tokenizer: Any, *, max_seq_len: int | None, where: str | None = None
-) -> None:
+def check_compatible(model: Any, tokenizer: Any, *, max_seq_len: int | None) -> None:
     """UserError when the tokenizer can emit ids the model has no embedding for, or when
     ``max_seq_len`` exceeds what the model's position embeddings cover."""
     embeddings = model.get_input_embeddings()
@@ -352,7 +352,7 @@ def check_compatible(
     if n_tokens > n_rows:
         raise UserError(
             f"tokenizer has {n_tokens} tokens but the model's embedding table has {n_rows} rows",
-            where=where,
+            field=HERE,
             hint="use the tokenizer the model was trained with (omit 'tokenizer' to take the one "
             "saved with 'from')",
         )
@@ -360,7 +360,7 @@ def check_compatible(
     if max_seq_len is not None and limit is not None and max_seq_len > limit:
         raise UserError(
             f"max_seq_len {max_seq_len} exceeds the model's {limit} positions",
-            where=where,
+            field=HERE,
             hint=f"set max_seq_len <= {limit}",
         )
 

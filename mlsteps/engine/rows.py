@@ -8,7 +8,7 @@ from typing import Any
 
 from mlsteps.context import StageContext
 from mlsteps.distributed import is_main
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.recipe.specs.model import GenerationSpec
 from mlsteps.text_io import atomic_write_jsonl
 
@@ -18,7 +18,7 @@ def column_values(rows: Any, column: str) -> list[Any]:
     return list(rows[column])
 
 
-def require_text(rows: Any, column: str, where: str, option: str) -> list[str]:
+def require_text(rows: Any, column: str, option: str) -> list[str]:
     """Values of a text column; UserError naming the first row that is not a string."""
     values = column_values(rows, column)
     for i, value in enumerate(values):
@@ -26,13 +26,13 @@ def require_text(rows: Any, column: str, where: str, option: str) -> list[str]:
             kind = "a list" if isinstance(value, list) else type(value).__name__
             raise UserError(
                 f"column '{column}' row {i} is {kind}, expected text",
-                where=where,
+                field=HERE,
                 hint=f"set {option} to a text column (join lists of sentences when preparing data)",
             )
     return values
 
 
-def require_inputs(rows: Any, column: str, where: str) -> list[Any]:
+def require_inputs(rows: Any, column: str) -> list[Any]:
     """Values of the input column: text, or conversations (a chat model answers their last
     user turn; see ``render_inputs``). UserError naming the first other cell."""
     from mlsteps.engine.chat_data import is_conversation
@@ -40,16 +40,15 @@ def require_inputs(rows: Any, column: str, where: str) -> list[Any]:
     values = column_values(rows, column)
     if values and is_conversation(values[0]):
         return values
-    return require_text(rows, column, where, "input_column")
+    return require_text(rows, column, "input_column")
 
 
-def render_inputs(loaded: Any, values: list[Any], where: str, column: str) -> list[str]:
+def render_inputs(loaded: Any, values: list[Any], column: str) -> list[str]:
     """Model inputs: conversations through the model's chat template (generation prompt)."""
     from mlsteps.engine.chat_data import generation_input
 
     return [
-        generation_input(loaded.tokenizer, v, where=where, row=i, column=column)
-        for i, v in enumerate(values)
+        generation_input(loaded.tokenizer, v, row=i, column=column) for i, v in enumerate(values)
     ]
 
 
@@ -66,15 +65,10 @@ def generate_for(
     if active is not None and getattr(active, "is_prompt_learning", False):
         from mlsteps.prompt.soft_prompt import generate_prompted
 
-        return generate_prompted(loaded.model, loaded.tokenizer, inputs, gen, seed=seed)
-    return generate(
-        loaded.model,
-        loaded.tokenizer,
-        inputs,
-        gen,
-        seed=seed,
-        where=f"stages.{ctx.stage}.generation",
-    )
+        with field_scope("generation"):
+            return generate_prompted(loaded.model, loaded.tokenizer, inputs, gen, seed=seed)
+    with field_scope("generation"):
+        return generate(loaded.model, loaded.tokenizer, inputs, gen, seed=seed)
 
 
 def write_jsonl(path: Any, records: list[dict[str, Any]]) -> None:

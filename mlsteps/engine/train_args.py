@@ -41,7 +41,7 @@ def build_training_args(
     if spec.precision == "fp16" and not torch.cuda.is_available():
         raise UserError(
             "precision fp16 needs a CUDA GPU",
-            where=f"stages.{ctx.stage}.train.precision",
+            field="train.precision",  # raised inside the stage: stage_entry names it
             hint="use precision auto (bf16 where supported, else fp32)",
         )
     # torch has a fused AdamW for CUDA and (since 2.4) for CPU; on CPU it cut the optimizer step

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 
 NORMALISATION = (
     "SQuAD-style: lowercase, strip ASCII+Unicode punctuation, drop articles a/an/the, "
@@ -59,7 +59,7 @@ def answer_tokens(text: str) -> list[str]:
 
 
 def as_reference_lists(
-    references: Sequence[str | Sequence[str]], *, where: str, name: str = "references"
+    references: Sequence[str | Sequence[str]], *, name: str = "references"
 ) -> list[list[str]]:
     """Turn a column of references (each a string or a list of strings) into lists of strings.
 
@@ -67,7 +67,7 @@ def as_reference_lists(
     neither strings nor lists of strings (e.g. numbers or lists of lists).
     """
     if len(references) == 0:
-        raise UserError(f"no {name} given", where=where, hint="the data has no rows")
+        raise UserError(f"no {name} given", field=HERE, hint="the data has no rows")
     out: list[list[str]] = []
     for i, ref in enumerate(references):
         if isinstance(ref, str):
@@ -78,41 +78,41 @@ def as_reference_lists(
             raise UserError(
                 f"{name} row {i} is {type(ref).__name__} {str(ref)[:60]!r}, expected a string or "
                 "a list of strings",
-                where=where,
+                field=HERE,
                 hint="point reference_column at a text column",
             )
         refs = [r for r in refs if r.strip()]
         if not refs:
             raise UserError(
-                f"{name} row {i} is empty", where=where, hint="drop rows without a reference"
+                f"{name} row {i} is empty", field=HERE, hint="drop rows without a reference"
             )
         out.append(refs)
     return out
 
 
-def check_pairs(n_predictions: int, n_references: int, *, where: str) -> None:
+def check_pairs(n_predictions: int, n_references: int) -> None:
     """Predictions and references must be non-empty and of equal count."""
     if n_predictions == 0 or n_references == 0:
         raise UserError(
             f"cannot score {n_predictions} predictions against {n_references} references",
-            where=where,
+            field=HERE,
             hint="give at least one row",
         )
     if n_predictions != n_references:
         raise UserError(
             f"{n_predictions} predictions but {n_references} references",
-            where=where,
+            field=HERE,
             hint="every prediction needs exactly one reference row",
         )
 
 
-def _labels(values: Sequence[Any], *, where: str, name: str) -> list[str]:
+def _labels(values: Sequence[Any], *, name: str) -> list[str]:
     out = []
     for i, value in enumerate(values):
         if isinstance(value, list | tuple | dict):
             raise UserError(
                 f"{name} row {i} is a {type(value).__name__}, expected a single label",
-                where=where,
+                field=HERE,
                 hint="point label_column at a column of scalar labels",
             )
         # Labels compare as strings so that 1 and "1" (int vs text columns) are the same class.
@@ -120,22 +120,22 @@ def _labels(values: Sequence[Any], *, where: str, name: str) -> list[str]:
     return out
 
 
-def accuracy(predictions: Sequence[Any], labels: Sequence[Any], *, where: str) -> float:
+def accuracy(predictions: Sequence[Any], labels: Sequence[Any]) -> float:
     """Fraction of predictions equal to the gold label (labels compared as strings)."""
-    check_pairs(len(predictions), len(labels), where=where)
-    pred = _labels(predictions, where=where, name="prediction")
-    gold = _labels(labels, where=where, name="label")
+    check_pairs(len(predictions), len(labels))
+    pred = _labels(predictions, name="prediction")
+    gold = _labels(labels, name="label")
     return sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
 
 
-def macro_f1(predictions: Sequence[Any], labels: Sequence[Any], *, where: str) -> float:
+def macro_f1(predictions: Sequence[Any], labels: Sequence[Any]) -> float:
     """Unweighted mean of per-class F1 over every class seen in gold or predictions.
 
     A class with no true positives scores 0 (same as scikit-learn's ``zero_division=0``).
     """
-    check_pairs(len(predictions), len(labels), where=where)
-    pred = _labels(predictions, where=where, name="prediction")
-    gold = _labels(labels, where=where, name="label")
+    check_pairs(len(predictions), len(labels))
+    pred = _labels(predictions, name="prediction")
+    gold = _labels(labels, name="label")
     classes = sorted(set(pred) | set(gold))
     total = 0.0
     for cls in classes:
@@ -159,12 +159,10 @@ def _token_f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def exact_match(
-    predictions: Sequence[str], references: Sequence[str | Sequence[str]], *, where: str
-) -> float:
+def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Mean over examples of max over references of normalised equality (see module doc)."""
-    check_pairs(len(predictions), len(references), where=where)
-    refs = as_reference_lists(references, where=where)
+    check_pairs(len(predictions), len(references))
+    refs = as_reference_lists(references)
     hits = 0
     for pred, ref_list in zip(predictions, refs, strict=True):
         tokens = answer_tokens(pred)
@@ -172,12 +170,10 @@ def exact_match(
     return hits / len(refs)
 
 
-def token_f1(
-    predictions: Sequence[str], references: Sequence[str | Sequence[str]], *, where: str
-) -> float:
+def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Mean over examples of max over references of SQuAD token-F1 (see module doc)."""
-    check_pairs(len(predictions), len(references), where=where)
-    refs = as_reference_lists(references, where=where)
+    check_pairs(len(predictions), len(references))
+    refs = as_reference_lists(references)
     total = 0.0
     for pred, ref_list in zip(predictions, refs, strict=True):
         tokens = answer_tokens(pred)

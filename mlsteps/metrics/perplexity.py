@@ -40,7 +40,7 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 
 # The one position rule; config_max_positions is re-exported for the eval stage.
 from mlsteps.positions import config_max_positions, max_positions  # noqa: F401
@@ -172,7 +172,6 @@ def causal_lm_perplexity(
     stride_tokens: int | None = None,
     mode: Literal["document", "stream"] = "document",
     batch_size: int = 8,
-    where: str = "metrics.perplexity",
     shard: Callable[[int], Sequence[int]] | None = None,
 ) -> PerplexityResult:
     """Corpus perplexity of a causal LM over ``texts`` (see the module docstring).
@@ -184,7 +183,7 @@ def causal_lm_perplexity(
     scores its share, and their NLL sums and token counts add up to the whole). Byte and word
     counts always cover all of ``texts``.
     """
-    window, stride = _window_and_stride(model, window_tokens, stride_tokens, where)
+    window, stride = _window_and_stride(model, window_tokens, stride_tokens)
     docs = [t for t in texts if t.strip()]
     prefix_id, prefix_note = _prefix_token(tokenizer)
     prefix = [prefix_id] if prefix_id is not None else []
@@ -193,7 +192,7 @@ def causal_lm_perplexity(
     windows = [w for seq, ok in sequences for w in _windows(seq, ok, window, stride)]
     windows = [w for w in windows if any(w.scored)]
     if not windows:
-        raise UserError("no tokens to score", where=where, hint="the text column is empty or blank")
+        raise UserError("no tokens to score", field=HERE, hint="the text column is empty or blank")
     if shard is not None:
         windows = [windows[i] for i in shard(len(windows))]
     nll_sum, scored = _score_windows(model, tokenizer, windows, batch_size)
@@ -207,7 +206,7 @@ def causal_lm_perplexity(
 
 
 def _window_and_stride(
-    model: Any, window_tokens: int | None, stride_tokens: int | None, where: str
+    model: Any, window_tokens: int | None, stride_tokens: int | None
 ) -> tuple[int, int]:
     """The window (default: the model's positions, at most DEFAULT_MAX_WINDOW) and the stride
     (default: the window), checked against the model and each other."""
@@ -215,18 +214,18 @@ def _window_and_stride(
     window = window_tokens or (min(limit, DEFAULT_MAX_WINDOW) if limit else None)
     if window is None:
         raise UserError(
-            "the model config states no maximum length", where=where, hint="set perplexity.window"
+            "the model config states no maximum length", field=HERE, hint="set perplexity.window"
         )
     if limit is not None and window > limit:
         raise UserError(
             f"window {window} exceeds the model's {limit} positions",
-            where=where,
+            field=HERE,
             hint=f"set perplexity.window <= {limit}",
         )
     stride = stride_tokens or window
     if stride > window:
         raise UserError(
-            f"stride {stride} exceeds window {window}", where=where, hint="use stride <= window"
+            f"stride {stride} exceeds window {window}", field=HERE, hint="use stride <= window"
         )
     return window, stride
 
@@ -300,27 +299,27 @@ def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def _mlm_chunks(
-    model: Any, tokenizer: Any, texts: Sequence[str], window_tokens: int | None, where: str
+    model: Any, tokenizer: Any, texts: Sequence[str], window_tokens: int | None
 ) -> tuple[list[list[int]], list[range], int]:
     """Chunks with special tokens, and for each the positions of its real tokens."""
     if tokenizer.mask_token_id is None:
         raise UserError(
             "the tokenizer has no mask token",
-            where=where,
+            field=HERE,
             hint="masked-LM metrics need an MLM tokenizer",
         )
     limit = max_positions(model)
     window = window_tokens or limit
     if window is None:
         raise UserError(
-            "the model config states no maximum length", where=where, hint="set perplexity.window"
+            "the model config states no maximum length", field=HERE, hint="set perplexity.window"
         )
     head, tail = _special_wrap(tokenizer)
     body = window - len(head) - len(tail)
     if body < 1 or (limit is not None and window > limit):
         raise UserError(
             f"window {window} does not fit the model",
-            where=where,
+            field=HERE,
             hint=f"set perplexity.window <= {limit}",
         )
     chunks, positions = [], []
@@ -330,7 +329,7 @@ def _mlm_chunks(
             chunks.append(head + piece + tail)
             positions.append(range(len(head), len(head) + len(piece)))
     if not chunks:
-        raise UserError("no tokens to score", where=where, hint="the text column is empty or blank")
+        raise UserError("no tokens to score", field=HERE, hint="the text column is empty or blank")
     return chunks, positions, window
 
 
@@ -362,10 +361,9 @@ def masked_lm_perplexity(
     mask_fraction: float = 0.15,
     window_tokens: int | None = None,
     batch_size: int = 8,
-    where: str = "metrics.masked_perplexity",
 ) -> PerplexityResult:
     """Masked-token perplexity with a fixed mask (see the module docstring)."""
-    chunks, positions, window = _mlm_chunks(model, tokenizer, texts, window_tokens, where)
+    chunks, positions, window = _mlm_chunks(model, tokenizer, texts, window_tokens)
     rows = []
     for index, (chunk, pos) in enumerate(zip(chunks, positions, strict=True)):
         # Seeded per chunk: the mask of a chunk never depends on batching or on other rows.
@@ -393,10 +391,9 @@ def pseudo_perplexity(
     *,
     window_tokens: int | None = None,
     batch_size: int = 8,
-    where: str = "metrics.pseudo_perplexity",
 ) -> PerplexityResult:
     """Pseudo-perplexity (Salazar et al. 2020): each token masked in turn, copies batched."""
-    chunks, positions, window = _mlm_chunks(model, tokenizer, texts, window_tokens, where)
+    chunks, positions, window = _mlm_chunks(model, tokenizer, texts, window_tokens)
     rows = []
     for chunk, pos in zip(chunks, positions, strict=True):
         for p in pos:

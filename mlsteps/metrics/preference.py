@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mlsteps.engine import chat_data
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 
 CONVENTION = (
     "share of pairs with log p(chosen|prompt) > log p(rejected|prompt) (sums over answer tokens, "
@@ -93,14 +93,13 @@ def pair_scores(
     *,
     batch_size: int = 16,
     max_positions: int | None = None,
-    where: str = "metrics",
 ) -> list[tuple[float, int, float, int]]:
     """Per pair: (chosen log-prob sum, chosen tokens, rejected log-prob sum, rejected tokens)."""
     if not len(prompts) == len(chosen) == len(rejected):
         raise UserError(
             f"preference_accuracy got {len(prompts)} prompts, {len(chosen)} chosen and "
             f"{len(rejected)} rejected answers",
-            where=where,
+            field=HERE,
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items: list[tuple[list[int], int]] = []
@@ -111,7 +110,7 @@ def pair_scores(
         if start >= len(full_good) or start >= len(full_bad):
             raise UserError(
                 "a preference pair has an empty answer after tokenisation",
-                where=where,
+                field=HERE,
                 hint="every chosen and rejected answer must be non-empty text",
             )
         items += [(full_good, start), (full_bad, start)]
@@ -130,20 +129,19 @@ def pair_hits(
     *,
     batch_size: int = 16,
     max_positions: int | None = None,
-    where: str = "metrics",
 ) -> list[tuple[bool, bool]]:
     """Per pair: (chosen sum beats rejected, chosen per-token mean beats rejected)."""
     scores = pair_scores(
         model, tokenizer, prompts, chosen, rejected,
-        batch_size=batch_size, max_positions=max_positions, where=where,
+        batch_size=batch_size, max_positions=max_positions,
     )  # fmt: skip
     return [(gs > bs, gs / gn > bs / bn) for gs, gn, bs, bn in scores]
 
 
-def summarize(hits: list[tuple[bool, bool]], *, where: str = "metrics") -> PreferenceResult:
+def summarize(hits: list[tuple[bool, bool]]) -> PreferenceResult:
     """Accuracy over per-pair hits (see ``pair_hits``)."""
     if not hits:
-        raise UserError("preference_accuracy needs at least one pair", where=where)
+        raise UserError("preference_accuracy needs at least one pair", field=HERE)
     n = len(hits)
     return PreferenceResult(
         sum(h[0] for h in hits) / n,
@@ -162,37 +160,34 @@ def preference_accuracy(
     *,
     batch_size: int = 16,
     max_positions: int | None = None,
-    where: str = "metrics",
 ) -> PreferenceResult:
     """Preference accuracy of ``model`` on the pairs; UserError for empty or mismatched input."""
     hits = pair_hits(
         model, tokenizer, prompts, chosen, rejected,
-        batch_size=batch_size, max_positions=max_positions, where=where,
+        batch_size=batch_size, max_positions=max_positions,
     )  # fmt: skip
-    return summarize(hits, where=where)
+    return summarize(hits)
 
 
 def pairs_from_rows(
-    rows: Any, prompt_column: str, chosen_column: str, rejected_column: str, *, where: str
+    rows: Any, prompt_column: str, chosen_column: str, rejected_column: str
 ) -> list[list[Any]]:
     """[prompts, chosen, rejected] of an eval data set; whole conversations without a prompt
     column are split at their last shared turn (the trl-lib/ultrafeedback_binarized layout)."""
     from mlsteps.engine.data import require_columns
 
     answers = [chosen_column, rejected_column]
-    require_columns(rows, answers, where)
+    require_columns(rows, answers)
     if prompt_column in rows.column_names or not (
         rows.num_rows and chat_data.is_conversation(rows[0][chosen_column])
     ):
-        require_columns(rows, [prompt_column], where)
+        require_columns(rows, [prompt_column])
         return [list(rows[c]) for c in [prompt_column, *answers]]
     split = [chat_data.split_pair(c, r) for c, r in zip(*(rows[c] for c in answers), strict=True)]
     return [[s[k] for s in split] for k in range(3)]
 
 
-def ladder_scores(
-    loaded: Any, pairs: list[list[Any]], batch_size: int, where: str
-) -> dict[str, Any]:
+def ladder_scores(loaded: Any, pairs: list[list[Any]], batch_size: int) -> dict[str, Any]:
     """preference_accuracy (and its length-normalised variant) of a loaded causal LM for the
     eval stage's ladder; under torchrun each rank scores a share of the pairs."""
     from mlsteps.distributed import map_sharded
@@ -202,10 +197,9 @@ def ladder_scores(
         return pair_hits(
             loaded.model, loaded.tokenizer, *[[col[i] for i in idx] for col in pairs],
             batch_size=batch_size, max_positions=config_max_positions(loaded.model.config),
-            where=where,
         )  # fmt: skip
 
-    res = summarize(map_sharded(score, list(range(len(pairs[0])))), where=where)
+    res = summarize(map_sharded(score, list(range(len(pairs[0])))))
     return {
         "preference_accuracy": res.accuracy,
         "preference_accuracy_normalized": res.accuracy_normalized,

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsteps.engine.generation import encode_prompts
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.metrics.perplexity import (
     DEFAULT_MAX_WINDOW,
     PerplexityNumbers,
@@ -109,7 +109,7 @@ def _causal_items(
 
 
 def _seq2seq_items(
-    model: Any, tokenizer: Any, prompt_ids: list[list[int]], references: list[list[str]], where: str
+    model: Any, tokenizer: Any, prompt_ids: list[list[int]], references: list[list[str]]
 ) -> list[_Item]:
     limit = max_positions(model)
     eos = tokenizer.eos_token_id
@@ -124,7 +124,7 @@ def _seq2seq_items(
                 raise UserError(
                     f"reference of row {row} has {len(labels)} tokens, more than the model's "
                     f"{limit} decoder positions",
-                    where=where,
+                    field=HERE,
                     hint="drop the longest rows (data.rows / max_samples) or the metric",
                 )
             items.append(_Item(source, labels, [True] * len(labels), 1 / len(refs)))
@@ -166,7 +166,6 @@ def response_perplexity(
     window_tokens: int | None = None,
     stride_tokens: int | None = None,
     batch_size: int = 8,
-    where: str = "metrics.response_perplexity",
     shard: Callable[[int], Sequence[int]] | None = None,
 ) -> ResponsePerplexityResult:
     """Perplexity of ``references`` given ``prompts`` (see the module docstring).
@@ -177,18 +176,18 @@ def response_perplexity(
     what the prompt was. ``shard(n_items)`` picks the windows/examples scored here (several
     processes add their sums); byte and word counts always cover all rows.
     """
-    refs = _check_rows(prompts, references, where)
+    refs = _check_rows(prompts, references)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     prompt_ids = encode_prompts(tokenizer, list(prompts), decoder_only=not seq2seq)
     if seq2seq:
-        items = _seq2seq_items(model, tokenizer, prompt_ids, refs, where)
+        items = _seq2seq_items(model, tokenizer, prompt_ids, refs)
         layout = (
             "seq2seq: the prompt is the encoder input (cut to the model's positions), the "
             "reference the decoder labels (text_target tokenisation, EOS appended if missing)"
         )
     else:
         items, layout = _causal_items_and_layout(
-            model, tokenizer, prompt_ids, refs, answer_prefix, window_tokens, stride_tokens, where
+            model, tokenizer, prompt_ids, refs, answer_prefix, window_tokens, stride_tokens
         )
     if shard is not None:
         items = [items[i] for i in shard(len(items))]
@@ -205,18 +204,16 @@ def response_perplexity(
     )
 
 
-def _check_rows(
-    prompts: Sequence[str], references: Sequence[Sequence[str]], where: str
-) -> list[list[str]]:
+def _check_rows(prompts: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[str]]:
     """The references as lists, refused unless there is one row per prompt, none without one."""
     if len(prompts) != len(references):
         raise UserError(
             f"{len(prompts)} prompts but {len(references)} reference rows",
-            where=where,
+            field=HERE,
         )
     refs = [list(r) for r in references]
     if not refs or any(not r for r in refs):
-        raise UserError("no references to score", where=where, hint="drop rows without one")
+        raise UserError("no references to score", field=HERE, hint="drop rows without one")
     return refs
 
 
@@ -228,7 +225,6 @@ def _causal_items_and_layout(
     answer_prefix: str,
     window_tokens: int | None,
     stride_tokens: int | None,
-    where: str,
 ) -> tuple[list[_Item], str]:
     """A causal LM's items (window: the model's positions, at most DEFAULT_MAX_WINDOW) and the
     convention's words for how prompt and reference are laid out."""
@@ -237,7 +233,7 @@ def _causal_items_and_layout(
     if window is None:
         raise UserError(
             "the model config states no maximum length",
-            where=where,
+            field=HERE,
             hint="set perplexity.window",
         )
     stride = min(stride_tokens or window, window)

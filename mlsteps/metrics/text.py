@@ -32,7 +32,7 @@ from typing import Any
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.metrics.classification import as_reference_lists, check_pairs
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -116,17 +116,17 @@ def bleu_tokenizer(lang: str | None) -> str:
 
 
 def _prepare(
-    predictions: Sequence[str], references: Sequence[str | Sequence[str]], where: str
+    predictions: Sequence[str], references: Sequence[str | Sequence[str]]
 ) -> tuple[list[str], list[list[str]]]:
-    check_pairs(len(predictions), len(references), where=where)
+    check_pairs(len(predictions), len(references))
     hyps = []
     for i, hyp in enumerate(predictions):
         if not isinstance(hyp, str):
             raise UserError(
-                f"prediction {i} is {type(hyp).__name__}, expected a string", where=where
+                f"prediction {i} is {type(hyp).__name__}, expected a string", field=HERE
             )
         hyps.append(hyp)
-    return hyps, as_reference_lists(references, where=where)
+    return hyps, as_reference_lists(references)
 
 
 def _ref_streams(refs: list[list[str]]) -> list[list[str | None]]:
@@ -145,10 +145,9 @@ def bleu(
     references: Sequence[str | Sequence[str]],
     *,
     target_lang: str | None = None,
-    where: str = "metrics.bleu",
 ) -> dict[str, Any]:
     """Corpus BLEU with the tokenizer of the target language: ``{bleu, bleu_signature}``."""
-    hyps, refs = _prepare(predictions, references, where)
+    hyps, refs = _prepare(predictions, references)
     metric = sacrebleu.BLEU(tokenize=bleu_tokenizer(resolve_language(target_lang, refs)))
     return _corpus(metric, "bleu", hyps, refs)
 
@@ -156,11 +155,9 @@ def bleu(
 def chrf(
     predictions: Sequence[str],
     references: Sequence[str | Sequence[str]],
-    *,
-    where: str = "metrics.chrf",
 ) -> dict[str, Any]:
     """Corpus chrF (sacrebleu defaults: chrF2, char order 6): ``{chrf, chrf_signature}``."""
-    hyps, refs = _prepare(predictions, references, where)
+    hyps, refs = _prepare(predictions, references)
     return _corpus(sacrebleu.CHRF(), "chrf", hyps, refs)
 
 
@@ -169,10 +166,9 @@ def ter(
     references: Sequence[str | Sequence[str]],
     *,
     target_lang: str | None = None,
-    where: str = "metrics.ter",
 ) -> dict[str, Any]:
     """Corpus TER (lower is better); CJK targets split per character: ``{ter, ter_signature}``."""
-    hyps, refs = _prepare(predictions, references, where)
+    hyps, refs = _prepare(predictions, references)
     asian = resolve_language(target_lang, refs) in CJK_LANGS
     metric = sacrebleu.TER(normalized=asian, asian_support=asian)
     return _corpus(metric, "ter", hyps, refs)
@@ -235,11 +231,10 @@ def rouge(
     references: Sequence[str | Sequence[str]],
     *,
     target_lang: str | None = None,
-    where: str = "metrics.rouge",
 ) -> dict[str, Any]:
     """Mean F-measure of rouge1/2/L/Lsum over examples (best reference each), plus
     ``rouge_convention`` describing tokenizer, stemming and sentence splitting."""
-    hyps, refs = _prepare(predictions, references, where)
+    hyps, refs = _prepare(predictions, references)
     lang = resolve_language(target_lang, refs)
     english = lang in (None, "en")
     scorer = rouge_scorer.RougeScorer(

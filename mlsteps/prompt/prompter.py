@@ -52,13 +52,13 @@ def resolve_format(template: str, template_format: str = "auto") -> TemplateForm
 
 
 def template_fields(
-    template: str, template_format: str = "auto", *, where: str | None = None
+    template: str, template_format: str = "auto", *, field: str | None = None
 ) -> list[str]:
     """Column names a template reads, sorted. Syntax errors are UserErrors."""
     try:
         return sorted(templates.template_fields(template, template_format))
     except templates.TemplateError as exc:
-        raise UserError(str(exc), where=where, hint=exc.hint) from None
+        raise UserError(str(exc), field=field, hint=exc.hint) from None
 
 
 def check_template_columns(
@@ -66,17 +66,17 @@ def check_template_columns(
     columns: Iterable[str],
     *,
     template_format: str = "auto",
-    where: str | None = None,
+    field: str | None = None,
 ) -> list[str]:
     """Raise a UserError naming the existing columns when the template reads a missing one."""
     available = list(columns)
-    fields = template_fields(template, template_format, where=where)
+    fields = template_fields(template, template_format, field=field)
     for name in fields:
         if name not in available:
             hint = did_you_mean(name, available)
             raise UserError(
                 f"template field '{name}' is not a column; the data has: {', '.join(available) or '(none)'}",
-                where=where,
+                field=field,
                 hint=hint,
             )
     return fields
@@ -87,23 +87,23 @@ def render_template(
     row: Mapping[str, Any],
     template_format: str = "auto",
     *,
-    where: str | None = None,
+    field: str | None = None,
 ) -> str:
     """Render one row. Prefer :class:`Prompter`, which compiles a Jinja2 template only once."""
-    return _Renderer(template, resolve_format(template, template_format)).render(row, where=where)
+    return _Renderer(template, resolve_format(template, template_format)).render(row, field=field)
 
 
 class _Renderer:
-    """templates.Renderer with the errors as UserErrors at ``where``."""
+    """templates.Renderer with the errors as UserErrors at ``field`` (relative; None: no place)."""
 
     def __init__(self, template: str, fmt: TemplateFormat):
         self._inner = templates.Renderer(template, fmt)
 
-    def render(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
+    def render(self, row: Mapping[str, Any], *, field: str | None = None) -> str:
         try:
             return self._inner.render(row)
         except templates.TemplateError as exc:
-            raise UserError(str(exc), where=where, hint=exc.hint) from None
+            raise UserError(str(exc), field=field, hint=exc.hint) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,10 +196,10 @@ class Prompter:
         """Columns the template reads."""
         return template_fields(self.template, self.template_format)
 
-    def check_columns(self, columns: Iterable[str], *, where: str | None = None) -> None:
+    def check_columns(self, columns: Iterable[str], *, field: str | None = None) -> None:
         """UserError when a data set lacks a column the template reads."""
         check_template_columns(
-            self.template, columns, template_format=self.template_format, where=where
+            self.template, columns, template_format=self.template_format, field=field
         )
 
     @property
@@ -225,10 +225,10 @@ class Prompter:
         """What the model must produce after ``render(row)`` for this answer."""
         return self.answer_prefix + answer
 
-    def render_row(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
+    def render_row(self, row: Mapping[str, Any], *, field: str | None = None) -> str:
         """The row's own prompt (template + answer separator head), without demonstrations."""
         head = split_separator(self.answer_separator)[0]
-        return self._renderer.render(row, where=where) + head
+        return self._renderer.render(row, field=field) + head
 
     def demos_for(self, row: Mapping[str, Any]) -> list[Demonstration]:
         """The demonstrations shown before this row."""
@@ -248,11 +248,11 @@ class Prompter:
         head, tail = split_separator(self.answer_separator)
         return demo.prompt + head + tail + demo.answer
 
-    def render(self, row: Mapping[str, Any], *, where: str | None = None) -> str:
+    def render(self, row: Mapping[str, Any], *, field: str | None = None) -> str:
         """Full prompt for one row: demonstrations, then the rendered row, up to the answer."""
         if self.chat:
-            return self._chat_prompt(self.demos_for(row), self.render_row(row, where=where))
-        query = self.render_row(row, where=where)
+            return self._chat_prompt(self.demos_for(row), self.render_row(row, field=field))
+        query = self.render_row(row, field=field)
         demos = self.demos_for(row)
         return "".join(self.format_demo(d) + self.demo_separator for d in demos) + query
 
@@ -361,12 +361,12 @@ def load_prompter(final_dir: Path | str) -> Prompter | None:
 
 
 def demonstrations_from_rows(
-    rows: Sequence[Mapping[str, Any]], prompter: Prompter, *, where: str | None = None
+    rows: Sequence[Mapping[str, Any]], prompter: Prompter, *, field: str | None = None
 ) -> list[Demonstration]:
     """Render training rows into demonstrations (answer = verbalizer word for classification)."""
     out = []
     for row in rows:
-        prompt = prompter._renderer.render(row, where=where)
+        prompt = prompter._renderer.render(row, field=field)
         out.append(
             Demonstration(prompt=prompt, answer=prompter.label_word(row[prompter.target_column]))
         )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mlsteps.engine.chat_data import special_tokens_for
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.positions import max_positions
 
 
@@ -227,7 +227,7 @@ def _summed_logprobs(
 
 
 def check_verbalizer(
-    tokenizer: Any, verbalizer: Mapping[str, str], *, answer_prefix: str, seq2seq: bool, where: str
+    tokenizer: Any, verbalizer: Mapping[str, str], *, answer_prefix: str, seq2seq: bool
 ) -> None:
     """UserError for a verbalizer word that tokenises to nothing or exactly like another word."""
     seen: dict[tuple[int, ...], str] = {}
@@ -236,7 +236,7 @@ def check_verbalizer(
         if not ids:
             raise UserError(
                 f"the verbalizer word {word!r} of label {label!r} tokenises to nothing",
-                where=where,
+                field=HERE,
                 hint="use a word made of characters the tokenizer knows",
             )
         full = tuple(encode_answer(tokenizer, answer_prefix + word, seq2seq=seq2seq))
@@ -244,7 +244,7 @@ def check_verbalizer(
             raise UserError(
                 f"verbalizer words {seen[full]!r} and {word!r} tokenise identically, so they cannot "
                 "be told apart",
-                where=where,
+                field=HERE,
             )
         seen[full] = word
 

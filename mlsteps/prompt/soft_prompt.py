@@ -68,7 +68,7 @@ def peft_config(
     raise ValueError(f"not a soft-prompt method: {method}")
 
 
-def check_supported(model: Any, method: str, *, gradient_checkpointing: bool, where: str) -> None:
+def check_supported(model: Any, method: str, *, gradient_checkpointing: bool) -> None:
     """UserError for combinations peft cannot train, found before any work starts."""
     if method != "prefix_tuning":
         return
@@ -77,7 +77,7 @@ def check_supported(model: Any, method: str, *, gradient_checkpointing: bool, wh
         # peft raises this itself, deep inside get_peft_model.
         raise UserError(
             "prefix_tuning does not work with gradient checkpointing",
-            where=f"{where}.train.gradient_checkpointing",
+            field="train.gradient_checkpointing",
             hint="set it to false, or use prompt_tuning / p_tuning",
         )
     params = inspect.signature(model.forward).parameters
@@ -86,7 +86,7 @@ def check_supported(model: Any, method: str, *, gradient_checkpointing: bool, wh
     if "past_key_values" not in params and "cache" not in params:
         raise UserError(
             f"prefix_tuning needs a model that takes a key/value cache; {model_type} does not",
-            where=f"{where}.method",
+            field="method",
             hint="use prompt_tuning or p_tuning",
         )
 
@@ -99,32 +99,30 @@ def wrap(
     num_virtual_tokens: int,
     init_text: str | None,
     gradient_checkpointing: bool,
-    where: str,
 ) -> PeftModel:
-    """Freeze ``model`` and add a trainable soft prompt; checked with one forward pass.
+    """Freeze ``model`` and add a trainable soft prompt; checked with one forward pass. Errors
+    name the prompt stage's fields (``method``, ``init_text``): call it in the stage's scope.
 
     Seed the RNG before calling (``transformers.set_seed``): the initial prompt is random.
     """
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    check_supported(model, method, gradient_checkpointing=gradient_checkpointing, where=where)
+    check_supported(model, method, gradient_checkpointing=gradient_checkpointing)
     init_ids: list[int] = []
     if init_text is not None:
         init_ids = list(tokenizer(init_text, add_special_tokens=False)["input_ids"])
         if not init_ids:
-            raise UserError(
-                f"init_text {init_text!r} tokenises to nothing", where=f"{where}.init_text"
-            )
+            raise UserError(f"init_text {init_text!r} tokenises to nothing", field="init_text")
     config = peft_config(method, seq2seq=seq2seq, num_virtual_tokens=num_virtual_tokens)
     try:
         peft_model = get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise UserError(
             f"peft cannot apply {method} to a {model.config.model_type} model: {exc}",
-            where=f"{where}.method",
+            field="method",
         ) from exc
     if init_ids:
         _init_from_ids(peft_model, init_ids)
-    _smoke_test(peft_model, tokenizer, method=method, where=where)
+    _smoke_test(peft_model, tokenizer, method=method)
     return peft_model
 
 
@@ -144,7 +142,7 @@ def _init_from_ids(model: PeftModel, ids: list[int]) -> None:
         embedding.weight.copy_(words.to(embedding.weight.dtype))
 
 
-def _smoke_test(model: PeftModel, tokenizer: Any, *, method: str, where: str) -> None:
+def _smoke_test(model: PeftModel, tokenizer: Any, *, method: str) -> None:
     """One tiny training forward/backward, so an unsupported architecture fails as a UserError
     before training starts instead of as a traceback in the middle of it."""
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -158,7 +156,7 @@ def _smoke_test(model: PeftModel, tokenizer: Any, *, method: str, where: str) ->
         raise UserError(
             f"peft {method} does not work with this {model.config.model_type} model: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            where=f"{where}.method",
+            field="method",
             hint="try another soft-prompt method or model family",
         ) from exc
     finally:

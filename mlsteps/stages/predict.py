@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import map_sharded
 from mlsteps.engine.rows import (
     generate_for,
@@ -20,11 +20,12 @@ from mlsteps.engine.rows import (
     require_text,
     write_jsonl,
 )
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.recipe.specs.evaluate import PredictSpec
 from mlsteps.stage_kinds import PREDICTABLE  # the model kinds predict uses; validate checks them
 
 
+@stage_entry
 def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     """Generate an output (a classifier: a label and its probabilities) for every row of
     ``spec.data`` with ``spec.model``."""
@@ -33,36 +34,38 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     from mlsteps.engine.inference import load_for_inference
     from mlsteps.engine.modeling import loaded_metrics, loading_kwargs
 
-    where = f"stages.{ctx.stage}"
-    info = _predicting_model(spec, ctx, where)
+    info = _predicting_model(spec, ctx)
     # A null input is reported by its file line (a prompted model renders its own columns).
     needed = [spec.input_column] if info.prompter is None else []
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=needed)
+    with field_scope("data"):
+        rows = load_rows(spec.data, cache_dir=ctx.cache_dir, required=needed)
     if info.kind == "classification":
-        return _classify(spec, ctx, info, rows, where)
+        return _classify(spec, ctx, info, rows)
     prompter = info.prompter
     column: list[str] | None = None
-    if prompter is None or spec.input_column in rows.column_names:
-        require_columns(rows, [spec.input_column], f"{where}.data")
-        column = require_inputs(rows, spec.input_column, f"{where}.data")
-    if spec.reference_column is not None:
-        require_columns(rows, [spec.reference_column], f"{where}.data")
-    if prompter is not None:
-        prompter.check_columns(rows.column_names, where=f"{where}.data")
+    with field_scope("data"):
+        if prompter is None or spec.input_column in rows.column_names:
+            require_columns(rows, [spec.input_column])
+            column = require_inputs(rows, spec.input_column)
+        if spec.reference_column is not None:
+            require_columns(rows, [spec.reference_column])
+        if prompter is not None:
+            prompter.check_columns(rows.column_names, field=HERE)
 
     loaded = load_for_inference(
         info.source,
         trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.model",
+        model_field="model",
         loading=loading_kwargs(spec),
     )
-    if prompter is not None:  # rendered with the loaded prompter: it has the chat template
-        prompter = loaded.prompter
-        assert prompter is not None
-        inputs = [prompter.render(row, where=f"{where}.data") for row in rows]
-    else:  # conversations go through the model's chat template
-        assert column is not None
-        inputs = render_inputs(loaded, column, f"{where}.data", spec.input_column)
+    with field_scope("data"):
+        if prompter is not None:  # rendered with the loaded prompter: it has the chat template
+            prompter = loaded.prompter
+            assert prompter is not None
+            inputs = [prompter.render(row, field=HERE) for row in rows]
+        else:  # conversations go through the model's chat template
+            assert column is not None
+            inputs = render_inputs(loaded, column, spec.input_column)
     shown = column if column is not None else inputs
     ctx.log(f"generating {len(inputs)} outputs with {spec.model}")
     # Each rank generates a disjoint shard; every rank gets all outputs back in input order.
@@ -83,21 +86,19 @@ def run(spec: PredictSpec, ctx: StageContext) -> StageResult:
     )
 
 
-def _predicting_model(spec: PredictSpec, ctx: StageContext, where: str) -> Any:
+def _predicting_model(spec: PredictSpec, ctx: StageContext) -> Any:
     """What ``spec.model`` is (configs only); a kind that neither generates nor classifies is
     a UserError."""
     from mlsteps.engine.inference import inspect_source
 
-    info = inspect_source(
-        ctx.resolve_source(spec.model),
-        trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.model",
-    )
+    source = ctx.resolve_source(spec.model)  # an unreachable hub is the stage's error
+    with field_scope("model"):
+        info = inspect_source(source, trust_remote_code=spec.trust_remote_code)
     if info.kind not in PREDICTABLE:
         raise UserError(
             f"model '{spec.model}' is a {info.kind} model: it neither generates text nor "
             "predicts labels",
-            where=f"{where}.model",
+            field="model",
             hint="predict needs a causal LM, a seq2seq model or a sequence classifier",
         )
     return info
@@ -114,22 +115,21 @@ def _records(shown: list[Any], preds: list[Any], refs: list[Any] | None) -> list
     return records
 
 
-def _classify(
-    spec: PredictSpec, ctx: StageContext, info: Any, rows: Any, where: str
-) -> StageResult:
+def _classify(spec: PredictSpec, ctx: StageContext, info: Any, rows: Any) -> StageResult:
     """Label and label probabilities of a sequence classifier for every row."""
     from mlsteps.engine.data import require_columns
     from mlsteps.engine.inference import classify, load_for_inference
     from mlsteps.engine.modeling import loaded_metrics, loading_kwargs
 
-    require_columns(rows, [spec.input_column], f"{where}.data")
-    texts = require_text(rows, spec.input_column, f"{where}.data", "input_column")
-    if spec.reference_column is not None:
-        require_columns(rows, [spec.reference_column], f"{where}.data")
+    with field_scope("data"):
+        require_columns(rows, [spec.input_column])
+        texts = require_text(rows, spec.input_column, "input_column")
+        if spec.reference_column is not None:
+            require_columns(rows, [spec.reference_column])
     loaded = load_for_inference(
         info.source,
         trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.model",
+        model_field="model",
         loading=loading_kwargs(spec),
     )
     ctx.log(f"classifying {len(texts)} rows with {spec.model}")

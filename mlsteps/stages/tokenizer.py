@@ -22,11 +22,11 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.engine.checkpoints import write_dir_atomically
 from mlsteps.engine.data import TEXT_COLUMN, load_text
 from mlsteps.engine.modeling import load_tokenizer
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, field_scope
 from mlsteps.recipe.specs.tokenizer import SPECIAL_ROLES, TokenizerSpec
 
 # Role -> token text, per naming style. BERT-style names for WordPiece, <x> elsewhere.
@@ -143,13 +143,15 @@ def _post_processor(tok: Tokenizer, target: str, roles: dict[str, str]) -> Any |
     return None
 
 
-def _texts(ds: Any, column: str, where: str) -> Iterator[list[str]]:
+def _texts(ds: Any, column: str) -> Iterator[list[str]]:
+    """Batches of the data's text. A generator runs where it is consumed (inside the tokenizers
+    trainer): its error names its field itself rather than rely on a scope."""
     for batch in ds.iter(batch_size=_BATCH_ROWS):
         values = batch[column]
         for value in values:
             if value is not None and not isinstance(value, str):
                 raise UserError(
-                    f"column {column!r} holds {type(value).__name__} values, not text", where=where
+                    f"column {column!r} holds {type(value).__name__} values, not text", field="data"
                 )
         yield [v for v in values if v]
 
@@ -167,11 +169,11 @@ def _wrap(tok: Tokenizer, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
-def _text_metrics(wrapped: Any, ds: Any, column: str, where: str) -> dict[str, float]:
+def _text_metrics(wrapped: Any, ds: Any, column: str) -> dict[str, float]:
     chars = tokens = unknown = 0
     unk_id = wrapped.unk_token_id
     sample = ds.select(range(min(len(ds), _METRIC_SAMPLE_ROWS)))
-    for texts in _texts(sample, column, where):
+    for texts in _texts(sample, column):
         encoded = wrapped(texts, add_special_tokens=False)["input_ids"]
         chars += sum(len(t) for t in texts)
         tokens += sum(len(ids) for ids in encoded)
@@ -187,6 +189,7 @@ def _text_metrics(wrapped: Any, ds: Any, column: str, where: str) -> dict[str, f
     }
 
 
+@stage_entry
 def run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
     """Train (or wrap) a tokenizer and save it to ``ctx.final_dir``.
 
@@ -198,13 +201,13 @@ def run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
     return run_on_main(lambda: _run(spec, ctx))
 
 
-def _training_text(spec: TokenizerSpec, ctx: StageContext, where: str) -> Any:
+def _training_text(spec: TokenizerSpec, ctx: StageContext) -> Any:
     """One text column made of every listed column of every data source, in order."""
     ds = load_text(
         spec.data or [],
         spec.text_columns,
-        where=f"{where}.data",
-        column_where=f"{where}.text_column",
+        data_field="data",
+        column_field="text_column",
         cache_dir=ctx.cache_dir,
     )
     if spec.max_lines is not None and spec.max_lines < len(ds):
@@ -213,10 +216,11 @@ def _training_text(spec: TokenizerSpec, ctx: StageContext, where: str) -> Any:
 
 
 def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
-    where = f"stages.{ctx.stage}"
-    ds = _training_text(spec, ctx, where) if spec.data else None
+    ds = _training_text(spec, ctx) if spec.data else None
     if spec.from_ is not None:
-        wrapped = load_tokenizer(ctx.resolve_source(spec.from_), where=f"{where}.from")
+        source = ctx.resolve_source(spec.from_)  # an unreachable hub is the stage's error
+        with field_scope("from"):
+            wrapped = load_tokenizer(source)
         metrics: dict[str, Any] = {"vocab_size": len(wrapped), "source": spec.from_}
     else:
         assert ds is not None  # the spec requires 'data' when not 'from'
@@ -224,26 +228,24 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
         if spec.vocab_size < minimum:
             raise UserError(
                 f"vocab_size {spec.vocab_size} is too small for {spec.algorithm}",
-                where=f"{where}.vocab_size",
+                field="vocab_size",
                 hint=f"use at least {minimum}"
                 + (" (256 byte tokens + specials)" if spec.algorithm == "bpe" else ""),
             )
         tok, trainer = build_untrained(spec)
         try:
-            tok.train_from_iterator(
-                _texts(ds, TEXT_COLUMN, f"{where}.data"), trainer, length=len(ds)
-            )
+            tok.train_from_iterator(_texts(ds, TEXT_COLUMN), trainer, length=len(ds))
         except Exception as exc:  # the Rust trainers raise plain Exception
             if "not large enough" not in str(exc):
                 raise
             raise UserError(
                 f"vocab_size {spec.vocab_size} is smaller than the number of distinct characters "
                 "in the text (Unigram keeps every character)",
-                where=f"{where}.vocab_size",
+                field="vocab_size",
                 hint="raise vocab_size, or use algorithm bpe (byte-level) for text with many characters",
             ) from None
         if tok.get_vocab_size() <= len(_ROLES[spec.target]):
-            raise UserError("the training text produced no vocabulary", where=f"{where}.data")
+            raise UserError("the training text produced no vocabulary", field="data")
         if spec.algorithm == "wordpiece":
             tok = canonical_wordpiece_ids(tok)
         wrapped = _wrap(tok, spec)
@@ -254,7 +256,7 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
                 f"vocabulary has {len(wrapped)} tokens (asked for {spec.vocab_size}): the text is small"
             )
     if ds is not None:
-        metrics.update(_text_metrics(wrapped, ds, TEXT_COLUMN, f"{where}.data"))
+        metrics.update(_text_metrics(wrapped, ds, TEXT_COLUMN))
     final = write_dir_atomically(ctx.final_dir, wrapped.save_pretrained)
     ctx.log(f"saved a {metrics['vocab_size']}-token tokenizer to {final}")
     return StageResult(metrics=metrics, outputs={"final": str(final)})

@@ -169,7 +169,7 @@ def test_soft_prompt_scoring_fits_prompts_at_the_position_limit(tiny: tuple[Any,
     torch.manual_seed(0)
     peft_model = wrap(
         copy.deepcopy(model), tokenizer, method="prompt_tuning", num_virtual_tokens=4,
-        init_text=None, gradient_checkpointing=False, where="stages.t",
+        init_text=None, gradient_checkpointing=False,
     )  # fmt: skip
     long_prompt = " ".join(WORDS * 40)  # far beyond the 128 positions
     assert len(tokenizer(long_prompt)["input_ids"]) > 128

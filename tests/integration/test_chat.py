@@ -109,7 +109,7 @@ def _training_tokenizer(run_dir: Path) -> Any:
 
     tok = load_tokenizer(str(run_dir / "tok" / "final"))
     ensure_pad_token(tok)
-    chat_data.set_template(tok, "chatml", where="test")
+    chat_data.set_template(tok, "chatml")
     return tok
 
 
@@ -223,16 +223,16 @@ def test_sharegpt_and_bad_conversations() -> None:
     from mlsteps.engine.chat_data import normalize_messages
 
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
-    assert normalize_messages(turns, where="w", row=0, column="c") == [
+    assert normalize_messages(turns, row=0, column="c") == [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
     ]
     with pytest.raises(UserError, match="row 3 turn 0 has keys"):
-        normalize_messages([{"speaker": "x"}], where="w", row=3, column="c")
+        normalize_messages([{"speaker": "x"}], row=3, column="c")
     with pytest.raises(UserError, match="role 'bot'"):
-        normalize_messages([{"role": "bot", "content": "x"}], where="w", row=0, column="c")
+        normalize_messages([{"role": "bot", "content": "x"}], row=0, column="c")
     with pytest.raises(UserError, match="expected a conversation"):
-        normalize_messages("just text", where="w", row=0, column="c")
+        normalize_messages("just text", row=0, column="c")
 
 
 def test_conversation_without_answer_is_a_user_error(run_dir: Path) -> None:
@@ -242,7 +242,7 @@ def test_conversation_without_answer_is_a_user_error(run_dir: Path) -> None:
 
     ds = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}]]})
     with pytest.raises(UserError, match="row 0 has no assistant turn"):
-        tokenize_chat(ds, _training_tokenizer(run_dir), "messages", 64, where="stages.c.data")
+        tokenize_chat(ds, _training_tokenizer(run_dir), "messages", 64)
 
 
 @pytest.mark.parametrize(

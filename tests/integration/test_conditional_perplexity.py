@@ -281,7 +281,7 @@ def test_sft_scores_exactly_what_training_scored(tmp_path: Path, root: Path) -> 
     rows = [r for r in rows if isinstance(r["target"], str)]  # one reference: what SFT trains on
     ds = datasets.Dataset.from_list(rows)
     tok = PreTrainedTokenizerFast.from_pretrained(root / "base")
-    encoded = fs.tokenize_sft(ds, tok, spec, where="t")
+    encoded = fs.tokenize_sft(ds, tok, spec)
     model = GPT2LMHeadModel.from_pretrained(root / "base").eval()
     nll, count = 0.0, 0
     with torch.no_grad():

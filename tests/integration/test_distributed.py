@@ -117,9 +117,9 @@ def _helper_results(root: Path) -> dict[str, Any]:
         texts = _texts(n)
         scores = map_sharded(lambda xs: per_example_nll(model, tok, xs), texts)
         with torch.no_grad():
-            ppl = _causal_perplexity(spec, loaded, texts, "test")  # type: ignore[arg-type]
+            ppl = _causal_perplexity(spec, loaded, texts)  # type: ignore[arg-type]
             spec.perplexity.mode = "stream"  # rows joined: sharded by window, not by row
-            stream = _causal_perplexity(spec, loaded, texts, "test")  # type: ignore[arg-type]
+            stream = _causal_perplexity(spec, loaded, texts)  # type: ignore[arg-type]
             spec.perplexity.mode = "document"
         out[str(n)] = {
             "scores": scores,

@@ -373,7 +373,7 @@ def test_sft_labels_keep_eos_when_pad_is_eos(assets: dict[str, Path]) -> None:
             {"prompt": "Q: a longer question here\nA: ", "response": "ok"},
         ]
     )
-    encoded = fs.tokenize_sft(rows, tokenizer, spec, where="t")
+    encoded = fs.tokenize_sft(rows, tokenizer, spec)
     batch = fs.SftCollator(pad_token_id=tokenizer.pad_token_id)(list(encoded))
     eos = tokenizer.eos_token_id
     for row in range(2):
@@ -410,7 +410,7 @@ def test_packing_matches_unpacked_loss(assets: dict[str, Path]) -> None:
             for i, w in enumerate(["cat", "dog", "red hens", "blue"])
         ]
     )
-    encoded = fs.tokenize_sft(rows, tokenizer, spec, where="t")
+    encoded = fs.tokenize_sft(rows, tokenizer, spec)
     packed = fs.pack_sft(encoded, 64)
     assert len(packed) < len(encoded)
     collate = fs.SftCollator(pad_token_id=tokenizer.pad_token_id)
@@ -641,7 +641,7 @@ def test_lora_defaults_match_every_family(assets: dict[str, Path], family: str) 
     model = build_model(ArchSpec(family=family, **TINY), tokenizer, "classification", num_labels=3)
     heads = lora.head_modules(model)
     assert heads and all(h != model.base_model_prefix for h in heads)
-    wrapped = lora.wrap(model, LoraSpec(), "classification", where="t")
+    wrapped = lora.wrap(model, LoraSpec(), "classification")
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
     assert any(f"{heads[0]}.modules_to_save" in n for n in trainable)

@@ -229,12 +229,13 @@ def test_missing_include_path_fails_validate(tmp_path: Path) -> None:
 def test_unknown_task_is_exit_2(tmp_path: Path, tasks_dir: Path) -> None:
     """A misspelled task fails before any model is loaded, with lm-eval's names suggested."""
     from mlsteps.engine.harness import task_manager
-    from mlsteps.errors import UserError
+    from mlsteps.errors import UserError, field_scope
     from mlsteps.recipe.specs.evaluate import LmEvalSpec
 
     spec = LmEvalSpec(tasks=["toy_sentiment_mx"], include_path=str(tasks_dir))
     with pytest.raises(UserError) as err:
-        task_manager(spec, "stages.ev")
+        with field_scope("stages.ev"):
+            task_manager(spec)
     assert "unknown lm-eval task 'toy_sentiment_mx'" in str(err.value)
     assert "toy_sentiment_mc" in str(err.value.hint)
     assert err.value.where == "stages.ev.lm_eval.tasks.0"

@@ -206,7 +206,7 @@ def test_quantization_is_wired_through_bitsandbytes_and_peft(
 
     def base_dtypes(kbit: bool) -> set[torch.dtype]:
         model = AutoModelForCausalLM.from_pretrained(bases["gpt2"], dtype=torch.bfloat16)
-        wrapped = lora.wrap(model, spec.lora, "causal_lm", where="w", kbit=kbit)
+        wrapped = lora.wrap(model, spec.lora, "causal_lm", kbit=kbit)
         return {p.dtype for n, p in wrapped.named_parameters() if "lora_" not in n}
 
     assert base_dtypes(kbit=False) == {torch.bfloat16}

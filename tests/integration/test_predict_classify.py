@@ -291,12 +291,12 @@ def test_seq2seq_and_sft_truncation_flags(looping_model) -> None:
     s2s = FinetuneSpec.model_validate(
         {**base, "task": "seq2seq", "max_source_len": 4, "max_target_len": 4}
     )
-    ds, cut = fd.pop_truncated(fd.tokenize_seq2seq(rows, tokenizer, s2s, where="w"))
+    ds, cut = fd.pop_truncated(fd.tokenize_seq2seq(rows, tokenizer, s2s))
     assert cut == 2 and "truncated" not in ds.column_names
     sft = FinetuneSpec.model_validate(
         {**base, "task": "causal_lm", "prompt_column": "source", "response_column": "target",
          "max_seq_len": 7}
     )  # fmt: skip
-    ds, cut = fd.pop_truncated(fs.tokenize_sft(rows, tokenizer, sft, where="w"))
+    ds, cut = fd.pop_truncated(fs.tokenize_sft(rows, tokenizer, sft))
     # prompt + response + EOS: 6, 9, 8, 4 tokens; two exceed 7.
     assert cut == 2 and max(len(ids) for ids in ds["input_ids"]) == 7

@@ -389,7 +389,7 @@ def test_whole_conversation_pairs_get_their_shared_turns_as_prompt() -> None:
     spec = PreferenceSpec.model_validate(
         {"kind": "preference", "method": "dpo", "from": "x", "data": "builtin:toy/chat_preference"}
     )
-    out, conversational = to_trl_rows(datasets.Dataset.from_list(rows), spec, where="w")
+    out, conversational = to_trl_rows(datasets.Dataset.from_list(rows), spec)
     assert conversational
     assert out[0]["prompt"] == [rows[0]["chosen"][0]]
     assert out[0]["chosen"] == [rows[0]["chosen"][1]] and out[0]["rejected"] == [
@@ -402,7 +402,7 @@ def test_whole_conversation_pairs_get_their_shared_turns_as_prompt() -> None:
         }
     ]
     with pytest.raises(UserError, match="share no opening turns"):
-        to_trl_rows(datasets.Dataset.from_list(same), spec, where="w")
+        to_trl_rows(datasets.Dataset.from_list(same), spec)
 
 
 def test_nan_guard_stops_preference_training(tmp_path: Path, reference: Path) -> None:

@@ -291,7 +291,7 @@ def test_several_sources_and_columns_are_one_text(tmp_path: Path, toks: dict[str
         text_column=["text", "en", "xx"],
     )
     assert len(spec.data) == 2
-    rows, val = pretrain._load_text(spec, make_ctx(tmp_path / "r", toks), "stages.pretrain")
+    rows, val = pretrain._load_text(spec, make_ctx(tmp_path / "r", toks))
     text = rows["__mlsteps_text__"]
     assert len(text) == 30 + 40 + 40
     assert text[30:32] == ["english 0 .", "english 1 ."] and text[70] == "toyish 0 ."
@@ -328,18 +328,18 @@ def test_packing_clm_and_mlm() -> None:
     docs = datasets.Dataset.from_dict(
         {"input_ids": [[1, 2, 3, 9], [4, 5, 9], [6, 7, 8, 10, 11, 9]]}
     )
-    blocks = lm_data.pack_blocks(docs, 4, keep_remainder=False, where="w")
+    blocks = lm_data.pack_blocks(docs, 4, keep_remainder=False)
     assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 9], [4, 5, 9, 6], [7, 8, 10, 11]]
-    kept = lm_data.pack_blocks(docs, 5, keep_remainder=True, where="w")
+    kept = lm_data.pack_blocks(docs, 5, keep_remainder=True)
     assert [b["input_ids"] for b in kept] == [[1, 2, 3, 9, 4], [5, 9, 6, 7, 8], [10, 11, 9]]
-    mlm = lm_data.pack_blocks(docs, 6, keep_remainder=False, wrap=(100, 101), where="w")
+    mlm = lm_data.pack_blocks(docs, 6, keep_remainder=False, wrap=(100, 101))
     assert [b["input_ids"] for b in mlm] == [
         [100, 1, 2, 3, 9, 101],
         [100, 4, 5, 9, 6, 101],
         [100, 7, 8, 10, 11, 101],
     ]
     with pytest.raises(UserError, match="13 tokens, fewer than one block of max_seq_len 14"):
-        lm_data.pack_blocks(docs, 14, keep_remainder=False, where="w")
+        lm_data.pack_blocks(docs, 14, keep_remainder=False)
     # ids 1..11 occur (9 twice); 100/101 are outside a 12-token vocabulary and not counted
     assert lm_data.seen_token_ids(blocks, 12).tolist() == list(range(1, 12))
     assert lm_data.seen_token_ids(mlm, 12).tolist() == list(range(1, 12))
@@ -430,4 +430,4 @@ def test_build_model_takes_vocab_and_ids_from_tokenizer(toks: dict[str, Path], f
         out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.loss)
     with pytest.raises(UserError, match="cannot do"):
-        build_model(arch, tok, "mlm" if task != "mlm" else "clm", where="stages.x.model")
+        build_model(arch, tok, "mlm" if task != "mlm" else "clm", model_field="model")

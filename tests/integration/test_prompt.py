@@ -384,7 +384,7 @@ def test_generate_prompted_is_exact(base_dir: Path, method: str) -> None:
     torch.manual_seed(1)
     model = wrap(
         AutoModelForCausalLM.from_pretrained(base_dir), tok, method=method, num_virtual_tokens=8,
-        init_text=None, gradient_checkpointing=False, where="stages.pt",
+        init_text=None, gradient_checkpointing=False,
     ).eval()  # fmt: skip
     prompts = [r["text"] for r in make_rows(12, 21)] + ["dull", "the movie"]
     expected = [_stepwise_greedy(model, tok, p, 6) for p in prompts]
@@ -399,7 +399,7 @@ def test_init_text_sets_the_virtual_tokens(base_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = wrap(
         AutoModelForCausalLM.from_pretrained(base_dir), tok, method="prompt_tuning",
-        num_virtual_tokens=5, init_text="the movie", gradient_checkpointing=False, where="stages.pt",
+        num_virtual_tokens=5, init_text="the movie", gradient_checkpointing=False,
     )  # fmt: skip
     ids = tok("the movie", add_special_tokens=False)["input_ids"]
     assert len(ids) == 2
@@ -409,7 +409,7 @@ def test_init_text_sets_the_virtual_tokens(base_dir: Path) -> None:
     torch.testing.assert_close(encoder.embedding.weight, words)
     with pytest.raises(UserError, match="init_text"):
         wrap(AutoModelForCausalLM.from_pretrained(base_dir), tok, method="prompt_tuning",
-             num_virtual_tokens=5, init_text="", gradient_checkpointing=False, where="stages.pt")  # fmt: skip
+             num_virtual_tokens=5, init_text="", gradient_checkpointing=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "p_tuning"])

@@ -51,7 +51,11 @@ def tok_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _text(path: Path, cache_dir: Path) -> datasets.Dataset:
     return load_text(
-        [DataSpec(files=[str(path)])], ["text"], where="w", column_where="w", cache_dir=cache_dir
+        [DataSpec(files=[str(path)])],
+        ["text"],
+        data_field="w",
+        column_field="w",
+        cache_dir=cache_dir,
     )
 
 
@@ -91,7 +95,6 @@ def test_sharded_packing_equals_whole_stream_packing(
             block_len=16,
             keep_remainder=keep,
             wrap=wrap,
-            where="w",
         )
         expected = _brute_force(ds, tok, end, 16, wrap, keep)
         assert [b["input_ids"] for b in blocks] == expected
@@ -118,7 +121,7 @@ def test_cache_hits_by_content_and_misses_on_any_change(
     def pack(ds, tokenizer=tok, block_len=16, keep=False):  # type: ignore[no-untyped-def]
         return packing.pack_corpus(
             ds, tokenizer, TEXT_COLUMN, end_id=tokenizer.eos_token_id, block_len=block_len,
-            keep_remainder=keep, wrap=None, where="w", log=logs.append,
+            keep_remainder=keep, wrap=None, log=logs.append,
         )  # fmt: skip
 
     first = pack(_text(a, tmp_path / "hf1"))
@@ -281,7 +284,7 @@ def test_memmap_blocks_drop_their_pages_while_served(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rows = [list(range(i, i + 1024)) for i in range(0, 2048 * 64, 2048)]
-    blocks = packing.pack_token_rows(rows, 1024, keep_remainder=False, where="w")
+    blocks = packing.pack_token_rows(rows, 1024, keep_remainder=False)
     path = str(blocks.path / packing.BLOCKS_FILE)
     monkeypatch.setattr(packing, "RELEASE_BYTES", 1 << 30)
     want = [blocks[i]["input_ids"] for i in range(len(blocks))]

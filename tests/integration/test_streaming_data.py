@@ -69,8 +69,8 @@ def test_loading_a_txt_corpus_does_not_keep_its_pages_resident(
     ds = load_text(
         [DataSpec(files=[str(src)])],
         ["text"],
-        where="w",
-        column_where="w",
+        data_field="w",
+        column_field="w",
         cache_dir=tmp_path / "hf",
     )
     assert len(resident) > 10
@@ -101,7 +101,7 @@ def clm_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def _pack(text: Any, tok: Any, fingerprint: str | None = None) -> packing.PackedBlocks:
     return packing.pack_corpus(
         text, tok, TEXT_COLUMN, end_id=tok.eos_token_id, block_len=16, keep_remainder=True,
-        wrap=None, where="w", fingerprint=fingerprint,
+        wrap=None, fingerprint=fingerprint,
     )  # fmt: skip
 
 
@@ -126,10 +126,14 @@ def test_a_streamed_corpus_packs_into_the_same_blocks(
     ]
     for source, columns in cases:
         prepared = load_text(
-            [DataSpec(**source)], columns, where="w", column_where="w", cache_dir=tmp_path / "hf"
+            [DataSpec(**source)],
+            columns,
+            data_field="w",
+            column_field="w",
+            cache_dir=tmp_path / "hf",
         )
         streamed = load_streamed_text(
-            [DataSpec(**source, streaming=True)], columns, where="w", column_where="w"
+            [DataSpec(**source, streaming=True)], columns, data_field="w", column_field="w"
         )
         assert isinstance(streamed.dataset, datasets.IterableDataset)
         want, got = _pack(prepared, clm_tok), _pack(streamed.dataset, clm_tok, streamed.fingerprint)
@@ -141,23 +145,23 @@ def test_a_streamed_corpus_packs_into_the_same_blocks(
     # A mix of a streamed and a prepared source: one stream, the two texts one after another.
     mixed = load_streamed_text(
         [DataSpec(files=[str(txt)], streaming=True), DataSpec(files=[str(jsonl)])],
-        ["text", "a"], where="w", column_where="w", cache_dir=tmp_path / "hf",
+        ["text", "a"], data_field="w", column_field="w", cache_dir=tmp_path / "hf",
     )  # fmt: skip
     whole = load_text(
         [DataSpec(files=[str(txt)]), DataSpec(files=[str(jsonl)])],
-        ["text", "a"], where="w", column_where="w", cache_dir=tmp_path / "hf",
+        ["text", "a"], data_field="w", column_field="w", cache_dir=tmp_path / "hf",
     )  # fmt: skip
     assert [r[TEXT_COLUMN] for r in mixed.dataset] == whole[TEXT_COLUMN]
     # The key: the same bytes under another name reuse the entry; one changed byte does not.
-    key = load_streamed_text([DataSpec(files=[str(txt)], streaming=True)], ["text"], where="w",
-                             column_where="w").fingerprint  # fmt: skip
+    key = load_streamed_text([DataSpec(files=[str(txt)], streaming=True)], ["text"], data_field="w",
+                             column_field="w").fingerprint  # fmt: skip
     copy = tmp_path / "copy.txt"
     copy.write_bytes(txt.read_bytes())
-    same = load_streamed_text([DataSpec(files=[str(copy)], streaming=True)], ["text"], where="w",
-                              column_where="w").fingerprint  # fmt: skip
+    same = load_streamed_text([DataSpec(files=[str(copy)], streaming=True)], ["text"], data_field="w",
+                              column_field="w").fingerprint  # fmt: skip
     copy.write_text("\ufeff" + "\n".join([lines[0] + "!", *lines[1:]]), "utf-8")
     changed = load_streamed_text([DataSpec(files=[str(copy)], streaming=True)], ["text"],
-                                 where="w", column_where="w").fingerprint  # fmt: skip
+                                 data_field="w", column_field="w").fingerprint  # fmt: skip
     assert key == same != changed
 
 

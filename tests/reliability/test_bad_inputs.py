@@ -430,10 +430,10 @@ def _metric(name: str):  # type: ignore[no-untyped-def]
 def test_prediction_reference_mismatch_is_an_error_not_a_score(
     name: str, preds: list[str], refs: list[str], expect: str
 ) -> None:
-    from mlsteps.errors import UserError
+    from mlsteps.errors import UserError, field_scope
 
-    with pytest.raises(UserError) as info:
-        _metric(name)(preds, refs, where="stages.ev.metrics")
+    with pytest.raises(UserError) as info, field_scope("stages.ev.metrics"):
+        _metric(name)(preds, refs)
     assert expect in str(info.value) and str(info.value).startswith("stages.ev.metrics: ")
 
 

@@ -262,9 +262,11 @@ def test_old_manifest_without_checksums_still_resumes(base: Path, tmp_path: Path
 
 def _load(tmp_path: Path, **spec: object) -> object:
     from mlsteps.engine.data import load_rows
+    from mlsteps.errors import field_scope
     from mlsteps.recipe.specs.data import DataSpec
 
-    return load_rows(DataSpec(**spec), where="stages.ft.data", cache_dir=tmp_path / "cache")
+    with field_scope("stages.ft.data"):
+        return load_rows(DataSpec(**spec), cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize(("suffix", "sep"), [(".csv", ","), (".tsv", "\t")])
@@ -277,7 +279,7 @@ def test_headerless_table_says_so_and_shows_how_to_name_columns(
     path.write_text("".join(f"hello {i}{sep}world {i}\n" for i in range(20)), encoding="utf-8")
     ds = _load(tmp_path, files=[str(path)], shuffle_seed=1)
     with pytest.raises(UserError) as info:
-        require_columns(ds, ["source", "target"], "stages.ft.data")  # type: ignore[arg-type]
+        require_columns(ds, ["source", "target"])  # type: ignore[arg-type]
     text = str(info.value)
     assert str(path) in text and "no header row" in text and "hello 0, world 0" in text
     assert "columns: [source, target]" in text
@@ -293,7 +295,7 @@ def test_a_real_header_with_another_column_keeps_the_plain_message(tmp_path: Pat
     path = tmp_path / "named.csv"
     path.write_text("sentence,label\na fine film,1\nawful,0\n", encoding="utf-8")
     with pytest.raises(UserError) as info:
-        require_columns(_load(tmp_path, files=[str(path)]), ["text"], "d")  # type: ignore[arg-type]
+        require_columns(_load(tmp_path, files=[str(path)]), ["text"])  # type: ignore[arg-type]
     assert "header" not in str(info.value) and "set the *_column option" in str(info.value)
 
 
@@ -374,16 +376,18 @@ def test_null_value_located_in_each_format(tmp_path: Path, suffix: str, line: in
         body = "".join(f"{r['source']}{sep}{r['target'] or ''}\n" for r in rows)
         path.write_text(f"source{sep}target\n" + body, encoding="utf-8")
     from mlsteps.engine.data import load_rows
+    from mlsteps.errors import field_scope
     from mlsteps.recipe.specs.data import DataSpec
 
     spec = DataSpec(files=[str(path)], shuffle_seed=5, rows="10:")
     with pytest.raises(UserError) as info:
-        load_rows(spec, where="d", cache_dir=tmp_path / "c", required=["source", "target"])
+        with field_scope("d"):
+            load_rows(spec, cache_dir=tmp_path / "c", required=["source", "target"])
     where = f"{path}:{line}" if line else f"{path}, row 78"
     assert f"{where}: column 'target' has no value" in str(info.value), str(info.value)
     # A null in a row that 'max_samples' or 'rows' leaves out is no error, and no column is added.
     kept = load_rows(
-        DataSpec(files=[str(path)], rows=":50"), where="d", cache_dir=tmp_path / "c",
+        DataSpec(files=[str(path)], rows=":50"), cache_dir=tmp_path / "c",
         required=["target"],
     )  # fmt: skip
     assert kept.num_rows == 50 and kept.column_names == ["source", "target"]

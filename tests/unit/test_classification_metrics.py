@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, field_scope
 from mlsteps.metrics import classification as cm
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -78,8 +78,8 @@ def test_exact_match_and_f1_equal_official_squad_script_on_xquad():
     f1 = sum(max(_squad_f1(p, r) for r in rs) for p, rs in zip(preds, refs, strict=True)) / len(
         preds
     )
-    assert cm.exact_match(preds, refs, where=WHERE) == pytest.approx(em, abs=1e-12)
-    assert cm.token_f1(preds, refs, where=WHERE) == pytest.approx(f1, abs=1e-12)
+    assert cm.exact_match(preds, refs) == pytest.approx(em, abs=1e-12)
+    assert cm.token_f1(preds, refs) == pytest.approx(f1, abs=1e-12)
     assert 0.3 < em < 0.7 and em < f1 < 0.9
 
 
@@ -92,29 +92,29 @@ def test_normalisation():
 
 
 def test_cjk_answers_are_scored_by_character():
-    assert cm.exact_match(["北京大学。"], [["清华", "北京 大学"]], where=WHERE) == 1.0
+    assert cm.exact_match(["北京大学。"], [["清华", "北京 大学"]]) == 1.0
     # 2 shared characters: precision 2/4, recall 2/2 -> F1 2/3.
-    assert cm.token_f1(["北京大学"], ["北京"], where=WHERE) == pytest.approx(2 / 3)
-    assert cm.exact_match(["北京"], ["北京大学"], where=WHERE) == 0.0
+    assert cm.token_f1(["北京大学"], ["北京"]) == pytest.approx(2 / 3)
+    assert cm.exact_match(["北京"], ["北京大学"]) == 0.0
 
 
 def test_accuracy_and_macro_f1():
     gold = [0, 0, 0, 1, 1, 2]
     pred = ["0", "0", "1", "1", "2", "2"]  # labels compare as text: 0 == "0"
-    assert cm.accuracy(pred, gold, where=WHERE) == pytest.approx(4 / 6)
+    assert cm.accuracy(pred, gold) == pytest.approx(4 / 6)
     # per class F1: 0 -> 2*2/(4+0+1)=0.8, 1 -> 2/(2+1+1)=0.5, 2 -> 2/(2+1+0)=2/3
-    assert cm.macro_f1(pred, gold, where=WHERE) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert cm.macro_f1(pred, gold) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
     # A class only predicted (never gold) counts with F1 0, as in scikit-learn.
-    assert cm.macro_f1(["a", "b"], ["a", "a"], where=WHERE) == pytest.approx((2 / 3 + 0) / 2)
+    assert cm.macro_f1(["a", "b"], ["a", "a"]) == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_sst2_constant_baseline():
     lines = (DATA / "sst2" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]
     gold = [line.rsplit("\t", 1)[1] for line in lines]
     positive = gold.count("1") / len(gold)
-    assert cm.accuracy(["1"] * len(gold), gold, where=WHERE) == pytest.approx(positive)
+    assert cm.accuracy(["1"] * len(gold), gold) == pytest.approx(positive)
     # Macro-F1 of the constant classifier: F1 of class 1 = 2p/(1+p), class 0 scores 0.
-    assert cm.macro_f1(["1"] * len(gold), gold, where=WHERE) == pytest.approx(
+    assert cm.macro_f1(["1"] * len(gold), gold) == pytest.approx(
         (2 * positive / (1 + positive)) / 2
     )
 
@@ -122,21 +122,21 @@ def test_sst2_constant_baseline():
 @pytest.mark.parametrize("fn", [cm.accuracy, cm.macro_f1, cm.exact_match, cm.token_f1])
 def test_bad_inputs_are_user_errors(fn):
     with pytest.raises(UserError, match="2 predictions but 1 references"):
-        fn(["a", "b"], ["a"], where=WHERE)
+        fn(["a", "b"], ["a"])
     with pytest.raises(UserError, match="cannot score 0 predictions"):
-        fn([], [], where=WHERE)
-    with pytest.raises(UserError) as err:
-        fn([], ["a"], where=WHERE)
+        fn([], [])
+    with pytest.raises(UserError) as err, field_scope(WHERE):
+        fn([], ["a"])
     assert str(err.value).startswith(WHERE)
 
 
 def test_list_labels_and_bad_references_are_user_errors():
     with pytest.raises(UserError, match="expected a single label"):
-        cm.accuracy(["a"], [["a", "b"]], where=WHERE)
+        cm.accuracy(["a"], [["a", "b"]])
     with pytest.raises(UserError, match="expected a string or a list of strings"):
-        cm.exact_match(["a"], [[1, 2]], where=WHERE)  # type: ignore[list-item]
+        cm.exact_match(["a"], [[1, 2]])  # type: ignore[list-item]
     with pytest.raises(UserError, match="row 0 is empty"):
-        cm.token_f1(["a"], [[]], where=WHERE)
+        cm.token_f1(["a"], [[]])
 
 
 def test_module_is_pure_python():

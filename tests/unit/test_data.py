@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlsteps.engine.data import load_rows, require_columns, split_validation
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, field_scope
 from mlsteps.recipe.specs.data import DataSpec
 
 WIKI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -20,13 +20,13 @@ WHERE = "stages.pre.data"
 
 
 def rows(spec: object, tmp_path: Path) -> list[dict]:
-    ds = load_rows(DataSpec.model_validate(spec), where=WHERE, cache_dir=tmp_path / "cache")
+    ds = load_rows(DataSpec.model_validate(spec), cache_dir=tmp_path / "cache")
     return [dict(r) for r in ds]
 
 
 def error(spec: object, tmp_path: Path) -> str:
-    with pytest.raises(UserError) as info:
-        load_rows(DataSpec.model_validate(spec), where=WHERE, cache_dir=tmp_path / "cache")
+    with pytest.raises(UserError) as info, field_scope(WHERE):
+        load_rows(DataSpec.model_validate(spec), cache_dir=tmp_path / "cache")
     message = str(info.value)
     assert message.startswith(WHERE) and "\n" not in message
     return message
@@ -193,10 +193,10 @@ def test_builtin_rows(tmp_path: Path) -> None:
 
 
 def test_require_columns_lists_existing_and_suggests(tmp_path: Path) -> None:
-    ds = load_rows(DataSpec.model_validate([str(_jsonl(tmp_path))]), where=WHERE)
-    require_columns(ds, ["text", "label"], WHERE)
-    with pytest.raises(UserError) as info:
-        require_columns(ds, ["txt"], "stages.ft.text_column")
+    ds = load_rows(DataSpec.model_validate([str(_jsonl(tmp_path))]))
+    require_columns(ds, ["text", "label"])
+    with pytest.raises(UserError) as info, field_scope("stages.ft.text_column"):
+        require_columns(ds, ["txt"])
     message = str(info.value)
     assert message.startswith("stages.ft.text_column")
     assert (
@@ -218,8 +218,11 @@ def test_split_validation(tmp_path: Path) -> None:
     assert split_validation(ds, 0.0, seed=3) == (ds, None)
     tiny_train, tiny_val = split_validation(ds.select([0, 1]), 0.01, seed=3)
     assert tiny_val is not None and len(tiny_train) == len(tiny_val) == 1
-    with pytest.raises(UserError, match="validation"):
-        split_validation(ds.select([0]), 0.1, seed=3, where="stages.pre.validation_fraction")
+    with (
+        pytest.raises(UserError, match="validation"),
+        field_scope("stages.pre.validation_fraction"),
+    ):
+        split_validation(ds.select([0]), 0.1, seed=3)
 
 
 def _jsonl(tmp_path: Path) -> Path:
@@ -236,7 +239,7 @@ def test_aligned_files_pair_lines(tmp_path, shared_data):
     spec = DataSpec(
         aligned={"source": str(multi30k / "val.en.gz"), "target": str(multi30k / "val.de.gz")}
     )
-    rows = load_rows(spec, where="stages.ft.data")
+    rows = load_rows(spec)
     assert rows.num_rows == 1014 and rows.column_names == ["source", "target"]
     assert rows[0]["source"].startswith("A group of men") and rows[0]["target"].startswith(
         "Eine Gruppe"
@@ -248,7 +251,8 @@ def test_aligned_files_pair_lines(tmp_path, shared_data):
         UserError,
         match=r"stages.ft.data.aligned: aligned files have different line counts: source 1014, target 1",
     ):
-        load_rows(bad, where="stages.ft.data")
+        with field_scope("stages.ft.data"):
+            load_rows(bad)
 
 
 def test_headerless_tsv_with_column_names(shared_data):
@@ -260,6 +264,6 @@ def test_headerless_tsv_with_column_names(shared_data):
         format="tsv",
         columns=["source", "target", "attribution"],
     )
-    rows = load_rows(spec, where="stages.ft.data")
+    rows = load_rows(spec)
     assert rows.num_rows == 29155  # the first line is data, not a header
     assert rows[0]["source"] == "Hi." and rows[0]["target"] == "嗨。"

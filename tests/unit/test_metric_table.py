@@ -96,14 +96,14 @@ def test_text_and_label_dispatch_matches_the_metric_functions() -> None:
     from mlsteps.metrics.generated import score_labels, score_texts
 
     preds, refs = ["the cat sat", "a big dog"], ["the cat sat", "the dog"]
-    out = score_texts(preds, refs, ["exact_match", "token_f1"], target_lang=None, where="t")
-    assert out["exact_match"] == classification.exact_match(preds, refs, where="t") == 0.5
-    assert out["token_f1"] == classification.token_f1(preds, refs, where="t")
-    labels = score_labels(["a", "b", "b"], ["a", "b", "a"], ["accuracy", "f1"], where="t")
+    out = score_texts(preds, refs, ["exact_match", "token_f1"], target_lang=None)
+    assert out["exact_match"] == classification.exact_match(preds, refs) == 0.5
+    assert out["token_f1"] == classification.token_f1(preds, refs)
+    labels = score_labels(["a", "b", "b"], ["a", "b", "a"], ["accuracy", "f1"])
     assert labels["accuracy"] == pytest.approx(2 / 3)
-    assert labels["f1"] == classification.macro_f1(["a", "b", "b"], ["a", "b", "a"], where="t")
+    assert labels["f1"] == classification.macro_f1(["a", "b", "b"], ["a", "b", "a"])
     with pytest.raises(ValueError, match="not a text metric"):
-        score_texts(preds, refs, ["perplexity"], target_lang=None, where="t")
+        score_texts(preds, refs, ["perplexity"], target_lang=None)
 
 
 def test_the_table_and_validation_stay_torch_free() -> None:

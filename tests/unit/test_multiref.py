@@ -58,21 +58,21 @@ def test_spec_takes_one_or_several_columns() -> None:
 
 
 def test_columns_join_into_one_list_per_row(papers: datasets.Dataset) -> None:
-    refs = _require_references(papers, COLUMNS, "stages.ev.data")
+    refs = _require_references(papers, COLUMNS)
     assert refs[0] == [papers[0][c] for c in COLUMNS]
     # Null cells are skipped: rows may have fewer references; a row with none is an error.
     ds = datasets.Dataset.from_list([{"a": "x y", "b": None}, {"a": "z", "b": "w"}])
-    assert _require_references(ds, ["a", "b"], "w") == [["x y"], ["z", "w"]]
+    assert _require_references(ds, ["a", "b"]) == [["x y"], ["z", "w"]]
     empty = datasets.Dataset.from_list([{"a": "x", "b": "y"}, {"a": None, "b": ""}])
     with pytest.raises(UserError, match="columns 'a', 'b' row 1 is empty"):
-        _require_references(empty, ["a", "b"], "w")
+        _require_references(empty, ["a", "b"])
 
 
 def test_bleu_chrf_ter_equal_sacrebleu_cli_with_one_file_per_column(
     tmp_path: Path, papers: datasets.Dataset
 ) -> None:
     hyps = papers["lead1"]
-    refs = _require_references(papers, COLUMNS, "stages.ev.data")
+    refs = _require_references(papers, COLUMNS)
     cli = _cli(tmp_path, hyps, [papers[c] for c in COLUMNS], "-m", "bleu", "chrf", "ter")
     ours = {**text.bleu(hyps, refs), **text.chrf(hyps, refs), **text.ter(hyps, refs)}
     assert 2 < ours["bleu"] < 60  # a real, non-degenerate score
@@ -86,7 +86,7 @@ def test_bleu_chrf_ter_equal_sacrebleu_cli_with_one_file_per_column(
 
 def test_rouge_is_the_best_reference_per_example(papers: datasets.Dataset) -> None:
     hyps = papers["lead1"]
-    refs = _require_references(papers, COLUMNS, "stages.ev.data")
+    refs = _require_references(papers, COLUMNS)
     ours = text.rouge(hyps, refs, target_lang="en")
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     expected = dict.fromkeys(("rouge1", "rouge2", "rougeL"), 0.0)

@@ -60,7 +60,7 @@ def test_jinja_is_sandboxed_and_strict():
 
 def test_missing_field_names_existing_columns():
     with pytest.raises(UserError) as err:
-        check_template_columns("Q: {sorce}", ["source", "target"], where="stages.p.template")
+        check_template_columns("Q: {sorce}", ["source", "target"], field="stages.p.template")
     msg = str(err.value)
     assert "sorce" in msg and "source, target" in msg and "did you mean 'source'" in msg
     assert msg.startswith("stages.p.template:")

@@ -49,7 +49,7 @@ def test_scores_equal_the_eval_stage_functions_with_two_references(tmp_path: Pat
     got = json.loads(done.stdout)
     refs = [[x, y] for x, y in zip(REFS_A, REFS_B, strict=True)]
     want = {**text.bleu(HYPS, refs), **text.chrf(HYPS, refs), **text.ter(HYPS, refs)}
-    want["exact_match"] = classification.exact_match(HYPS, refs, where="x")
+    want["exact_match"] = classification.exact_match(HYPS, refs)
     for key, value in want.items():
         assert got[key] == value, key
     assert got["bleu_signature"].startswith("nrefs:2|")
@@ -73,7 +73,7 @@ def test_labels(tmp_path: Path) -> None:
     got = json.loads(done.stdout)
     assert got["accuracy"] == pytest.approx(0.75)
     assert got["f1"] == pytest.approx(classification.macro_f1(
-        ["pos", "neg", "pos", "neg"], ["pos", "pos", "pos", "neg"], where="x"))  # fmt: skip
+        ["pos", "neg", "pos", "neg"], ["pos", "pos", "pos", "neg"]))  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def test_finetune_always_writes_its_prompt_file(
     files = _prompt_file(spec, rows, tmp_path)
     assert list(files) == [PROMPT_FILE]
     prompter = Prompter.from_json(json.loads(files[PROMPT_FILE]))
-    trained = fd.sft_prompt(rows[0], spec, index=0, where="t")
+    trained = fd.sft_prompt(rows[0], spec, index=0)
     # Eval/predict build exactly the training prompt (trailing spaces move to the answer side).
     assert prompter.render(rows[0]) + prompter.answer_prefix == trained
 
@@ -65,7 +65,7 @@ def test_one_renderer_for_both_stages() -> None:
     row = {"source": "hi", "words": ["a", "b"], "Hi.": "x"}
     for template in ("Q: {source}", "{Hi.} -> {source}", "{{ source | upper }}!"):
         spec = _sft(template)
-        assert fd.sft_prompt(row, spec, index=0, where="t") == render_template(template, row)
+        assert fd.sft_prompt(row, spec, index=0) == render_template(template, row)
     assert render_template("{words}", row) == "a b"  # a list cell is joined, never its repr
     assert render_template("{{ words | join('+') }}", row) == "a+b"  # Jinja sees the list
 
@@ -88,7 +88,7 @@ def test_double_brace_means_one_thing_and_the_old_reading_is_refused() -> None:
     from mlsteps.stages.finetune import data as fd
 
     expected = 'JSON: {"q": "hi"}\nA: '
-    assert fd.sft_prompt({"source": "hi"}, spec, index=0, where="t") == expected
+    assert fd.sft_prompt({"source": "hi"}, spec, index=0) == expected
     assert render_template(old, {"source": "hi"}, "format") == expected
 
 

@@ -30,14 +30,14 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.engine.rows import (
     column_values,
     require_inputs,
     require_text,
     write_jsonl,
 )
-from mlsteps.errors import UserError, did_you_mean
+from mlsteps.errors import HERE, UserError, did_you_mean, field_scope
 
 # The metric families and the model kinds they fit live with the recipe models: `validate`
 # checks them too, without importing this module.
@@ -61,11 +61,11 @@ _KIND_NAMES = {
 }
 
 
-def _check_metric_names(metrics: list[str], where: str) -> list[str]:
+def _check_metric_names(metrics: list[str]) -> list[str]:
     for i, name in enumerate(metrics):
         if name not in METRICS:
             hint = did_you_mean(name, METRICS) or f"choose from {', '.join(METRICS)}"
-            raise UserError(f"unknown metric '{name}' at metrics.{i}", where=where, hint=hint)
+            raise UserError(f"unknown metric '{name}' at metrics.{i}", field="metrics", hint=hint)
     return list(dict.fromkeys(metrics))
 
 
@@ -76,19 +76,19 @@ def _fitting(info: Any) -> frozenset[str]:
     return fits
 
 
-def _check_fit(label: str, info: Any, metrics: list[str], where: str) -> None:
+def _check_fit(label: str, info: Any, metrics: list[str]) -> None:
     fits = _fitting(info)
     for metric in metrics:
         if metric not in fits:
             usable = ", ".join(m for m in METRICS if m in fits)
             raise UserError(
                 f"metric '{metric}' does not fit model '{label}', {_KIND_NAMES[info.kind]}",
-                where=where,
+                field="metrics",
                 hint=f"metrics for this model: {usable}; or drop the model from 'models'",
             )
 
 
-def _check_lengths(spec: EvalSpec, label: str, info: Any, metrics: list[str], where: str) -> None:
+def _check_lengths(spec: EvalSpec, label: str, info: Any, metrics: list[str]) -> None:
     """Windows and generation lengths that cannot fit the model fail before any work."""
     from mlsteps.metrics.perplexity import config_max_positions
 
@@ -99,19 +99,19 @@ def _check_lengths(spec: EvalSpec, label: str, info: Any, metrics: list[str], wh
     if window is not None and window > limit and set(metrics) & (PERPLEXITY | MASKED | RESPONSE):
         raise UserError(
             f"perplexity.window {window} exceeds the {limit} positions of model '{label}'",
-            where=f"{where}.perplexity.window",
+            field="perplexity.window",
             hint=f"set perplexity.window <= {limit}",
         )
     if info.kind == "clm" and set(metrics) & GENERATION and spec.generation.max_new_tokens >= limit:
         raise UserError(
             f"generation.max_new_tokens {spec.generation.max_new_tokens} leaves no room for a "
             f"prompt in the {limit} positions of model '{label}'",
-            where=f"{where}.generation.max_new_tokens",
+            field="generation.max_new_tokens",
             hint=f"set generation.max_new_tokens < {limit}",
         )
 
 
-def _require_references(rows: Any, column: str | list[str], where: str) -> list[str | list[str]]:
+def _require_references(rows: Any, column: str | list[str]) -> list[str | list[str]]:
     """References per row: one column (a string or a list of strings per row; a conversation:
     the text of its final assistant turn), or several columns joined into one list per row, in
     column order (null cells skipped: rows may have fewer references)."""
@@ -120,30 +120,30 @@ def _require_references(rows: Any, column: str | list[str], where: str) -> list[
 
     if isinstance(column, str):
         values = [reference_of(v) for v in column_values(rows, column)]
-        as_reference_lists(values, where=where, name=f"column '{column}'")  # type check only
+        as_reference_lists(values, name=f"column '{column}'")  # type check only
         return values
     joined: list[list[Any]] = [[] for _ in range(rows.num_rows)]
     for name in column:
         for refs, value in zip(joined, column_values(rows, name), strict=True):
             refs.extend(value if isinstance(value, list) else [] if value is None else [value])
     names = ", ".join(f"'{c}'" for c in column)
-    as_reference_lists(joined, where=where, name=f"columns {names}")
+    as_reference_lists(joined, name=f"columns {names}")
     return [refs for refs in joined]
 
 
-def _require_labels(rows: Any, column: str, where: str) -> list[Any]:
+def _require_labels(rows: Any, column: str) -> list[Any]:
     values = column_values(rows, column)
     for i, value in enumerate(values):
         if isinstance(value, list | dict) or value is None:
             raise UserError(
                 f"column '{column}' row {i} is {type(value).__name__}, expected a single label",
-                where=where,
+                field=HERE,
                 hint="set label_column to a column of class labels",
             )
     return values
 
 
-def majority_baseline(gold: list[Any], metrics: list[str], where: str) -> dict[str, Any]:
+def majority_baseline(gold: list[Any], metrics: list[str]) -> dict[str, Any]:
     """The ladder row of always predicting the most frequent label *of the eval data* (ties: the
     smallest label as text): the floor any classifier in the ladder has to beat."""
     from collections import Counter
@@ -155,9 +155,9 @@ def majority_baseline(gold: list[Any], metrics: list[str], where: str) -> dict[s
     predicted = [top] * len(gold)
     row: dict[str, Any] = {}
     if "accuracy" in metrics:
-        row["accuracy"] = classification.accuracy(predicted, gold, where=where)
+        row["accuracy"] = classification.accuracy(predicted, gold)
     if "f1" in metrics:
-        row["f1"] = classification.macro_f1(predicted, gold, where=where)
+        row["f1"] = classification.macro_f1(predicted, gold)
     row["majority_label"] = top
     return row
 
@@ -184,72 +184,67 @@ def _load_data(
     infos: dict[str, Any],
     data: dict[str, Any],
 ) -> Any:
-    """The eval rows, every column the metrics read checked, their values put into ``data``."""
+    """The eval rows, every column the metrics read checked, their values put into ``data``
+    (its errors are about the data field: the caller scopes them)."""
     from mlsteps.engine.data import load_rows, require_columns
 
     assert spec.data is not None  # EvalSpec: metrics need data
-    where_data = f"stages.{ctx.stage}.data"
-    rows = load_rows(
-        spec.data, where=where_data, cache_dir=ctx.cache_dir, required=_needed(spec, metrics, infos)
-    )
+    rows = load_rows(spec.data, cache_dir=ctx.cache_dir, required=_needed(spec, metrics, infos))
     if set(metrics) & (PERPLEXITY | MASKED):
-        require_columns(rows, [spec.text_column], where_data)
-        data["text"] = require_text(rows, spec.text_column, where_data, "text_column")
+        require_columns(rows, [spec.text_column])
+        data["text"] = require_text(rows, spec.text_column, "text_column")
     prompted = all(i.prompter is not None for i in infos.values())
     if set(metrics) & (GENERATION | LABELS | RESPONSE) and not prompted:
-        require_columns(rows, [spec.input_column], where_data)
-        require_inputs(rows, spec.input_column, where_data)
+        require_columns(rows, [spec.input_column])
+        require_inputs(rows, spec.input_column)
     if set(metrics) & (GENERATION | RESPONSE):
         ref_columns = spec.reference_column
-        require_columns(
-            rows, [ref_columns] if isinstance(ref_columns, str) else ref_columns, where_data
-        )
-        data["references"] = _require_references(rows, spec.reference_column, where_data)
+        require_columns(rows, [ref_columns] if isinstance(ref_columns, str) else ref_columns)
+        data["references"] = _require_references(rows, spec.reference_column)
     if set(metrics) & LABELS:
-        require_columns(rows, [spec.label_column], where_data)
-        data["labels"] = _require_labels(rows, spec.label_column, where_data)
+        require_columns(rows, [spec.label_column])
+        data["labels"] = _require_labels(rows, spec.label_column)
     if "preference_accuracy" in metrics:
         from mlsteps.metrics.preference import pairs_from_rows
 
         columns = (spec.prompt_column, spec.chosen_column, spec.rejected_column)
-        data["pairs"] = pairs_from_rows(rows, *columns, where=where_data)
+        data["pairs"] = pairs_from_rows(rows, *columns)
     if set(metrics) & (GENERATION | LABELS | RESPONSE):
         # These render prompts; perplexity scores text_column as is, prompted model or not.
         for info in infos.values():
             if info.prompter is not None:
-                info.prompter.check_columns(rows.column_names, where=where_data)
+                info.prompter.check_columns(rows.column_names, field=HERE)
     return rows
 
 
+@stage_entry
 def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
     """Evaluate every model of ``spec.models`` on ``spec.data`` and on ``spec.lm_eval``'s tasks:
     ``{model: {metric: value}}``."""
     from mlsteps.engine.inference import inspect_source, load_for_inference
     from mlsteps.engine.modeling import loading_kwargs
 
-    base = f"stages.{ctx.stage}"
-    metrics = _check_metric_names(spec.metrics, f"{base}.metrics")
+    metrics = _check_metric_names(spec.metrics)
     if len(set(spec.models)) != len(spec.models):
-        raise UserError("a model is listed twice", where=f"{base}.models")
+        raise UserError("a model is listed twice", field="models")
     infos = {}
     for index, label in enumerate(spec.models):
-        info = inspect_source(
-            ctx.resolve_source(label),
-            trust_remote_code=spec.trust_remote_code,
-            where=f"{base}.models.{index}",
-        )
-        _check_fit(label, info, metrics, f"{base}.metrics")
-        _check_lengths(spec, label, info, metrics, base)
+        source = ctx.resolve_source(label)  # an unreachable hub is the stage's error
+        with field_scope(f"models.{index}"):
+            info = inspect_source(source, trust_remote_code=spec.trust_remote_code)
+        _check_fit(label, info, metrics)
+        _check_lengths(spec, label, info, metrics)
         infos[label] = info
 
     manager = None
     if spec.lm_eval is not None:
         from mlsteps.engine import harness
 
-        harness.check_models(infos, base)
-        manager = harness.task_manager(spec.lm_eval, base)  # unknown task names fail here
+        harness.check_models(infos)
+        manager = harness.task_manager(spec.lm_eval)  # unknown task names fail here
     data: dict[str, Any] = {}
-    rows = _load_data(spec, ctx, metrics, infos, data) if metrics else None
+    with field_scope("data"):
+        rows = _load_data(spec, ctx, metrics, infos, data) if metrics else None
 
     ladder: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
@@ -260,7 +255,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
             loaded = load_for_inference(
                 infos[label].source,
                 trust_remote_code=spec.trust_remote_code,
-                where=f"{base}.models.{index}",
+                model_field=f"models.{index}",
                 loading=loading_kwargs(spec),
             )
             scores, model_records = score_model(spec, ctx, loaded, rows, metrics, data)
@@ -270,18 +265,14 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
             gc.collect()  # one model in memory at a time
         if spec.lm_eval is not None:
             ctx.log(f"lm-eval tasks {', '.join(spec.lm_eval.tasks)} on {label}")
-            ladder[label].update(
-                harness.evaluate(
-                    spec.lm_eval,
-                    infos[label],
-                    manager,
-                    trust_remote_code=spec.trust_remote_code,
-                    where=f"{base}.models.{index}",
+            with field_scope(f"models.{index}"):
+                lm_scores = harness.evaluate(
+                    spec.lm_eval, infos[label], manager, trust_remote_code=spec.trust_remote_code
                 )
-            )
+            ladder[label].update(lm_scores)
             gc.collect()
     if set(metrics) & LABELS and "majority_baseline" not in ladder:
-        ladder["majority_baseline"] = majority_baseline(data["labels"], metrics, base)
+        ladder["majority_baseline"] = majority_baseline(data["labels"], metrics)
     outputs: dict[str, str] = {}
     if records:
         write_jsonl(ctx.predictions_path, records)

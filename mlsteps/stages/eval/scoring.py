@@ -8,6 +8,7 @@ from typing import Any
 from mlsteps.context import StageContext
 from mlsteps.distributed import all_gather_object, is_distributed, map_sharded, shard_indices
 from mlsteps.engine.rows import generate_for, render_inputs, require_inputs, require_text
+from mlsteps.errors import HERE, field_scope
 from mlsteps.metrics import table
 from mlsteps.recipe.specs.evaluate import EvalSpec
 
@@ -41,11 +42,11 @@ class _Job:
                  data: dict[str, Any], records: list[dict[str, Any]]) -> None:  # fmt: skip
         self.spec, self.ctx, self.loaded, self.rows = spec, ctx, loaded, rows
         self.data, self.records = data, records
-        self.where = f"stages.{ctx.stage}.metrics"
 
 
 def _score_perplexity(job: _Job, wanted: list[str]) -> dict[str, Any]:
-    res = _causal_perplexity(job.spec, job.loaded, job.data["text"], job.where)
+    with field_scope("metrics"):
+        res = _causal_perplexity(job.spec, job.loaded, job.data["text"])
     return {
         "perplexity": res.perplexity,
         "bits_per_byte": res.bits_per_byte,
@@ -61,15 +62,15 @@ def _score_masked(job: _Job, wanted: list[str]) -> dict[str, Any]:
         if name not in wanted:
             continue
         options = {"mask_seed": ppl.mask_seed, "mask_fraction": ppl.mask_fraction}
-        res = table.compute_function(name)(
-            job.loaded.model,
-            job.loaded.tokenizer,
-            job.data["text"],
-            **(options if name == "masked_perplexity" else {}),
-            window_tokens=ppl.window,
-            batch_size=ppl.batch_size,
-            where=job.where,
-        )
+        with field_scope("metrics"):
+            res = table.compute_function(name)(
+                job.loaded.model,
+                job.loaded.tokenizer,
+                job.data["text"],
+                **(options if name == "masked_perplexity" else {}),
+                window_tokens=ppl.window,
+                batch_size=ppl.batch_size,
+            )
         out.update({name: res.perplexity, f"{name}_convention": res.convention})
     return out
 
@@ -81,20 +82,22 @@ def _score_response(job: _Job, wanted: list[str]) -> dict[str, Any]:
 
 def _score_preference(job: _Job, wanted: list[str]) -> dict[str, Any]:
     scores = table.compute_function("preference_accuracy")
-    return dict(scores(job.loaded, job.data["pairs"], job.spec.generation.batch_size, job.where))
+    with field_scope("metrics"):
+        return dict(scores(job.loaded, job.data["pairs"], job.spec.generation.batch_size))
 
 
 def _score_generation(job: _Job, wanted: list[str]) -> dict[str, Any]:
     from mlsteps.metrics.generated import score_texts
 
     spec, ctx, loaded = job.spec, job.ctx, job.loaded
-    inputs = _inputs(spec, job.rows, loaded.prompter, f"stages.{ctx.stage}.data", loaded)
+    inputs = _inputs(spec, job.rows, loaded.prompter, loaded)
     ctx.log(f"generating {len(inputs)} outputs")
     preds = map_sharded(lambda xs: generate_for(loaded, xs, spec.generation, ctx), inputs)
     post = getattr(loaded.prompter, "postprocess", None)
     preds = [post(p) for p in preds] if post else preds
     refs = job.data["references"]
-    out = score_texts(preds, refs, wanted, target_lang=spec.target_lang, where=job.where)
+    with field_scope("metrics"):
+        out = score_texts(preds, refs, wanted, target_lang=spec.target_lang)
     for rec, src, pred, ref in zip(job.records, inputs, preds, refs, strict=True):
         rec.update(input=src, prediction=pred, reference=ref)
     return out
@@ -106,7 +109,8 @@ def _score_labels(job: _Job, wanted: list[str]) -> dict[str, Any]:
     shown, predicted = _predict_labels(job.spec, job.ctx, job.loaded, job.rows)
     gold = job.data["labels"]
     ordered = [m for m in LABEL_METRICS if m in wanted]
-    out = score_labels(predicted, gold, ordered, where=job.where)
+    with field_scope("metrics"):
+        out = score_labels(predicted, gold, ordered)
     for rec, src, pred, g in zip(job.records, shown, predicted, gold, strict=True):
         rec.setdefault("input", src)
         rec.update(predicted_label=pred, label=g)
@@ -133,12 +137,13 @@ def _predict_labels(
 
     batch = spec.generation.batch_size
     if loaded.kind == "classification":
-        texts = require_text(rows, spec.input_column, f"stages.{ctx.stage}.data", "input_column")
+        with field_scope("data"):
+            texts = require_text(rows, spec.input_column, "input_column")
         return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
     from mlsteps.prompt.scoring import classify_prompted
 
     prompter = loaded.prompter
-    prompts = _inputs(spec, rows, prompter, f"stages.{ctx.stage}.data")
+    prompts = _inputs(spec, rows, prompter)
     # Calibrated as the prompted model says (mlsteps_prompt.json "calibration").
     predicted = map_sharded(
         lambda xs: classify_prompted(
@@ -156,32 +161,36 @@ def _response_perplexity(
     from mlsteps.metrics.classification import as_reference_lists
     from mlsteps.metrics.response_perplexity import describe_prompt, sharded_response_perplexity
 
-    ppl, where_data = spec.perplexity, f"stages.{ctx.stage}.data"
-    return sharded_response_perplexity(
-        loaded.model,
-        loaded.tokenizer,
-        _inputs(spec, rows, loaded.prompter, where_data, loaded),
-        as_reference_lists(refs, where=where_data),
-        answer_prefix=loaded.prompter.answer_prefix if loaded.prompter is not None else "",
-        prompt_note=describe_prompt(loaded.prompter, spec.input_column),
-        window_tokens=ppl.window,
-        stride_tokens=ppl.stride,
-        batch_size=ppl.batch_size,
-        where=f"stages.{ctx.stage}.metrics",
-    )
+    ppl = spec.perplexity
+    prompts = _inputs(spec, rows, loaded.prompter, loaded)
+    with field_scope("data"):
+        references = as_reference_lists(refs)
+    with field_scope("metrics"):
+        return sharded_response_perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            references,
+            answer_prefix=loaded.prompter.answer_prefix if loaded.prompter is not None else "",
+            prompt_note=describe_prompt(loaded.prompter, spec.input_column),
+            window_tokens=ppl.window,
+            stride_tokens=ppl.stride,
+            batch_size=ppl.batch_size,
+        )
 
 
-def _inputs(spec: EvalSpec, rows: Any, prompter: Any, where: str, loaded: Any = None) -> list[str]:
+@field_scope("data")
+def _inputs(spec: EvalSpec, rows: Any, prompter: Any, loaded: Any = None) -> list[str]:
     """Model inputs: the prompter's rendering of each row, else the input column (conversations
-    rendered with the model's chat template)."""
+    rendered with the model's chat template). Errors are about the data."""
     if prompter is None:
-        values = require_inputs(rows, spec.input_column, where)
-        return render_inputs(loaded, values, where, spec.input_column) if loaded else values
-    prompter.check_columns(rows.column_names, where=where)
-    return [prompter.render(row, where=where) for row in rows]
+        values = require_inputs(rows, spec.input_column)
+        return render_inputs(loaded, values, spec.input_column) if loaded else values
+    prompter.check_columns(rows.column_names, field=HERE)
+    return [prompter.render(row, field=HERE) for row in rows]
 
 
-def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str) -> Any:
+def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str]) -> Any:
     """Corpus perplexity; in a multi-process run each rank scores a disjoint share of the
     windows (document and stream mode alike) and the sums are added, so every window is scored
     exactly once."""
@@ -198,7 +207,6 @@ def _causal_perplexity(spec: EvalSpec, loaded: Any, texts: list[str], where: str
             stride_tokens=ppl.stride,
             mode=ppl.mode,
             batch_size=ppl.batch_size,
-            where=where,
             shard=shard,
         )
 

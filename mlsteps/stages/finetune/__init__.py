@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import DataCollatorForSeq2Seq
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
 from mlsteps.engine import chat_data, lora
 from mlsteps.engine import validation_sets as vs
@@ -36,6 +36,7 @@ from mlsteps.engine.modeling import (
     max_positions,
 )
 from mlsteps.engine.training import TrainRequest, train
+from mlsteps.errors import field_scope
 from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune import chat
 from mlsteps.stages.finetune import data as fd
@@ -44,27 +45,27 @@ from mlsteps.stages.finetune import model as fm
 from mlsteps.stages.finetune import prepare as prep_
 
 
+@stage_entry
 def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     """Fine-tune per ``spec``; returns train/validation metrics and the final/ path."""
-    where = f"stages.{ctx.stage}"
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
-        train_rows, val_sets, explicit_val = prep_.load_sets(spec, ctx, where)
+        train_rows, val_sets, explicit_val = prep_.load_sets(spec, ctx)
     source = ctx.resolve_source(spec.from_) if spec.from_ else None
-    tokenizer = _tokenizer(spec, ctx, source, where)
+    tokenizer = _tokenizer(spec, ctx, source)
     label2id = None
     if spec.task == "classification":
-        val_sets, label2id = prep_.labels(spec, train_rows, val_sets, explicit_val, ctx, where)
+        val_sets, label2id = prep_.labels(spec, train_rows, val_sets, explicit_val, ctx)
     loading_info: dict[str, Any] = {}
-    model = fm.model(spec, ctx, tokenizer, source, label2id, where, loading_info)
-    spec = _fit_to_model(spec, ctx, model, tokenizer, where)
+    model = fm.model(spec, ctx, tokenizer, source, label2id, loading_info)
+    spec = _fit_to_model(spec, ctx, model, tokenizer)
     with main_process_first():
-        prep = prep_.prepare(spec, train_rows, val_sets, explicit_val, tokenizer, label2id, where)
+        prep = prep_.prepare(spec, train_rows, val_sets, explicit_val, tokenizer, label2id)
     if spec.task in ("causal_lm", "chat"):
         # No KV cache in training; it also lets packed position_ids become a block-diagonal mask.
         model.config.use_cache = False
     loaded = loaded_metrics(model, spec)
-    model = _adapt(spec, model, tokenizer, prep, loading_info, where)
-    gen_evals = _generation_evals(spec, ctx, tokenizer, prep, where)
+    model = _adapt(spec, model, tokenizer, prep, loading_info)
+    gen_evals = _generation_evals(spec, ctx, tokenizer, prep)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     truncation = fd.truncation_metrics(
         spec, prep.truncated, len(train_rows), validation=bool(prep.validation), log=ctx.log
@@ -91,23 +92,22 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, outputs={"final": str(final)})
 
 
-def _tokenizer(spec: FinetuneSpec, ctx: StageContext, source: str | None, where: str) -> Any:
+def _tokenizer(spec: FinetuneSpec, ctx: StageContext, source: str | None) -> Any:
     """The tokenizer (``tokenizer:`` or the model's own), with a pad token and, for chat, the
     chat template (before the model: a builtin template may add tokens)."""
     tok_source = ctx.resolve_source(spec.tokenizer) if spec.tokenizer else source
     assert tok_source is not None  # the spec validator guarantees 'from' or 'tokenizer'
-    tokenizer = load_tokenizer(
-        tok_source, trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.{'tokenizer' if spec.tokenizer else 'from'}",
-    )  # fmt: skip
+    with field_scope("tokenizer" if spec.tokenizer else "from"):
+        tokenizer = load_tokenizer(tok_source, trust_remote_code=spec.trust_remote_code)
     ensure_pad_token(tokenizer)
     if spec.task == "chat":
-        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
+        with field_scope("chat_template"):
+            chat_data.set_template(tokenizer, spec.chat_template)
     return tokenizer
 
 
 def _fit_to_model(
-    spec: FinetuneSpec, ctx: StageContext, model: Any, tokenizer: Any, where: str
+    spec: FinetuneSpec, ctx: StageContext, model: Any, tokenizer: Any
 ) -> FinetuneSpec:
     """Chat: embeddings for the template's tokens and the turn end as EOS. Lengths left at their
     defaults shrink to the model's positions; the rest are checked against them."""
@@ -116,9 +116,9 @@ def _fit_to_model(
             model.resize_token_embeddings(len(tokenizer))
         chat.use_turn_end_as_eos(tokenizer, model, spec.chat_template)
     spec = _fit_lengths(spec, model, ctx)
-    check_compatible(model, tokenizer, max_seq_len=_max_len(spec), where=where)
+    check_compatible(model, tokenizer, max_seq_len=_max_len(spec))  # the stage's error
     if spec.task == "seq2seq":
-        check_compatible(model, tokenizer, max_seq_len=spec.max_target_len, where=where)
+        check_compatible(model, tokenizer, max_seq_len=spec.max_target_len)
     return spec
 
 
@@ -133,15 +133,15 @@ def _adapt(
     tokenizer: Any,
     prep: prep_.Prepared,
     loading_info: dict[str, Any],
-    where: str,
 ) -> Any:
     """LoRA wrapping (method lora) and the seq2seq collator, which needs the final model."""
     if spec.method == "lora":
-        model = lora.wrap(
-            model, spec.lora, fm.model_task(spec), where=f"{where}.lora.target_modules",
-            loading_info=loading_info, kbit=spec.quantization is not None,
-            gradient_checkpointing=spec.train.gradient_checkpointing,
-        )  # fmt: skip
+        with field_scope("lora.target_modules"):
+            model = lora.wrap(
+                model, spec.lora, fm.model_task(spec), loading_info=loading_info,
+                kbit=spec.quantization is not None,
+                gradient_checkpointing=spec.train.gradient_checkpointing,
+            )  # fmt: skip
     if spec.task == "seq2seq":
         prep.collator = DataCollatorForSeq2Seq(
             tokenizer, model=model, label_pad_token_id=fd.IGNORE_INDEX
@@ -150,7 +150,7 @@ def _adapt(
 
 
 def _generation_evals(
-    spec: FinetuneSpec, ctx: StageContext, tokenizer: Any, prep: prep_.Prepared, where: str
+    spec: FinetuneSpec, ctx: StageContext, tokenizer: Any, prep: prep_.Prepared
 ) -> dict[str, fe.GenerationEval]:
     """Generation-based validation, per validation set that has generation inputs."""
     seed = spec.generation.seed if spec.generation.seed is not None else ctx.seed
@@ -161,7 +161,7 @@ def _generation_evals(
             inputs,
             refs,
             seed=seed,
-            where=vs.where_of(f"{where}.validation", name),
+            field=vs.where_of("validation", name),
         )  # fmt: skip
         for name, (inputs, refs) in prep.gen.items()
         if inputs

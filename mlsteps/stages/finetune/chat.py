@@ -20,7 +20,7 @@ from typing import Any
 import datasets
 
 from mlsteps.engine import chat_data
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.stages.finetune.data import IGNORE_INDEX
 
 
@@ -46,18 +46,18 @@ def encode_conversation(
 
 
 def tokenize_chat(
-    ds: datasets.Dataset, tokenizer: Any, column: str, max_seq_len: int, *, where: str
+    ds: datasets.Dataset, tokenizer: Any, column: str, max_seq_len: int
 ) -> datasets.Dataset:
     """input_ids/attention_mask/labels of every conversation, truncated to ``max_seq_len``
     (keeping the start: the first exchanges). Rows whose assistant tokens all fall beyond the
     cut are dropped, with a count in the error if none remain."""
     out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for i, value in enumerate(ds[column]):
-        messages = chat_data.normalize_messages(value, where=where, row=i, column=column)
+        messages = chat_data.normalize_messages(value, row=i, column=column)
         if not any(m["role"] == "assistant" for m in messages):
             raise UserError(
                 f"column '{column}' row {i} has no assistant turn: nothing to learn",
-                where=where,
+                field=HERE,
                 hint="every conversation needs at least one assistant reply",
             )
         ids, labels = encode_conversation(tokenizer, messages)
@@ -70,20 +70,20 @@ def tokenize_chat(
     if not out["input_ids"]:
         raise UserError(
             f"every conversation's assistant turns start beyond max_seq_len {max_seq_len}",
-            where=where,
+            field=HERE,
             hint="raise max_seq_len",
         )
     return datasets.Dataset.from_dict(out)
 
 
 def generation_pairs(
-    ds: datasets.Dataset, tokenizer: Any, column: str, *, where: str
+    ds: datasets.Dataset, tokenizer: Any, column: str
 ) -> tuple[list[str], list[list[str]]]:
     """Validation by generation: (rendered prompt of the last assistant turn, [its text])."""
     inputs: list[str] = []
     refs: list[list[str]] = []
     for i, value in enumerate(ds[column]):
-        messages = chat_data.normalize_messages(value, where=where, row=i, column=column)
+        messages = chat_data.normalize_messages(value, row=i, column=column)
         last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
         inputs.append(chat_data.render(tokenizer, messages[:last], generation_prompt=True))
         refs.append([messages[last]["content"]])

@@ -15,7 +15,7 @@ from typing import Any
 
 import datasets
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.recipe.specs.finetune import FinetuneSpec, template_fields
 from mlsteps.templates import Renderer, TemplateError
 
@@ -27,14 +27,12 @@ def _renderer(template: str, template_format: str) -> Renderer:
     return Renderer(template, template_format)  # one compile per template, not per row
 
 
-def render_template(
-    template: str, values: dict[str, Any], template_format: str = "auto", *, where: str = ""
-) -> str:
+def render_template(template: str, values: dict[str, Any], template_format: str = "auto") -> str:
     """The one renderer of mlsteps/templates.py (also eval/predict's, via mlsteps_prompt.json)."""
     try:
         return _renderer(template, template_format).render(values)
     except TemplateError as exc:
-        raise UserError(str(exc), where=where, hint=exc.hint) from None
+        raise UserError(str(exc), field=HERE, hint=exc.hint) from None
 
 
 def required_columns(spec: FinetuneSpec) -> list[str]:
@@ -54,14 +52,14 @@ def required_columns(spec: FinetuneSpec) -> list[str]:
     return prompt_cols + [c for c in [spec.response_column] if c not in prompt_cols]
 
 
-def check_not_empty(ds: datasets.Dataset, *, name: str, where: str) -> None:
+def check_not_empty(ds: datasets.Dataset, *, name: str) -> None:
     if len(ds) == 0:
         raise UserError(
-            f"the {name} split has no rows", where=where, hint="check the files and max_samples"
+            f"the {name} split has no rows", field=HERE, hint="check the files and max_samples"
         )
 
 
-def as_text(value: Any, *, column: str, row: int, where: str, first_of_list: bool = False) -> str:
+def as_text(value: Any, *, column: str, row: int, first_of_list: bool = False) -> str:
     """A cell as text. Lists of strings (scitldr style) are joined, or their first item taken."""
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return value[0] if first_of_list else " ".join(v.strip() for v in value)
@@ -70,13 +68,13 @@ def as_text(value: Any, *, column: str, row: int, where: str, first_of_list: boo
     if value is None or isinstance(value, list):
         raise UserError(
             f"column '{column}' is empty in row {row}",
-            where=where,
+            field=HERE,
             hint="drop rows without a value or fill them in",
         )
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise UserError(
-        f"column '{column}' row {row} is a {type(value).__name__}, expected text", where=where
+        f"column '{column}' row {row} is a {type(value).__name__}, expected text", field=HERE
     )
 
 
@@ -84,7 +82,7 @@ def as_text(value: Any, *, column: str, row: int, where: str, first_of_list: boo
 
 
 def label_mapping(
-    train_labels: Sequence[Hashable], validation_labels: Sequence[Hashable], *, where: str
+    train_labels: Sequence[Hashable], validation_labels: Sequence[Hashable]
 ) -> dict[str, int]:
     """Map every training label to a class id: ints in numeric order, strings sorted.
 
@@ -95,7 +93,7 @@ def label_mapping(
         if value is None or isinstance(value, list | dict | float):
             raise UserError(
                 f"label row {i} is {value!r}; labels must be integers or strings",
-                where=where,
+                field=HERE,
                 hint="fill in missing labels, or convert float labels to ints",
             )
     distinct = set(train_labels)
@@ -106,7 +104,7 @@ def label_mapping(
     if len(ordered) < 2:
         raise UserError(
             f"training data has a single label ({ordered[0] if ordered else 'none'})",
-            where=where,
+            field=HERE,
             hint="classification needs at least two classes",
         )
     label2id = {label: i for i, label in enumerate(ordered)}
@@ -114,7 +112,7 @@ def label_mapping(
     if unseen:
         raise UserError(
             f"validation labels never seen in training: {', '.join(unseen[:10])}",
-            where=where,
+            field=HERE,
             hint=f"training labels are {', '.join(ordered[:20])}; fix the label column or the split",
         )
     return label2id
@@ -132,20 +130,18 @@ def tokenize_classification(
     tokenizer: Any,
     spec: FinetuneSpec,
     label2id: dict[str, int],
-    *,
-    where: str,
 ) -> datasets.Dataset:
     """input_ids/attention_mask (truncated to max_seq_len) + integer ``labels``."""
     text_col, pair_col, label_col = spec.text_column, spec.text_pair_column, spec.label_column
 
     def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
         texts = [
-            as_text(v, column=text_col, row=i, where=where)
+            as_text(v, column=text_col, row=i)
             for v, i in zip(batch[text_col], indices, strict=True)
         ]
         pairs = (
             [
-                as_text(v, column=pair_col, row=i, where=where)
+                as_text(v, column=pair_col, row=i)
                 for v, i in zip(batch[pair_col], indices, strict=True)
             ]
             if pair_col
@@ -229,13 +225,11 @@ def _ensure_eos(ids: list[int], eos_id: int | None, max_len: int) -> list[int]:
     return ids[:max_len]
 
 
-def seq2seq_source(value: Any, spec: FinetuneSpec, *, row: int, where: str) -> str:
-    return spec.source_prefix + as_text(value, column=spec.source_column, row=row, where=where)
+def seq2seq_source(value: Any, spec: FinetuneSpec, *, row: int) -> str:
+    return spec.source_prefix + as_text(value, column=spec.source_column, row=row)
 
 
-def tokenize_seq2seq(
-    ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec, *, where: str
-) -> datasets.Dataset:
+def tokenize_seq2seq(ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec) -> datasets.Dataset:
     """Source (with source_prefix) truncated to max_source_len; target to max_target_len + EOS.
 
     A list of targets (several references) trains on the first one.
@@ -244,11 +238,11 @@ def tokenize_seq2seq(
 
     def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
         sources = [
-            seq2seq_source(v, spec, row=i, where=where)
+            seq2seq_source(v, spec, row=i)
             for v, i in zip(batch[spec.source_column], indices, strict=True)
         ]
         targets = [
-            as_text(v, column=spec.target_column, row=i, where=where, first_of_list=True)
+            as_text(v, column=spec.target_column, row=i, first_of_list=True)
             for v, i in zip(batch[spec.target_column], indices, strict=True)
         ]
         full_src = tokenizer(sources)["input_ids"]
@@ -282,16 +276,16 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
     return []
 
 
-def sft_prompt(row: dict[str, Any], spec: FinetuneSpec, *, index: int, where: str) -> str:
+def sft_prompt(row: dict[str, Any], spec: FinetuneSpec, *, index: int) -> str:
     """The prompt text of one row: the template filled from the row, or the prompt column."""
     if spec.template is None:
-        return as_text(row[spec.prompt_column], column=spec.prompt_column, row=index, where=where)
+        return as_text(row[spec.prompt_column], column=spec.prompt_column, row=index)
     fields = template_fields(spec.template, spec.template_format)
     if _renderer(spec.template, spec.template_format).fmt == "jinja":
         values = {name: row[name] for name in fields}  # Jinja sees the cells as they are
     else:
-        values = {name: as_text(row[name], column=name, row=index, where=where) for name in fields}
-    return render_template(spec.template, values, spec.template_format, where=where)
+        values = {name: as_text(row[name], column=name, row=index) for name in fields}
+    return render_template(spec.template, values, spec.template_format)
 
 
 def split_trailing_spaces(prompt: str) -> tuple[str, str]:

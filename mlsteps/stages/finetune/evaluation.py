@@ -14,6 +14,7 @@ import torch
 
 from mlsteps.context import StageContext
 from mlsteps.engine.generation import generate
+from mlsteps.errors import field_scope
 from mlsteps.metrics import classification as cls_metrics
 from mlsteps.metrics import text as text_metrics
 from mlsteps.prompt.prompter import Prompter, prompt_file
@@ -23,16 +24,17 @@ from mlsteps.templates import Renderer, TemplateFormat
 from mlsteps.text_io import atomic_write_jsonl
 
 
-def classification_metrics(where: str) -> Callable[..., dict[str, float]]:
-    """Trainer ``compute_metrics``: accuracy and macro-F1 of the argmax class."""
+def classification_metrics() -> Callable[..., dict[str, float]]:
+    """Trainer ``compute_metrics``: accuracy and macro-F1 of the argmax class (called while the
+    stage trains: its errors are the stage's)."""
 
     def compute(pred: Any) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         predicted = np.asarray(logits).argmax(-1).tolist()
         gold = np.asarray(pred.label_ids).tolist()
         return {
-            "accuracy": cls_metrics.accuracy(predicted, gold, where=where),
-            "macro_f1": cls_metrics.macro_f1(predicted, gold, where=where),
+            "accuracy": cls_metrics.accuracy(predicted, gold),
+            "macro_f1": cls_metrics.macro_f1(predicted, gold),
         }
 
     return compute
@@ -55,18 +57,19 @@ def weighted_loss(weights: list[float]) -> Callable[..., torch.Tensor]:
     return loss
 
 
-def references(values: list[Any], column: str, where: str) -> list[list[str]]:
+def references(values: list[Any], column: str) -> list[list[str]]:
     """Every reference of each row (a list column keeps all of them)."""
     out = []
     for i, value in enumerate(values):
         items = value if isinstance(value, list) else [value]
-        out.append([as_text(v, column=column, row=i, where=where) for v in items])
+        out.append([as_text(v, column=column, row=i) for v in items])
     return out
 
 
 class GenerationEval:
     """``extra_eval`` hook of the training wrapper: generate for the validation sample and score
-    it; keeps the last outputs for predictions.jsonl."""
+    it; keeps the last outputs for predictions.jsonl. It runs later, while the stage trains:
+    ``field`` (the validation set's, relative to the stage) is scoped then."""
 
     def __init__(
         self,
@@ -76,23 +79,26 @@ class GenerationEval:
         refs: list[list[str]],
         *,
         seed: int,
-        where: str,
+        field: str,
     ):
         self.spec, self.tokenizer, self.inputs, self.refs = spec, tokenizer, inputs, refs
-        self.seed, self.where = seed, where
+        self.seed, self.field = seed, field
         self.outputs: list[str] | None = None
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        spec, refs, where = self.spec, self.refs, self.where
-        self.outputs = outs = generate(
-            model, self.tokenizer, self.inputs, spec.generation, seed=self.seed
-        )
+        spec, refs = self.spec, self.refs
+        with field_scope("generation"):
+            self.outputs = outs = generate(
+                model, self.tokenizer, self.inputs, spec.generation, seed=self.seed
+            )
+        with field_scope(self.field):
+            results = {
+                **text_metrics.bleu(outs, refs, target_lang=spec.target_lang),
+                **text_metrics.chrf(outs, refs),
+                **text_metrics.rouge(outs, refs, target_lang=spec.target_lang),
+            }
         scores: dict[str, float] = {}
-        for name, value in {
-            **text_metrics.bleu(outs, refs, target_lang=spec.target_lang, where=where),
-            **text_metrics.chrf(outs, refs, where=where),
-            **text_metrics.rouge(outs, refs, target_lang=spec.target_lang, where=where),
-        }.items():
+        for name, value in results.items():
             if isinstance(value, float):  # conventions go to the stage metrics once, at the end
                 scores[f"val_{name}"] = round(value, 4)
         return scores

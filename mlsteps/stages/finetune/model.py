@@ -16,7 +16,7 @@ from mlsteps.context import StageContext
 from mlsteps.engine import lora
 from mlsteps.engine.modeling import build_model, load_config, load_model, loading_kwargs
 from mlsteps.engine.training import save_final
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES
 
@@ -41,7 +41,6 @@ def model(
     tokenizer: Any,
     source: str | None,
     label2id: dict[str, int] | None,
-    where: str,
     loading_info: dict[str, Any],
 ) -> Any:
     """The model to fine-tune; ``loading_info`` receives what loading initialised anew."""
@@ -58,25 +57,24 @@ def model(
             tokenizer,
             model_task(spec),
             num_labels=kwargs.get("num_labels"),
-            where=f"{where}.model",
+            model_field="model",
             attn_implementation=spec.attn_implementation,
         )
         if label2id is not None:
             model.config.id2label, model.config.label2id = kwargs["id2label"], label2id
     else:
         assert source is not None
-        config = load_config(
-            source, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
-        )
-        # Checked on the config, before any weights are downloaded or read.
-        _check_task(spec, config, where)
+        with field_scope("from"):
+            config = load_config(source, trust_remote_code=spec.trust_remote_code)
+            # Checked on the config, before any weights are downloaded or read.
+            _check_task(spec, config)
         # A checkpoint already fine-tuned on other classes has a head of another shape.
         extra = {**kwargs, "ignore_mismatched_sizes": True} if label2id is not None else {}
         model = load_model(
             source,
             model_task(spec),
             trust_remote_code=spec.trust_remote_code,
-            where=f"{where}.from",
+            model_field="from",
             loading_info=loading_info,
             **loading_kwargs(spec),
             **extra,
@@ -88,19 +86,19 @@ def model(
     return model
 
 
-def _check_task(spec: FinetuneSpec, config: Any, where: str) -> None:
+def _check_task(spec: FinetuneSpec, config: Any) -> None:
     """UserError when the pretrained model cannot do the task (its config says so)."""
     model_type = getattr(config, "model_type", "?")
     if spec.task == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
         raise UserError(
             f"task seq2seq needs an encoder-decoder model; {model_type} is not one",
-            where=f"{where}.from",
+            field=HERE,
             hint="use a t5 or bart model, or task causal_lm with a template",
         )
     if spec.task in ("causal_lm", "chat") and model_type in _ENCODER_ONLY:
         raise UserError(
             f"task {spec.task} needs a decoder model; {model_type} is an encoder",
-            where=f"{where}.from",
+            field=HERE,
             hint="use a gpt2/llama model, or task classification",
         )
     custom_code = bool(getattr(config, "auto_map", None))
@@ -111,7 +109,7 @@ def _check_task(spec: FinetuneSpec, config: Any, where: str) -> None:
     ):
         raise UserError(
             f"{model_type} models have no sequence-classification head in transformers",
-            where=f"{where}.from",
+            field=HERE,
             hint="use an encoder (bert, roberta), a decoder (gpt2, llama) or t5/bart",
         )
 

@@ -16,6 +16,7 @@ from transformers import DataCollatorWithPadding
 from mlsteps.context import StageContext
 from mlsteps.engine import validation_sets as vs
 from mlsteps.engine.data import load_rows, require_columns, split_validation
+from mlsteps.errors import field_scope
 from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune import chat
 from mlsteps.stages.finetune import data as fd
@@ -50,26 +51,27 @@ class Prepared:
 
 
 def load_sets(
-    spec: FinetuneSpec, ctx: StageContext, where: str
+    spec: FinetuneSpec, ctx: StageContext
 ) -> tuple[datasets.Dataset, dict[str, datasets.Dataset], bool]:
     """Training rows, the validation sets by name ('' unnamed) and whether they were given."""
     columns = fd.required_columns(spec)
-    rows = load_rows(spec.data, where=f"{where}.data", cache_dir=ctx.cache_dir, required=columns)
-    require_columns(rows, columns, f"{where}.data")
+    with field_scope("data"):
+        rows = load_rows(spec.data, cache_dir=ctx.cache_dir, required=columns)
+        require_columns(rows, columns)
     if spec.validation is not None:
 
         def load(name: str, data: Any) -> datasets.Dataset:
-            at = vs.where_of(f"{where}.validation", name)
-            val = load_rows(data, where=at, cache_dir=ctx.cache_dir, required=columns)
-            require_columns(val, columns, at)
-            fd.check_not_empty(val, name="validation", where=at)
+            with field_scope(_val_field(name)):
+                val = load_rows(data, cache_dir=ctx.cache_dir, required=columns)
+                require_columns(val, columns)
+                fd.check_not_empty(val, name="validation")
             return val
 
         return rows, vs.map_sets(vs.data_sets(spec.validation), load), True
-    train_rows, val_rows = split_validation(
-        rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
-    )
-    fd.check_not_empty(train_rows, name="training", where=f"{where}.data")
+    with field_scope("validation_fraction"):
+        train_rows, val_rows = split_validation(rows, spec.validation_fraction, ctx.seed)
+    with field_scope("data"):
+        fd.check_not_empty(train_rows, name="training")
     return train_rows, ({"": val_rows} if val_rows is not None else {}), False
 
 
@@ -79,15 +81,15 @@ def labels(
     val_sets: dict[str, datasets.Dataset],
     explicit_val: bool,
     ctx: StageContext,
-    where: str,
 ) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
     """The label map (checked against every validation set) and the validation sets to use."""
     label_col = spec.label_column
     if explicit_val:
-        label2id = fd.label_mapping(train_rows[label_col], [], where=f"{where}.data")
+        with field_scope("data"):
+            label2id = fd.label_mapping(train_rows[label_col], [])
         for name, rows in val_sets.items():  # each set checked at its own place
-            at = vs.where_of(f"{where}.validation", name)
-            fd.label_mapping(train_rows[label_col], rows[label_col], where=at)
+            with field_scope(_val_field(name)):
+                fd.label_mapping(train_rows[label_col], rows[label_col])
         return val_sets, label2id
     val_rows = val_sets.get("")
     if val_rows is not None:
@@ -101,7 +103,8 @@ def labels(
             )
         val_rows = kept if len(kept) else None
     val_labels = val_rows[label_col] if val_rows is not None else []
-    label2id = fd.label_mapping(train_rows[label_col], val_labels, where=f"{where}.data")
+    with field_scope("data"):
+        label2id = fd.label_mapping(train_rows[label_col], val_labels)
     return ({"": val_rows} if val_rows is not None else {}), label2id
 
 
@@ -112,23 +115,23 @@ def prepare(
     explicit_val: bool,
     tokenizer: Any,
     label2id: dict[str, int] | None,
-    where: str,
 ) -> Prepared:
     """Tokenised training and validation data, with the task's collator and validation hooks."""
     if label2id is not None:
         return _prepare_classification(
-            spec, train_rows, val_sets, explicit_val, tokenizer, label2id, where
+            spec, train_rows, val_sets, explicit_val, tokenizer, label2id
         )
     if spec.task == "seq2seq":
-        return _prepare_seq2seq(spec, train_rows, val_sets, tokenizer, where)
+        return _prepare_seq2seq(spec, train_rows, val_sets, tokenizer)
     if spec.task == "chat":
-        return _prepare_chat(spec, train_rows, val_sets, tokenizer, where)
-    return _prepare_sft(spec, train_rows, val_sets, tokenizer, where)
+        return _prepare_chat(spec, train_rows, val_sets, tokenizer)
+    return _prepare_sft(spec, train_rows, val_sets, tokenizer)
 
 
-def _val_where(where: str, name: str, explicit_val: bool = True) -> str:
-    """Where rows of validation set ``name`` come from (a held-out part of 'data' if not given)."""
-    return vs.where_of(f"{where}.validation", name) if explicit_val else f"{where}.data"
+def _val_field(name: str, explicit_val: bool = True) -> str:
+    """The field rows of validation set ``name`` come from (a held-out part of 'data' if not
+    given), relative to the stage."""
+    return vs.where_of("validation", name) if explicit_val else "data"
 
 
 def _prepare_classification(
@@ -138,20 +141,18 @@ def _prepare_classification(
     explicit_val: bool,
     tokenizer: Any,
     label2id: dict[str, int],
-    where: str,
 ) -> Prepared:
-    train_ds = fd.tokenize_classification(
-        train_rows, tokenizer, spec, label2id, where=f"{where}.data"
-    )
-    val_ds = vs.map_sets(
-        val_sets,
-        lambda name, rows: fd.tokenize_classification(
-            rows, tokenizer, spec, label2id, where=_val_where(where, name, explicit_val)
-        ),
-    )
+    with field_scope("data"):
+        train_ds = fd.tokenize_classification(train_rows, tokenizer, spec, label2id)
+
+    def tokenize(name: str, rows: datasets.Dataset) -> datasets.Dataset:
+        with field_scope(_val_field(name, explicit_val)):
+            return fd.tokenize_classification(rows, tokenizer, spec, label2id)
+
+    val_ds = vs.map_sets(val_sets, tokenize)
     prep = Prepared(train_ds, val_ds, DataCollatorWithPadding(tokenizer), label2id=label2id)
     prep.pop_truncated()
-    prep.compute_metrics = fe.classification_metrics(where)
+    prep.compute_metrics = fe.classification_metrics()
     if spec.class_weights:
         weights = fd.inverse_frequency_weights(train_ds["labels"], len(label2id))
         prep.trainer_kwargs["compute_loss_func"] = fe.weighted_loss(weights)
@@ -163,24 +164,23 @@ def _prepare_seq2seq(
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
     tokenizer: Any,
-    where: str,
 ) -> Prepared:
-    train_ds = fd.tokenize_seq2seq(train_rows, tokenizer, spec, where=f"{where}.data")
-    val_ds = vs.map_sets(
-        val_sets,
-        lambda name, rows: fd.tokenize_seq2seq(
-            rows, tokenizer, spec, where=_val_where(where, name)
-        ),
-    )
+    with field_scope("data"):
+        train_ds = fd.tokenize_seq2seq(train_rows, tokenizer, spec)
+
+    def tokenize(name: str, rows: datasets.Dataset) -> datasets.Dataset:
+        with field_scope(_val_field(name)):
+            return fd.tokenize_seq2seq(rows, tokenizer, spec)
+
+    val_ds = vs.map_sets(val_sets, tokenize)
     prep = Prepared(train_ds, val_ds)
     prep.pop_truncated()
     for name, rows in val_sets.items():
         sample = _sample(rows, spec)
         inputs = [
-            fd.seq2seq_source(v, spec, row=i, where=where)
-            for i, v in enumerate(sample[spec.source_column])
+            fd.seq2seq_source(v, spec, row=i) for i, v in enumerate(sample[spec.source_column])
         ]
-        refs = fe.references(sample[spec.target_column], spec.target_column, where)
+        refs = fe.references(sample[spec.target_column], spec.target_column)
         prep.gen[name] = (inputs, refs)
     return prep
 
@@ -190,13 +190,15 @@ def _prepare_sft(
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
     tokenizer: Any,
-    where: str,
 ) -> Prepared:
-    train_ds = fs.tokenize_sft(train_rows, tokenizer, spec, where=f"{where}.data")
-    val_ds = vs.map_sets(
-        {n: rows for n, rows in val_sets.items() if len(rows)},
-        lambda name, rows: fs.tokenize_sft(rows, tokenizer, spec, where=_val_where(where, name)),
-    )
+    with field_scope("data"):
+        train_ds = fs.tokenize_sft(train_rows, tokenizer, spec)
+
+    def tokenize(name: str, rows: datasets.Dataset) -> datasets.Dataset:
+        with field_scope(_val_field(name)):
+            return fs.tokenize_sft(rows, tokenizer, spec)
+
+    val_ds = vs.map_sets({n: rows for n, rows in val_sets.items() if len(rows)}, tokenize)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -211,10 +213,9 @@ def _prepare_sft(
         sample = _sample(val_rows, spec)
         rows = sample.to_list()
         inputs = [
-            fd.split_trailing_spaces(fd.sft_prompt(r, spec, index=i, where=where))[0]
-            for i, r in enumerate(rows)
+            fd.split_trailing_spaces(fd.sft_prompt(r, spec, index=i))[0] for i, r in enumerate(rows)
         ]
-        refs = fe.references(sample[spec.response_column], spec.response_column, where)
+        refs = fe.references(sample[spec.response_column], spec.response_column)
         prep.gen[name] = (inputs, refs)
     return prep
 
@@ -224,16 +225,16 @@ def _prepare_chat(
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
     tokenizer: Any,
-    where: str,
 ) -> Prepared:
     col, n = spec.messages_column, spec.max_seq_len
-    train_ds = chat.tokenize_chat(train_rows, tokenizer, col, n, where=f"{where}.data")
-    val_ds = vs.map_sets(
-        val_sets,
-        lambda name, rows: chat.tokenize_chat(
-            rows, tokenizer, col, n, where=_val_where(where, name)
-        ),
-    )
+    with field_scope("data"):
+        train_ds = chat.tokenize_chat(train_rows, tokenizer, col, n)
+
+    def tokenize(name: str, rows: datasets.Dataset) -> datasets.Dataset:
+        with field_scope(_val_field(name)):
+            return chat.tokenize_chat(rows, tokenizer, col, n)
+
+    val_ds = vs.map_sets(val_sets, tokenize)
     if spec.packing:
         train_ds = fs.pack_sft(train_ds, n)
         val_ds = vs.map_sets(val_ds, lambda _, ds: fs.pack_sft(ds, n))
@@ -242,9 +243,8 @@ def _prepare_chat(
     )
     prep = Prepared(train_ds, val_ds, fs.SftCollator(pad_token_id=int(pad_id)))
     for name, rows in val_sets.items():
-        prep.gen[name] = chat.generation_pairs(
-            _sample(rows, spec), tokenizer, col, where=_val_where(where, name)
-        )
+        with field_scope(_val_field(name)):
+            prep.gen[name] = chat.generation_pairs(_sample(rows, spec), tokenizer, col)
     return prep
 
 

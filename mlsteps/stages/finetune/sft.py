@@ -11,7 +11,7 @@ from typing import Any
 import datasets
 import torch
 
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune.data import (
     IGNORE_INDEX,
@@ -40,9 +40,7 @@ def sft_truncate(
     return prompt, response[: max_len - len(prompt)]
 
 
-def tokenize_sft(
-    ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec, *, where: str
-) -> datasets.Dataset:
+def tokenize_sft(ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec) -> datasets.Dataset:
     """Prompt tokens get label -100; response tokens + EOS are the only scored labels.
 
     Prompt and response are tokenised separately, exactly as the prompt is tokenised again at
@@ -54,7 +52,7 @@ def tokenize_sft(
     if eos_id is None:
         raise UserError(
             "the tokenizer has no EOS token, so the model could never learn to stop",
-            where=where,
+            field=HERE,
             hint="use a tokenizer with an eos_token (a tokenizer stage with target clm has one)",
         )
     prefix = special_prefix_ids(tokenizer)
@@ -63,12 +61,10 @@ def tokenize_sft(
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        prompts = [
-            sft_prompt(r, spec, index=i, where=where) for r, i in zip(rows, indices, strict=True)
-        ]
+        prompts = [sft_prompt(r, spec, index=i) for r, i in zip(rows, indices, strict=True)]
         responses = [
             as_text(
-                r[spec.response_column], column=spec.response_column, row=i, where=where,
+                r[spec.response_column], column=spec.response_column, row=i,
                 first_of_list=True,
             )
             for r, i in zip(rows, indices, strict=True)

@@ -27,7 +27,7 @@ from typing import Any
 import datasets
 from transformers import set_seed
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
 from mlsteps.engine import chat_data, lora
 from mlsteps.engine.inference import inspect_source, load_for_inference
@@ -38,7 +38,7 @@ from mlsteps.engine.modeling import (
     loading_kwargs,
 )
 from mlsteps.engine.training import TrainRequest, save_final, train
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.recipe.specs.preference import PreferenceSpec
 from mlsteps.stages.preference.data import load_rows_and_validation, to_trl_rows
 
@@ -58,25 +58,29 @@ REWARD_CONVENTION = {
 _DIAGNOSTICS = ("logits_", "num_tokens", "entropy", "mean_token_accuracy")
 
 
+@stage_entry
 def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
     """Preference-tune ``spec.from_``; returns reward metrics and the final/ path."""
-    where = f"stages.{ctx.stage}"
     source = ctx.resolve_source(spec.from_)
-    info = _check_model(source, spec, f"{where}.from")
+    with field_scope("from"):
+        info = _check_model(source, spec)
     if spec.reference_source is not None:
-        _check_model(ctx.resolve_source(spec.reference_source), spec, f"{where}.reference")
-    train_rows, val_rows, conversational = _trl_data(spec, ctx, where)
+        reference = ctx.resolve_source(spec.reference_source)
+        with field_scope("reference"):
+            _check_model(reference, spec)
+    train_rows, val_rows, conversational = _trl_data(spec, ctx)
 
     set_seed(ctx.seed)  # same seed, same LoRA init: a resumed run rebuilds the model it left
     loaded = load_for_inference(
-        source, trust_remote_code=spec.trust_remote_code, where=where, loading=loading_kwargs(spec)
-    )
-    tokenizer = _tokenizer(spec, ctx, loaded.tokenizer, conversational, where)
+        source, trust_remote_code=spec.trust_remote_code, model_field=HERE,
+        loading=loading_kwargs(spec),
+    )  # fmt: skip
+    tokenizer = _tokenizer(spec, ctx, loaded.tokenizer, conversational)
     model = _policy(loaded.model, tokenizer)
     loaded_info = loaded_metrics(model, spec)
-    ref_model = _reference(spec, ctx, tokenizer, where)
+    ref_model = _reference(spec, ctx, tokenizer)
     if spec.tuning == "lora":
-        model = _wrap_lora(spec, info, model, where)
+        model = _wrap_lora(spec, info, model)
     model.config.use_cache = False
 
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -108,14 +112,16 @@ def run(spec: PreferenceSpec, ctx: StageContext) -> StageResult:
 
 
 def _trl_data(
-    spec: PreferenceSpec, ctx: StageContext, where: str
+    spec: PreferenceSpec, ctx: StageContext
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
     """Training and validation rows in TRL's columns, and whether they are conversations."""
     with main_process_first():
-        train_rows, val_rows = load_rows_and_validation(spec, ctx, where)
-    train_rows, conversational = to_trl_rows(train_rows, spec, where=f"{where}.data")
+        train_rows, val_rows = load_rows_and_validation(spec, ctx)
+    with field_scope("data"):
+        train_rows, conversational = to_trl_rows(train_rows, spec)
     if val_rows is not None:
-        val_rows, _ = to_trl_rows(val_rows, spec, where=f"{where}.validation")
+        with field_scope("validation"):
+            val_rows, _ = to_trl_rows(val_rows, spec)
     if spec.method == "kto":
         train_rows = train_rows.shuffle(seed=ctx.seed, keep_in_memory=True)
     return train_rows, val_rows, conversational
@@ -152,19 +158,20 @@ def _train_request(
 # ---------------------------------------------------------------- model
 
 
-def _check_model(source: str, spec: PreferenceSpec, where: str) -> Any:
-    """The source must be a causal LM (plain, or a LoRA adapter): checked on configs only."""
-    info = inspect_source(source, trust_remote_code=spec.trust_remote_code, where=where)
+def _check_model(source: str, spec: PreferenceSpec) -> Any:
+    """The source must be a causal LM (plain, or a LoRA adapter): checked on configs only.
+    Errors are about the model field the caller scopes this to."""
+    info = inspect_source(source, trust_remote_code=spec.trust_remote_code)
     if info.kind != "clm":
         raise UserError(
             f"preference tuning needs a causal LM; '{source}' is a {info.kind} model",
-            where=where,
+            field=HERE,
             hint="point 'from' at a causal-LM stage (pretrain clm, finetune causal_lm/chat)",
         )
     if info.prompter is not None and info.prompter.method in ("prompt_tuning", "prefix_tuning"):
         raise UserError(
             f"'{source}' is a soft-prompt model; preference tuning trains model weights",
-            where=where,
+            field=HERE,
             hint="start from the model the prompt stage was trained on",
         )
     return info
@@ -179,23 +186,22 @@ def _policy(model: Any, tokenizer: Any) -> Any:
 
 
 def _tokenizer(
-    spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, conversational: bool, where: str
+    spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, conversational: bool
 ) -> Any:
     """The model's tokenizer (or ``tokenizer:``) with a pad token and, for conversations, the
     chat template TRL applies."""
     if spec.tokenizer is not None:
-        tokenizer = load_tokenizer(
-            ctx.resolve_source(spec.tokenizer),
-            trust_remote_code=spec.trust_remote_code,
-            where=f"{where}.tokenizer",
-        )
+        tok_source = ctx.resolve_source(spec.tokenizer)  # an unreachable hub: the stage's error
+        with field_scope("tokenizer"):
+            tokenizer = load_tokenizer(tok_source, trust_remote_code=spec.trust_remote_code)
     ensure_pad_token(tokenizer)
     if conversational or spec.chat_template is not None:
-        chat_data.set_template(tokenizer, spec.chat_template, where=f"{where}.chat_template")
+        with field_scope("chat_template"):
+            chat_data.set_template(tokenizer, spec.chat_template)
     return tokenizer
 
 
-def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, where: str) -> Any:
+def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: Any) -> Any:
     """The frozen reference model DPO/KTO compare against, when it is not the LoRA base itself
     (None: TRL uses the policy with its adapter disabled, or the method needs none)."""
     if spec.method not in ("dpo", "kto") or not (spec.tuning == "full" or spec.reference_source):
@@ -204,7 +210,7 @@ def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, where: s
     ref = load_for_inference(
         ref_source,
         trust_remote_code=spec.trust_remote_code,
-        where=where,
+        model_field=HERE,
         loading=loading_kwargs(spec),
     )
     ref_model = _policy(ref.model, tokenizer)
@@ -212,15 +218,16 @@ def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, where: s
     return ref_model
 
 
-def _wrap_lora(spec: PreferenceSpec, info: Any, model: Any, where: str) -> Any:
+def _wrap_lora(spec: PreferenceSpec, info: Any, model: Any) -> Any:
     if info.adapter_source is not None and not spec.merge:
         raise UserError(
             f"'{spec.from_}' is a LoRA adapter; a new adapter on top of it would have no base "
             "model on disk",
-            where=f"{where}.tuning",
+            field="tuning",
             hint="set merge: true, or fine-tune the SFT stage with merge: true",
         )
-    return lora.wrap(model, spec.lora_spec, "causal_lm", where=f"{where}.lora.target_modules")
+    with field_scope("lora.target_modules"):
+        return lora.wrap(model, spec.lora_spec, "causal_lm")
 
 
 def _trainer(spec: PreferenceSpec) -> tuple[Any, Any, dict[str, Any]]:

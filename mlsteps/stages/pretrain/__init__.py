@@ -15,7 +15,7 @@ import datasets
 from transformers import set_seed
 
 from mlsteps import distributed
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
 from mlsteps.engine.data import TEXT_COLUMN, load_text, split_validation
 from mlsteps.engine.modeling import (
@@ -32,7 +32,7 @@ from mlsteps.engine.modeling import (
 )
 from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.engine.validation_sets import named_evaluation
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, field_scope
 from mlsteps.recipe.specs.pretrain import PretrainSpec
 from mlsteps.stages.pretrain import lm_data, packing, streaming
 
@@ -40,14 +40,14 @@ from mlsteps.stages.pretrain import lm_data, packing, streaming
 _EVAL_MASK_SEED_OFFSET = 7919
 
 
-def _load_text(spec: PretrainSpec, ctx: StageContext, where: str) -> tuple[Any, Any]:
+def _load_text(spec: PretrainSpec, ctx: StageContext) -> tuple[Any, Any]:
     def text(sources: list[Any], field: str) -> Any:
         load = streaming.load_streamed_text if streaming.any_streamed(sources) else load_text
         return load(
             sources,
             spec.text_columns,
-            where=f"{where}.{field}",
-            column_where=f"{where}.text_column",
+            data_field=field,
+            column_field="text_column",
             cache_dir=ctx.cache_dir,
         )
 
@@ -56,32 +56,30 @@ def _load_text(spec: PretrainSpec, ctx: StageContext, where: str) -> tuple[Any, 
         return rows, {n: text(v, f"validation.{n}") for n, v in spec.validation.items()}
     if spec.validation is not None:
         return rows, text(spec.validation, "validation")
-    return split_validation(
-        rows, spec.validation_fraction, ctx.seed, where=f"{where}.validation_fraction"
-    )
+    with field_scope("validation_fraction"):
+        return split_validation(rows, spec.validation_fraction, ctx.seed)
 
 
-def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext, where: str) -> tuple[Any, Any]:
+def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext) -> tuple[Any, Any]:
     model_source = ctx.resolve_source(spec.from_) if spec.from_ else None
     tok_ref = spec.tokenizer or spec.from_
     assert tok_ref is not None  # the spec validator guarantees 'from' or 'tokenizer'
-    tokenizer = load_tokenizer(
-        ctx.resolve_source(tok_ref),
-        trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.{'tokenizer' if spec.tokenizer else 'from'}",
-    )
+    tok_source = ctx.resolve_source(tok_ref)  # an unreachable hub is the stage's error
+    tok_field = "tokenizer" if spec.tokenizer else "from"
+    with field_scope(tok_field):
+        tokenizer = load_tokenizer(tok_source, trust_remote_code=spec.trust_remote_code)
     if spec.objective == "clm":
         ensure_pad_token(tokenizer)
         if tokenizer.eos_token_id is None and tokenizer.sep_token_id is None:
             raise UserError(
                 "the tokenizer has no EOS token to separate documents",
-                where=f"{where}.tokenizer",
+                field="tokenizer",
                 hint="train it with target: clm, or use a tokenizer with an eos token",
             )
     elif tokenizer.mask_token_id is None or tokenizer.cls_token_id is None:
         raise UserError(
             "objective mlm needs a tokenizer with mask, cls and sep tokens",
-            where=f"{where}.tokenizer",
+            field="tokenizer",
             hint="train the tokenizer with target: mlm",
         )
     # Same seed, same initial weights: a resumed run rebuilds the model it left, then loads it.
@@ -91,7 +89,7 @@ def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext, where: str)
             model_source,
             spec.objective,
             trust_remote_code=spec.trust_remote_code,
-            where=f"{where}.from",
+            model_field="from",
             **loading_kwargs(spec),
         )
     else:
@@ -100,12 +98,13 @@ def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext, where: str)
             spec.model,
             tokenizer,
             spec.objective,
-            where=f"{where}.model",
+            model_field="model",
             attn_implementation=spec.attn_implementation,
         )
-    where_vocab = f"{where}.tokenizer" if spec.tokenizer else f"{where}.from"
-    check_compatible(model, tokenizer, max_seq_len=None, where=where_vocab)
-    check_compatible(model, tokenizer, max_seq_len=spec.max_seq_len, where=f"{where}.max_seq_len")
+    with field_scope(tok_field):
+        check_compatible(model, tokenizer, max_seq_len=None)
+    with field_scope("max_seq_len"):
+        check_compatible(model, tokenizer, max_seq_len=spec.max_seq_len)
     return tokenizer, model
 
 
@@ -119,7 +118,7 @@ def _pack(
     set_name: str = "",
 ) -> packing.PackedBlocks:
     field = "data" if train_split or spec.validation is None else "validation"
-    where = f"stages.{ctx.stage}.{field}" + (f".{set_name}" if set_name else "")
+    place = field + (f".{set_name}" if set_name else "")
     if spec.objective == "clm":
         end_id = (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
@@ -130,28 +129,28 @@ def _pack(
         wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id)
     streamed = ds if isinstance(ds, streaming.StreamedText) else None
     # Shard by shard into a memory-mapped block file, through the packed-data cache.
-    return packing.pack_corpus(
-        streamed.dataset if streamed else ds,
-        tokenizer,
-        TEXT_COLUMN,
-        end_id=end_id,
-        block_len=spec.max_seq_len,
-        # Validation keeps its tail: every held-out token should be scored.
-        keep_remainder=spec.keep_remainder or not train_split,
-        wrap=wrap,
-        where=where,
-        what="training text" if train_split else "validation text",
-        log=ctx.log,
-        fingerprint=streamed.fingerprint if streamed else None,
-    )
+    with field_scope(place):
+        return packing.pack_corpus(
+            streamed.dataset if streamed else ds,
+            tokenizer,
+            TEXT_COLUMN,
+            end_id=end_id,
+            block_len=spec.max_seq_len,
+            # Validation keeps its tail: every held-out token should be scored.
+            keep_remainder=spec.keep_remainder or not train_split,
+            wrap=wrap,
+            what="training text" if train_split else "validation text",
+            log=ctx.log,
+            fingerprint=streamed.fingerprint if streamed else None,
+        )
 
 
+@stage_entry
 def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
     """Pretrain, evaluate token-weighted validation perplexity, write ``final/``."""
-    where = f"stages.{ctx.stage}"
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
-        train_rows, val_rows = _load_text(spec, ctx, where)
-    tokenizer, model = _load_tokenizer_and_model(spec, ctx, where)
+        train_rows, val_rows = _load_text(spec, ctx)
+    tokenizer, model = _load_tokenizer_and_model(spec, ctx)
     with main_process_first():
         train_blocks = _pack(spec, train_rows, tokenizer, ctx, train_split=True)
         named = val_rows if isinstance(val_rows, dict) else {"": val_rows} if val_rows else {}

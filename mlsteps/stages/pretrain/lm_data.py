@@ -110,7 +110,6 @@ def pack_blocks(
     *,
     keep_remainder: bool,
     wrap: tuple[int, int] | None = None,
-    where: str,
     what: str = "training text",
 ) -> PackedBlocks:
     """Cut the concatenated token stream of ``tokenized`` rows (``input_ids``) into blocks of
@@ -122,9 +121,7 @@ def pack_blocks(
     (and when it has at least 2 tokens). Zero blocks is a UserError, never an empty dataset.
     """
     rows = (row["input_ids"] for row in tokenized)
-    return pack_token_rows(
-        rows, block_len, keep_remainder=keep_remainder, wrap=wrap, where=where, what=what
-    )
+    return pack_token_rows(rows, block_len, keep_remainder=keep_remainder, wrap=wrap, what=what)
 
 
 def _pad(features: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ import torch
 from mlsteps import cache
 from mlsteps.engine.filepages import arrow_files as _arrow_files
 from mlsteps.engine.filepages import release_file_pages
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError
 
 # Documents per shard: large enough that encode_batch keeps every core busy, small enough that
 # a shard's Python lists stay a few MB.
@@ -103,7 +103,7 @@ class BlockPacker:
             self._emit(stream[: full * self.body].reshape(full, self.body))
         self.pending = stream[full * self.body :].copy()
 
-    def finish(self, *, keep_remainder: bool, where: str, what: str) -> None:
+    def finish(self, *, keep_remainder: bool, what: str) -> None:
         """Write the kept remainder (at least 2 tokens); zero blocks is a UserError."""
         if keep_remainder and len(self.pending) >= 2:
             self._emit(self.pending.reshape(1, -1))
@@ -112,7 +112,7 @@ class BlockPacker:
             raise UserError(
                 f"the {what} has {self.tokens_in} tokens, fewer than one block of max_seq_len "
                 f"{self.block_len}",
-                where=where,
+                field=HERE,
                 hint="add text, lower max_seq_len, or set keep_remainder: true",
             )
 
@@ -209,7 +209,6 @@ def pack_token_rows(
     *,
     keep_remainder: bool,
     wrap: tuple[int, int] | None = None,
-    where: str,
     what: str = "training text",
 ) -> PackedBlocks:
     """Pack already tokenised rows into a private temporary folder (removed with the object)."""
@@ -226,7 +225,6 @@ def pack_token_rows(
             block_len=block_len,
             wrap=wrap,
             keep_remainder=keep_remainder,
-            where=where,
             what=what,
         )
     except BaseException:
@@ -330,7 +328,6 @@ def pack_corpus(
     block_len: int,
     keep_remainder: bool,
     wrap: tuple[int, int] | None,
-    where: str,
     what: str = "training text",
     log: Callable[[str], None] | None = None,
     fingerprint: str | None = None,
@@ -367,7 +364,6 @@ def pack_corpus(
             block_len=block_len,
             wrap=wrap,
             keep_remainder=keep_remainder,
-            where=where,
             what=what,
         )
         final = cache.publish(

@@ -24,7 +24,7 @@ import datasets
 
 from mlsteps.engine.data import TEXT_COLUMN, load_rows, read_hub, require_columns
 from mlsteps.engine.data_files import _load_files, check_text_file, infer_format, resolve_files
-from mlsteps.errors import UserError
+from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.recipe.specs.data import DataSpec
 from mlsteps.stages.pretrain.packing import FORMAT_VERSION, corpus_fingerprint
 
@@ -60,18 +60,19 @@ def _hub_commit(spec: DataSpec) -> str | None:
         return None
 
 
-def _open(spec: DataSpec, *, where: str) -> tuple[datasets.IterableDataset, dict[str, Any]]:
+def _open(spec: DataSpec) -> tuple[datasets.IterableDataset, dict[str, Any]]:
+    """The stream of one source; errors are about the source's field (the caller scopes it)."""
     for key, what, fix in spec._invalid()[:1]:  # named validation sets are not walked up front
-        raise UserError(what, where=f"{where}.{key}", hint=fix)
+        raise UserError(what, field=key, hint=fix)
     if spec.files:
-        files = resolve_files(spec.files, where=where)
-        formats = {infer_format(p, spec.format, where=where) for p in files}
+        files = resolve_files(spec.files)
+        formats = {infer_format(p, spec.format) for p in files}
         if len(formats) > 1:
-            raise UserError(f"files mix formats ({', '.join(sorted(formats))})", where=where)
+            raise UserError(f"files mix formats ({', '.join(sorted(formats))})", field=HERE)
         fmt = formats.pop()
         for path in files:
             if fmt != "parquet":
-                check_text_file(path, where=where)
+                check_text_file(path)
         ident = {
             "files": [_file_digest(p) for p in files],
             "format": fmt,
@@ -79,7 +80,7 @@ def _open(spec: DataSpec, *, where: str) -> tuple[datasets.IterableDataset, dict
             "columns": spec.columns,
         }
         ds = _load_files(
-            files, fmt, where=where, cache_dir=None, column_names=spec.columns,
+            files, fmt, cache_dir=None, column_names=spec.columns,
             txt_unit=spec.txt_unit, streaming=True,
         )  # fmt: skip
     else:
@@ -90,52 +91,57 @@ def _open(spec: DataSpec, *, where: str) -> tuple[datasets.IterableDataset, dict
             "split": spec.split,
             "revision": _hub_commit(spec) or spec.revision,
         }
-        ds = read_hub(spec, where=where, streaming=True)
+        ds = read_hub(spec, streaming=True)
     if spec.max_samples is not None:
         ds = ds.take(spec.max_samples)
     return ds, {**ident, "max_samples": spec.max_samples}
 
 
-def _columns(ds: datasets.IterableDataset, where: str) -> list[str]:
+def _columns(ds: datasets.IterableDataset) -> list[str]:
     """Column names of a stream; formats without a schema (json) are peeked at their first row."""
     if ds.column_names is not None:
         return list(ds.column_names)
     for row in ds.take(1):
         return list(row)
-    raise UserError("no rows in the streamed data", where=where)
+    raise UserError("no rows in the streamed data", field=HERE)
 
 
 def load_streamed_text(
     sources: list[DataSpec],
     columns: list[str],
     *,
-    where: str,
-    column_where: str,
+    data_field: str,
+    column_field: str,
     cache_dir: Any = None,
 ) -> StreamedText:
     """``engine.data.load_text`` for a field with streamed sources: every listed column of every
-    source, one after another (columns whole, never interleaved), as one stream."""
+    source, one after another (columns whole, never interleaved), as one stream. The fields are
+    relative to the caller's scope, as there."""
     parts, idents = [], []
     for index, source in enumerate(sources):
-        place = where + (f".{index}" if len(sources) > 1 else "")
+        place = data_field + (f".{index}" if len(sources) > 1 else "")
         if source.streaming:
-            stream, ident = _open(source, where=place)
-            present = [c for c in columns if c in _columns(stream, place)]
+            with field_scope(place):
+                stream, ident = _open(source)
+                names = _columns(stream)
+            present = [c for c in columns if c in names]
             if not present:
                 raise UserError(
                     f"none of the columns {', '.join(columns)} is in the streamed data; it has "
-                    f"columns: {', '.join(_columns(stream, place))}",
-                    where=column_where,
+                    f"columns: {', '.join(names)}",
+                    field=column_field,
                     hint="set text_column to one of them",
                 )
             for column in present:
                 parts.append(stream.select_columns([column]).rename_column(column, TEXT_COLUMN))
                 idents.append({**ident, "column": column})
             continue
-        rows = load_rows(source, where=place, cache_dir=cache_dir)
+        with field_scope(place):
+            rows = load_rows(source, cache_dir=cache_dir)
         present = [c for c in columns if c in rows.column_names]
         if not present:
-            require_columns(rows, columns[:1], column_where)
+            with field_scope(column_field):
+                require_columns(rows, columns[:1])
         for column in present:
             part = rows.select_columns([column]).rename_column(column, TEXT_COLUMN)
             idents.append({"content": corpus_fingerprint(part, TEXT_COLUMN)})

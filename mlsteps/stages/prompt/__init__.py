@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlsteps.context import StageContext, StageResult
+from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
-from mlsteps.errors import UserError
+from mlsteps.errors import UserError, field_scope
 from mlsteps.prompt.prompter import (
     PROMPT_FILE,
     SOFT_METHODS,
@@ -34,26 +34,26 @@ from mlsteps.stages.prompt.soft import train_soft
 __all__ = ["PREVIEW_FILE", "run"]
 
 
+@stage_entry
 def run(spec: PromptSpec, ctx: StageContext) -> StageResult:
     """Build a prompted model; for soft-prompt methods train it (resuming if interrupted)."""
-    where = f"stages.{ctx.stage}"
     source = ctx.resolve_source(spec.from_)
-    _check_source(source, spec.from_, where)
+    _check_source(source, spec.from_)
     prompter = _prompter(spec, ctx, source)
-    template_fields(spec.template, spec.template_format, where=f"{where}.template")  # syntax
+    template_fields(spec.template, spec.template_format, field="template")  # syntax
     with main_process_first():  # rank 0 fills the datasets cache; the other ranks reuse it
-        rows, val_sets = load_data(spec, ctx, prompter, where)
-    config, kind = _model_kind(spec, source, where)
+        rows, val_sets = load_data(spec, ctx, prompter)
+    config, kind = _model_kind(spec, source)
     prompter.model_kind = "seq2seq" if kind == "seq2seq" else "causal"
-    tokenizer = _tokenizer(spec, ctx, prompter, source, kind, where)
+    tokenizer = _tokenizer(spec, ctx, prompter, source, kind)
     if spec.method == "few_shot":
         assert rows is not None
-        _set_demonstrations(spec, ctx, prompter, rows, where)
+        _set_demonstrations(spec, ctx, prompter, rows)
     preview_source = next(iter(val_sets.values()), None) or rows or []
     if spec.method not in SOFT_METHODS:
         return finish_hard(spec, ctx, prompter, tokenizer, preview_source, config)
     assert rows is not None
-    return train_soft(spec, ctx, prompter, tokenizer, rows, val_sets, where)
+    return train_soft(spec, ctx, prompter, tokenizer, rows, val_sets)
 
 
 def _prompter(spec: PromptSpec, ctx: StageContext, source: str) -> Prompter:
@@ -77,67 +77,62 @@ def _prompter(spec: PromptSpec, ctx: StageContext, source: str) -> Prompter:
     )
 
 
-def _model_kind(spec: PromptSpec, source: str, where: str) -> tuple[Any, str]:
+def _model_kind(spec: PromptSpec, source: str) -> tuple[Any, str]:
     """The base model's config and kind ('clm' or 'seq2seq'); any other kind is a UserError."""
     from mlsteps.engine.inference import kind_from_config
     from mlsteps.engine.modeling import load_config
 
-    config = load_config(
-        source,
-        trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.from",
-        shown=spec.from_,
-    )
+    with field_scope("from"):
+        config = load_config(source, trust_remote_code=spec.trust_remote_code, shown=spec.from_)
     kind = kind_from_config(config)
     if kind not in ("clm", "seq2seq"):
         raise UserError(
             f"{spec.from_!r} is a {kind or config.model_type} model; prompting needs a causal LM "
             "or a seq2seq model",
-            where=f"{where}.from",
+            field="from",
         )
     return config, kind
 
 
 def _tokenizer(
-    spec: PromptSpec, ctx: StageContext, prompter: Prompter, source: str, kind: str, where: str
+    spec: PromptSpec, ctx: StageContext, prompter: Prompter, source: str, kind: str
 ) -> Any:
     """The base model's tokenizer, with a pad token; chat turns when the prompts use them; the
     verbalizer's words checked against it."""
     from mlsteps.engine.modeling import ensure_pad_token, load_tokenizer
 
-    tokenizer = load_tokenizer(
-        source, trust_remote_code=spec.trust_remote_code, where=f"{where}.from"
-    )
+    with field_scope("from"):
+        tokenizer = load_tokenizer(source, trust_remote_code=spec.trust_remote_code)
     ensure_pad_token(tokenizer)
-    prompter.chat = _uses_chat(spec, kind, tokenizer, f"{where}.chat")
+    prompter.chat = _uses_chat(spec, kind, tokenizer)
     if prompter.chat:
         prompter.use_chat_template(tokenizer)
         ctx.log("prompts are chat turns through the model's chat template")
     if spec.verbalizer:
         from mlsteps.prompt.scoring import check_verbalizer
 
-        check_verbalizer(
-            tokenizer,
-            spec.verbalizer,
-            answer_prefix=prompter.answer_prefix,
-            seq2seq=kind == "seq2seq",
-            where=f"{where}.verbalizer",
-        )
+        with field_scope("verbalizer"):
+            check_verbalizer(
+                tokenizer,
+                spec.verbalizer,
+                answer_prefix=prompter.answer_prefix,
+                seq2seq=kind == "seq2seq",
+            )
     return tokenizer
 
 
 def _set_demonstrations(
-    spec: PromptSpec, ctx: StageContext, prompter: Prompter, rows: list[dict[str, Any]], where: str
+    spec: PromptSpec, ctx: StageContext, prompter: Prompter, rows: list[dict[str, Any]]
 ) -> None:
     """few_shot: the demonstration pool (per_example) or the fixed demonstrations."""
-    pool = demonstrations_from_rows(rows, prompter, where=f"{where}.data")
+    pool = demonstrations_from_rows(rows, prompter, field="data")
     if spec.per_example:
         prompter.demo_pool = pool
     else:
         prompter.demos = [pool[i] for i in select_demonstrations(len(pool), spec.shots, ctx.seed)]
 
 
-def _uses_chat(spec: PromptSpec, kind: str | None, tokenizer: Any, where: str) -> bool:
+def _uses_chat(spec: PromptSpec, kind: str | None, tokenizer: Any) -> bool:
     """Whether hard prompts are rendered as chat turns: ``spec.chat``, by default when the
     causal LM's tokenizer has a chat template."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -151,23 +146,23 @@ def _uses_chat(spec: PromptSpec, kind: str | None, tokenizer: Any, where: str) -
                 if kind != "clm"
                 else "is one, but its tokenizer has no chat template"
             ),
-            where=where,
+            field="chat",
             hint="fine-tune it with task: chat (chat_template: chatml), or remove chat",
         )
     return kind == "clm" and has_template
 
 
-def _check_source(source: str, ref: str, where: str) -> None:
+def _check_source(source: str, ref: str) -> None:
     path = Path(source)
     if (path / PROMPT_FILE).is_file():
         raise UserError(
             f"{ref!r} is already a prompted model; prompt stages do not stack",
-            where=f"{where}.from",
+            field="from",
             hint="point 'from' at the model that stage prompts",
         )
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise UserError(
             f"{ref!r} is a peft adapter, not a full model",
-            where=f"{where}.from",
+            field="from",
             hint="write a merged model in that finetune stage (merge: true)",
         )

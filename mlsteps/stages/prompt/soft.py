@@ -26,15 +26,14 @@ def train_soft(
     tokenizer: Any,
     rows: list[dict[str, Any]],
     val_sets: dict[str, list[dict[str, Any]]],
-    where: str,
 ) -> StageResult:
     from mlsteps.engine.modeling import loaded_metrics
     from mlsteps.engine.training import save_final, train
     from mlsteps.prompt import soft_prompt
 
-    base, max_seq_len = _soft_base(spec, ctx, prompter, where)
+    base, max_seq_len = _soft_base(spec, ctx, prompter)
     loaded = loaded_metrics(base, spec)
-    model = _wrap_soft(spec, ctx, base, tokenizer, where)
+    model = _wrap_soft(spec, ctx, base, tokenizer)
     trainable, total = soft_prompt.trainable_parameters(model)
     ctx.log(f"{spec.method}: {trainable:,} trainable of {total:,} parameters")
     val_sets = {name: val_rows for name, val_rows in val_sets.items() if val_rows}
@@ -63,9 +62,7 @@ def train_soft(
     return StageResult(metrics=metrics, outputs={"final": str(final), "preview": str(preview)})
 
 
-def _soft_base(
-    spec: PromptSpec, ctx: StageContext, prompter: Prompter, where: str
-) -> tuple[Any, int]:
+def _soft_base(spec: PromptSpec, ctx: StageContext, prompter: Prompter) -> tuple[Any, int]:
     """The frozen base model and the input length that leaves room for the virtual tokens."""
     from mlsteps.engine.modeling import load_model, loading_kwargs, max_positions
 
@@ -74,7 +71,7 @@ def _soft_base(
         prompter.base_model,
         task,
         trust_remote_code=spec.trust_remote_code,
-        where=f"{where}.from",
+        model_field="from",
         **loading_kwargs(spec),
     )
     max_seq_len = spec.max_seq_len
@@ -89,13 +86,13 @@ def _soft_base(
         if max_seq_len < 2:
             raise UserError(
                 f"num_virtual_tokens {spec.num_virtual_tokens} leaves no room in the model's {limit} positions",
-                where=f"{where}.num_virtual_tokens",
+                field="num_virtual_tokens",
             )
         ctx.log(f"max_seq_len lowered to {max_seq_len}: the model reads {limit} positions")
     return base, max_seq_len
 
 
-def _wrap_soft(spec: PromptSpec, ctx: StageContext, base: Any, tokenizer: Any, where: str) -> Any:
+def _wrap_soft(spec: PromptSpec, ctx: StageContext, base: Any, tokenizer: Any) -> Any:
     """The base wrapped by peft with a freshly initialised soft prompt (seeded: a resumed run
     rebuilds the one it left)."""
     import transformers
@@ -110,7 +107,6 @@ def _wrap_soft(spec: PromptSpec, ctx: StageContext, base: Any, tokenizer: Any, w
         num_virtual_tokens=spec.num_virtual_tokens,
         init_text=spec.init_text,
         gradient_checkpointing=spec.train.gradient_checkpointing,
-        where=where,
     )
 
 
