@@ -10,9 +10,12 @@ training prompt from the saved ``final/`` tokenizer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsteps.errors import HERE, UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # ChatML (the format of Qwen and many open chat models). The generation prompt opens an
 # assistant turn; every turn ends with <|im_end|> and a newline. No BOS: byte-level BPE
@@ -98,7 +101,7 @@ def check_template_text(value: str) -> None:
         ) from None
 
 
-def set_template(tokenizer: Any, chat_template: str | None) -> None:
+def set_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> None:
     """Install ``chat_template`` (name or Jinja) on ``tokenizer``; with None keep the tokenizer's
     own and fail when it has none. Builtin templates add their turn tokens as special tokens
     (the caller resizes the model's embeddings when ``len(tokenizer)`` grew)."""
@@ -131,7 +134,9 @@ def special_tokens_for(text: str) -> bool:
     return not isinstance(text, ChatText)
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> ChatText:
+def render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool
+) -> ChatText:
     """The template's text of ``messages`` (what ``apply_chat_template(tokenize=False)`` gives)."""
     return ChatText(
         tokenizer.apply_chat_template(
@@ -150,7 +155,7 @@ def prompt_messages(demos: list[tuple[str, str]], query: str) -> list[dict[str, 
 
 
 def template_ids(
-    tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool
 ) -> list[int]:
     """Token ids of the rendered conversation, tokenised as apply_chat_template does (no extra
     special tokens: the template writes its own)."""
@@ -165,7 +170,9 @@ def split_last_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, st
     return messages, None
 
 
-def generation_input(tokenizer: Any, value: Any, *, row: int, column: str) -> str:
+def generation_input(
+    tokenizer: PreTrainedTokenizerBase, value: Any, *, row: int, column: str
+) -> str:
     """What a chat model is given to answer: text stays as is; a conversation is rendered by the
     tokenizer's template up to (without) its final assistant turn, with the generation prompt."""
     if not is_conversation(value):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -21,15 +21,18 @@ from mlsteps.errors import HERE, UserError
 from mlsteps.positions import max_positions
 from mlsteps.recipe.specs.model import GenerationSpec
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def _pad_id(tokenizer: Any) -> int:
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
     return 0
 
 
-def _generation_config(model: Any, tokenizer: Any, spec: GenerationSpec) -> Any:
+def _generation_config(model: Any, tokenizer: PreTrainedTokenizerBase, spec: GenerationSpec) -> Any:
     config = copy.deepcopy(model.generation_config)
     settings: dict[str, Any] = {
         "max_new_tokens": spec.max_new_tokens,
@@ -65,7 +68,9 @@ def _eos_ids(config: Any) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
-def encode_prompts(tokenizer: Any, inputs: Sequence[str], *, decoder_only: bool) -> list[list[int]]:
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, inputs: Sequence[str], *, decoder_only: bool
+) -> list[list[int]]:
     """Token ids of each prompt exactly as generation feeds it, before any length cut.
 
     The tokenizer's special tokens are added, except to text a chat template rendered (it has
@@ -95,7 +100,7 @@ def encode_prompts(tokenizer: Any, inputs: Sequence[str], *, decoder_only: bool)
 
 def _encode(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     inputs: Sequence[str],
     spec: GenerationSpec,
     decoder_only: bool,
@@ -120,7 +125,7 @@ def _encode(
 
 def _generate_batch(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     config: Any,
     decoder_only: bool,
@@ -150,14 +155,16 @@ def _generate_batch(
         if not decoder_only and tokens and tokens[0] == config.decoder_start_token_id:
             tokens = tokens[1:]
         cut = next((k for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
-        texts.append(tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip())
+        # One flat id list decodes to one string (the list return is for batched input).
+        text = cast(str, tokenizer.decode(tokens[:cut], skip_special_tokens=True))
+        texts.append(text.strip())
     return texts
 
 
 @torch.no_grad()
 def generate(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     inputs: list[str],
     spec: GenerationSpec,
     *,

@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from mlsteps.errors import HERE, UserError, field_scope, first_line
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ModelKind = Literal["clm", "mlm", "seq2seq", "classification"]
 _PEFT_TASKS: dict[str, ModelKind] = {
@@ -48,7 +51,7 @@ class Loaded:
     """A model ready for inference (eval mode) with its tokenizer, kind and optional prompter."""
 
     model: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     kind: ModelKind
     prompter: Any | None = None
     source: str = ""

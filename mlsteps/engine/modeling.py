@@ -8,7 +8,7 @@ passed to transformers when the recipe asks for it.
 from __future__ import annotations
 
 import os
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import (
@@ -32,6 +32,9 @@ from mlsteps.engine.files import check_model_dir
 from mlsteps.errors import HERE, UserError, field_scope, first_line
 from mlsteps.positions import max_positions  # the one rule; stages import it from here too
 from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES, ArchSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Stage tasks -> Auto classes. "causal_lm" is the finetune spelling of "clm".
 _AUTO_CLASSES: dict[str, Any] = {
@@ -78,20 +81,20 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
         ) from exc
 
 
-def ensure_pad_token(tokenizer: Any) -> None:
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Batching needs a pad token; decoder tokenizers often lack one, so reuse EOS (GPT-2 habit)."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _special_ids(tokenizer: Any) -> dict[str, Any]:
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return {"bos": bos, "eos": eos, "pad": pad}
 
 
-def _config_for(arch: ArchSpec, tokenizer: Any) -> PretrainedConfig:
+def _config_for(arch: ArchSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     vocab_size = len(tokenizer)
     ids = _special_ids(tokenizer)
     ffn = arch.intermediate_size or 4 * arch.hidden_size
@@ -165,7 +168,7 @@ def _config_for(arch: ArchSpec, tokenizer: Any) -> PretrainedConfig:
 
 def build_model(
     arch: ArchSpec,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     task: str,
     *,
     num_labels: int | None = None,
@@ -343,7 +346,9 @@ def load_model(
         ) from exc
 
 
-def check_compatible(model: Any, tokenizer: Any, *, max_seq_len: int | None) -> None:
+def check_compatible(
+    model: Any, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int | None
+) -> None:
     """UserError when the tokenizer can emit ids the model has no embedding for, or when
     ``max_seq_len`` exceeds what the model's position embeddings cover."""
     embeddings = model.get_input_embeddings()

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -56,6 +56,9 @@ from mlsteps.engine.train_callbacks import (
 )
 from mlsteps.errors import StageFailed, StageInterrupted
 from mlsteps.recipe.specs.train import TrainSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -94,7 +97,7 @@ class TrainRequest:
     """
 
     model: torch.nn.Module
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     train_dataset: Any
     eval_dataset: Any | None
     data_collator: Any
@@ -342,7 +345,7 @@ def _restore_finished(
 
 def save_final(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     ctx: StageContext,
     *,
     extra_files: dict[str, str] | None = None,
@@ -364,7 +367,7 @@ def save_final(
 
 def _write_final(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     ctx: StageContext,
     extra_files: dict[str, str] | None,
     state_dict: dict[str, Any] | None,

@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ from mlsteps.errors import HERE, UserError
 
 # The one position rule; config_max_positions is re-exported for the eval stage.
 from mlsteps.positions import config_max_positions, max_positions  # noqa: F401
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _CJK_CHAR_RE = re.compile(
     "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]"
@@ -94,7 +97,7 @@ def count_words(text: str) -> int:
     return cjk + len(_CJK_CHAR_RE.sub(" ", text).split())
 
 
-def _prefix_token(tokenizer: Any) -> tuple[int | None, str]:
+def _prefix_token(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, str]:
     for attr in ("bos_token", "eos_token"):
         token_id = getattr(tokenizer, f"{attr}_id", None)
         if token_id is not None:
@@ -156,7 +159,7 @@ def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, logits[:, -ids.shape[1] :].float())
 
 
-def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
@@ -165,7 +168,7 @@ def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 @torch.no_grad()
 def causal_lm_perplexity(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
     window_tokens: int | None = None,
@@ -254,7 +257,7 @@ def _sequences(
 
 
 def _score_windows(
-    model: Any, tokenizer: Any, windows: list[_Window], batch_size: int
+    model: Any, tokenizer: PreTrainedTokenizerBase, windows: list[_Window], batch_size: int
 ) -> tuple[float, int]:
     """The NLL sum (nats, accumulated in float64) and the count of the windows' scored tokens."""
     device = _device(model)
@@ -288,7 +291,7 @@ def _causal_convention(window: int, stride: int, mode: str, prefix_note: str, sc
     )
 
 
-def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
+def _special_wrap(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Special tokens the tokenizer puts before/after a single sequence (e.g. [CLS] ... [SEP])."""
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -299,7 +302,7 @@ def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def _mlm_chunks(
-    model: Any, tokenizer: Any, texts: Sequence[str], window_tokens: int | None
+    model: Any, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], window_tokens: int | None
 ) -> tuple[list[list[int]], list[range], int]:
     """Chunks with special tokens, and for each the positions of its real tokens."""
     if tokenizer.mask_token_id is None:
@@ -334,7 +337,10 @@ def _mlm_chunks(
 
 
 def _score_masked(
-    model: Any, tokenizer: Any, rows: list[tuple[list[int], list[int], list[int]]], batch_size: int
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[tuple[list[int], list[int], list[int]]],
+    batch_size: int,
 ) -> tuple[float, int]:
     """rows: (input ids, masked positions, original ids there) -> (sum NLL, count)."""
     device = _device(model)
@@ -354,7 +360,7 @@ def _score_masked(
 @torch.no_grad()
 def masked_lm_perplexity(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
     mask_seed: int = 0,
@@ -386,7 +392,7 @@ def masked_lm_perplexity(
 @torch.no_grad()
 def pseudo_perplexity(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
     window_tokens: int | None = None,

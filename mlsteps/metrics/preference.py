@@ -16,12 +16,15 @@ Sequences longer than the model's positions keep their end (the answer), droppin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mlsteps.engine import chat_data
 from mlsteps.errors import HERE, UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CONVENTION = (
     "share of pairs with log p(chosen|prompt) > log p(rejected|prompt) (sums over answer tokens, "
@@ -40,7 +43,9 @@ class PreferenceResult:
     convention: str
 
 
-def _encode(tokenizer: Any, prompt: Any, answer: Any) -> tuple[list[int], list[int]]:
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: Any, answer: Any
+) -> tuple[list[int], list[int]]:
     """(prompt ids, prompt+answer ids) the way TRL builds them."""
     if chat_data.is_conversation(prompt):
         turns = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
@@ -86,7 +91,7 @@ def _answer_logprobs(
 
 def pair_scores(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[Any],
     chosen: list[Any],
     rejected: list[Any],
@@ -122,7 +127,7 @@ def pair_scores(
 
 def pair_hits(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[Any],
     chosen: list[Any],
     rejected: list[Any],
@@ -153,7 +158,7 @@ def summarize(hits: list[tuple[bool, bool]]) -> PreferenceResult:
 
 def preference_accuracy(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[Any],
     chosen: list[Any],
     rejected: list[Any],

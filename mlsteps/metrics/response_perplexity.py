@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ from mlsteps.metrics.perplexity import (
     count_words,
     max_positions,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class _Item:
 
 
 def _causal_items(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[list[int]],
     references: list[list[str]],
     answer_prefix: str,
@@ -109,7 +112,10 @@ def _causal_items(
 
 
 def _seq2seq_items(
-    model: Any, tokenizer: Any, prompt_ids: list[list[int]], references: list[list[str]]
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    references: list[list[str]],
 ) -> list[_Item]:
     limit = max_positions(model)
     eos = tokenizer.eos_token_id
@@ -132,7 +138,13 @@ def _seq2seq_items(
 
 
 @torch.no_grad()
-def _score(model: Any, tokenizer: Any, items: list[_Item], batch_size: int, seq2seq: bool) -> float:
+def _score(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[_Item],
+    batch_size: int,
+    seq2seq: bool,
+) -> float:
     """Σ weight * NLL of the scored targets, accumulated in float64."""
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -157,7 +169,7 @@ def _score(model: Any, tokenizer: Any, items: list[_Item], batch_size: int, seq2
 
 def response_perplexity(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     references: Sequence[Sequence[str]],
     *,
@@ -219,7 +231,7 @@ def _check_rows(prompts: Sequence[str], references: Sequence[Sequence[str]]) -> 
 
 def _causal_items_and_layout(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[list[int]],
     refs: list[list[str]],
     answer_prefix: str,
@@ -287,7 +299,7 @@ def describe_prompt(prompter: Any, input_column: str) -> str:
 
 def sharded_response_perplexity(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     references: Sequence[Sequence[str]],
     **options: Any,

@@ -24,11 +24,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from mlsteps import templates
 from mlsteps.errors import UserError, did_you_mean
 from mlsteps.templates import TemplateFormat
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PROMPT_FILE = "mlsteps_prompt.json"
 # Trained with peft; the hard-prompt methods (zero_shot, few_shot) have no weights of their own.
@@ -288,7 +291,7 @@ class Prompter:
     # turn), rendered by that template with its generation prompt, so the model sees the
     # format it was tuned on and exactly what apply_chat_template gives.
 
-    def use_chat_template(self, tokenizer: Any) -> None:
+    def use_chat_template(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Render prompts through ``tokenizer``'s chat template (for ``chat`` prompters)."""
         self.__dict__["_chat_tokenizer"] = tokenizer
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,20 +26,25 @@ from mlsteps.engine.chat_data import special_tokens_for
 from mlsteps.errors import HERE, UserError
 from mlsteps.positions import max_positions
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def is_seq2seq(model: Any) -> bool:
     """True for encoder-decoder models (also behind a peft wrapper)."""
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def _appends_eos(tokenizer: Any) -> bool:
+def _appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return eos is not None and len(with_special) > len(without) and with_special[-1] == eos
 
 
-def encode_prompt(tokenizer: Any, prompt: str, *, seq2seq: bool = False) -> list[int]:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, *, seq2seq: bool = False
+) -> list[int]:
     """Token ids of a prompt as the model reads it (see the module docstring); a prompt a chat
     template rendered gets no special tokens of the tokenizer (the template wrote its own)."""
     ids = list(tokenizer(prompt, add_special_tokens=special_tokens_for(prompt))["input_ids"])
@@ -62,7 +67,7 @@ def encode_prompt(tokenizer: Any, prompt: str, *, seq2seq: bool = False) -> list
 
 
 def encode_answer(
-    tokenizer: Any, answer: str, *, seq2seq: bool = False, add_eos: bool = False
+    tokenizer: PreTrainedTokenizerBase, answer: str, *, seq2seq: bool = False, add_eos: bool = False
 ) -> list[int]:
     """Token ids of an answer (the continuation after the prompt; decoder labels for seq2seq)."""
     if seq2seq:
@@ -74,7 +79,7 @@ def encode_answer(
 
 
 def build_example(
-    tokenizer: Any, prompt: str, answer: str, *, seq2seq: bool, max_seq_len: int
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, *, seq2seq: bool, max_seq_len: int
 ) -> dict[str, list[int]]:
     """One training example: loss only on the answer tokens (+EOS).
 
@@ -120,7 +125,7 @@ class PromptCollator:
         return batch
 
 
-def pad_id_of(tokenizer: Any) -> int:
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     """Padding id: pad, else EOS, else 0 (padded positions are masked everywhere)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
@@ -131,7 +136,7 @@ def pad_id_of(tokenizer: Any) -> int:
 @torch.no_grad()
 def continuation_logprobs(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     continuations: Sequence[str],
     *,
@@ -181,7 +186,7 @@ def continuation_logprobs(
 
 
 def _encode_pairs(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     continuations: Sequence[str],
     *,
@@ -227,7 +232,11 @@ def _summed_logprobs(
 
 
 def check_verbalizer(
-    tokenizer: Any, verbalizer: Mapping[str, str], *, answer_prefix: str, seq2seq: bool
+    tokenizer: PreTrainedTokenizerBase,
+    verbalizer: Mapping[str, str],
+    *,
+    answer_prefix: str,
+    seq2seq: bool,
 ) -> None:
     """UserError for a verbalizer word that tokenises to nothing or exactly like another word."""
     seen: dict[tuple[int, ...], str] = {}
@@ -251,7 +260,7 @@ def check_verbalizer(
 
 def label_logprobs(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     verbalizer: Mapping[str, str],
     *,
@@ -277,7 +286,7 @@ def _argmax_labels(labels: Sequence[str], rows: Sequence[Sequence[float]]) -> li
 
 def rank_classify(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     verbalizer: Mapping[str, str],
     *,
@@ -311,7 +320,7 @@ def _log_normalize(row: Sequence[float]) -> list[float]:
 
 
 def calibration_offsets(
-    model: Any, tokenizer: Any, prompter: Any, *, batch_size: int = 16
+    model: Any, tokenizer: PreTrainedTokenizerBase, prompter: Any, *, batch_size: int = 16
 ) -> list[float] | None:
     """Per-label log offsets subtracted from every row's label scores (None: no calibration).
 
@@ -350,7 +359,12 @@ def calibration_offsets(
 
 
 def classify_prompted(
-    model: Any, tokenizer: Any, prompter: Any, prompts: Sequence[str], *, batch_size: int = 16
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompter: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
 ) -> list[str]:
     """Rank classification of rendered ``prompts`` with the prompter's verbalizer, calibrated as
     ``prompter.calibration`` says (see :func:`calibration_offsets`)."""

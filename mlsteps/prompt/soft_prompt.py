@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import (
@@ -46,6 +46,9 @@ from mlsteps.prompt.scoring import (
     encode_prompt,
     pad_id_of,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def peft_config(
@@ -93,7 +96,7 @@ def check_supported(model: Any, method: str, *, gradient_checkpointing: bool) ->
 
 def wrap(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     method: str,
     num_virtual_tokens: int,
@@ -142,7 +145,7 @@ def _init_from_ids(model: PeftModel, ids: list[int]) -> None:
         embedding.weight.copy_(words.to(embedding.weight.dtype))
 
 
-def _smoke_test(model: PeftModel, tokenizer: Any, *, method: str) -> None:
+def _smoke_test(model: PeftModel, tokenizer: PreTrainedTokenizerBase, *, method: str) -> None:
     """One tiny training forward/backward, so an unsupported architecture fails as a UserError
     before training starts instead of as a traceback in the middle of it."""
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -190,7 +193,11 @@ class SoftPromptTrainer(Trainer):
 
 
 def build_dataset(
-    rows: list[dict[str, Any]], prompter: Any, tokenizer: Any, *, max_seq_len: int
+    rows: list[dict[str, Any]],
+    prompter: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_len: int,
 ) -> Any:
     """Tokenised training examples: rendered prompt, then answer (+EOS) as the only labels."""
     import datasets
@@ -210,7 +217,11 @@ def build_dataset(
 
 
 def build_verbalizer_dataset(
-    rows: list[dict[str, Any]], prompter: Any, tokenizer: Any, *, max_seq_len: int
+    rows: list[dict[str, Any]],
+    prompter: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_len: int,
 ) -> Any:
     """Classification through the verbalizer: per row, one candidate sequence per label (prompt +
     that label's word, the word's tokens as ``labels``) and the gold label's index.
@@ -289,7 +300,11 @@ class VerbalizerTrainer(SoftPromptTrainer):
 
 
 def classification_eval(
-    prompter: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int
+    prompter: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int,
 ) -> Callable[[torch.nn.Module], dict[str, float]]:
     """extra_eval hook: rank-classification accuracy of the current soft prompt on ``rows``."""
     assert prompter.verbalizer is not None
@@ -306,7 +321,12 @@ def classification_eval(
 
 
 def preview_records(
-    model: Any, tokenizer: Any, prompter: Any, rows: list[dict[str, Any]], *, seed: int
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompter: Any,
+    rows: list[dict[str, Any]],
+    *,
+    seed: int,
 ) -> list[dict[str, Any]]:
     """Prompt, expected answer and the model's output (greedy generation, or the ranked label)."""
     from mlsteps.recipe.specs.model import GenerationSpec
@@ -356,7 +376,7 @@ def _without_kv_cache(model: Any) -> Iterator[None]:
 
 
 def generate_prompted(
-    model: Any, tokenizer: Any, prompts: Sequence[str], spec: Any, *, seed: int
+    model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], spec: Any, *, seed: int
 ) -> list[str]:
     """``engine.generation.generate``, exact for peft prompt-learning models too.
 

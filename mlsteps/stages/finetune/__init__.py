@@ -20,7 +20,7 @@ is trained and saved with the adapter (``modules_to_save``), so the adapter relo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import DataCollatorForSeq2Seq
 
@@ -43,6 +43,9 @@ from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import evaluation as fe
 from mlsteps.stages.finetune import model as fm
 from mlsteps.stages.finetune import prepare as prep_
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @stage_entry
@@ -107,7 +110,7 @@ def _tokenizer(spec: FinetuneSpec, ctx: StageContext, source: str | None) -> Any
 
 
 def _fit_to_model(
-    spec: FinetuneSpec, ctx: StageContext, model: Any, tokenizer: Any
+    spec: FinetuneSpec, ctx: StageContext, model: Any, tokenizer: PreTrainedTokenizerBase
 ) -> FinetuneSpec:
     """Chat: embeddings for the template's tokens and the turn end as EOS. Lengths left at their
     defaults shrink to the model's positions; the rest are checked against them."""
@@ -130,7 +133,7 @@ def _max_len(spec: FinetuneSpec) -> int:
 def _adapt(
     spec: FinetuneSpec,
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prep: prep_.Prepared,
     loading_info: dict[str, Any],
 ) -> Any:
@@ -150,7 +153,7 @@ def _adapt(
 
 
 def _generation_evals(
-    spec: FinetuneSpec, ctx: StageContext, tokenizer: Any, prep: prep_.Prepared
+    spec: FinetuneSpec, ctx: StageContext, tokenizer: PreTrainedTokenizerBase, prep: prep_.Prepared
 ) -> dict[str, fe.GenerationEval]:
     """Generation-based validation, per validation set that has generation inputs."""
     seed = spec.generation.seed if spec.generation.seed is not None else ctx.seed
@@ -172,7 +175,7 @@ def _train_request(
     spec: FinetuneSpec,
     ctx: StageContext,
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prep: prep_.Prepared,
     gen_evals: dict[str, fe.GenerationEval],
 ) -> TrainRequest:

@@ -15,7 +15,7 @@ Packing and dynamic padding are those of causal SFT (``sft.pack_sft``/``SftColla
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 
@@ -23,9 +23,12 @@ from mlsteps.engine import chat_data
 from mlsteps.errors import HERE, UserError
 from mlsteps.stages.finetune.data import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def encode_conversation(
-    tokenizer: Any, messages: list[dict[str, str]]
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation; labels are -100 outside assistant turns."""
     ids = chat_data.template_ids(tokenizer, messages, generation_prompt=False)
@@ -46,7 +49,7 @@ def encode_conversation(
 
 
 def tokenize_chat(
-    ds: datasets.Dataset, tokenizer: Any, column: str, max_seq_len: int
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, column: str, max_seq_len: int
 ) -> datasets.Dataset:
     """input_ids/attention_mask/labels of every conversation, truncated to ``max_seq_len``
     (keeping the start: the first exchanges). Rows whose assistant tokens all fall beyond the
@@ -77,7 +80,7 @@ def tokenize_chat(
 
 
 def generation_pairs(
-    ds: datasets.Dataset, tokenizer: Any, column: str
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, column: str
 ) -> tuple[list[str], list[list[str]]]:
     """Validation by generation: (rendered prompt of the last assistant turn, [its text])."""
     inputs: list[str] = []
@@ -90,7 +93,9 @@ def generation_pairs(
     return inputs, refs
 
 
-def use_turn_end_as_eos(tokenizer: Any, model: Any, chat_template: str | None) -> None:
+def use_turn_end_as_eos(
+    tokenizer: PreTrainedTokenizerBase, model: Any, chat_template: str | None
+) -> None:
     """With a builtin template, its turn-end token becomes the EOS of tokenizer, model config
     and generation config: generation (here, in pipelines, in vLLM) stops at the end of the
     assistant's turn."""

@@ -11,13 +11,16 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 
 from mlsteps.errors import HERE, UserError
 from mlsteps.recipe.specs.finetune import FinetuneSpec, template_fields
 from mlsteps.templates import Renderer, TemplateError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label value the transformers losses skip
 
@@ -127,7 +130,7 @@ def inverse_frequency_weights(label_ids: Sequence[int], num_labels: int) -> list
 
 def tokenize_classification(
     ds: datasets.Dataset,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     spec: FinetuneSpec,
     label2id: dict[str, int],
 ) -> datasets.Dataset:
@@ -229,7 +232,9 @@ def seq2seq_source(value: Any, spec: FinetuneSpec, *, row: int) -> str:
     return spec.source_prefix + as_text(value, column=spec.source_column, row=row)
 
 
-def tokenize_seq2seq(ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec) -> datasets.Dataset:
+def tokenize_seq2seq(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, spec: FinetuneSpec
+) -> datasets.Dataset:
     """Source (with source_prefix) truncated to max_source_len; target to max_target_len + EOS.
 
     A list of targets (several references) trains on the first one.
@@ -266,7 +271,7 @@ def tokenize_seq2seq(ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec) -
 # ---------------------------------------------------------------- causal LM (SFT)
 
 
-def special_prefix_ids(tokenizer: Any) -> list[int]:
+def special_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids the tokenizer puts before the text (e.g. llama's BOS); [] for gpt2."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]

@@ -6,7 +6,7 @@ build model inputs exactly as training did.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -22,6 +22,9 @@ from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.stages.finetune.data import as_text, split_trailing_spaces
 from mlsteps.templates import Renderer, TemplateFormat
 from mlsteps.text_io import atomic_write_jsonl
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def classification_metrics() -> Callable[..., dict[str, float]]:
@@ -74,7 +77,7 @@ class GenerationEval:
     def __init__(
         self,
         spec: FinetuneSpec,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         inputs: list[str],
         refs: list[list[str]],
         *,

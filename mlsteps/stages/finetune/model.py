@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import set_seed
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
@@ -19,6 +19,9 @@ from mlsteps.engine.training import save_final
 from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.recipe.specs.finetune import FinetuneSpec
 from mlsteps.recipe.specs.model import ENCODER_ONLY_FAMILIES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Model types without a causal-LM head worth training: AutoModelForCausalLM would give them a
 # "decoder" head on top of a bidirectional encoder, which silently learns to copy.
@@ -38,7 +41,7 @@ _ENCODER_ONLY = {
 def model(
     spec: FinetuneSpec,
     ctx: StageContext,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     source: str | None,
     label2id: dict[str, int] | None,
     loading_info: dict[str, Any],
@@ -121,7 +124,7 @@ def save(
     spec: FinetuneSpec,
     ctx: StageContext,
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     source: str | None,
     label2id: dict[str, int] | None,
     extra: dict[str, str],

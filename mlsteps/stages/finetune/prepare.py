@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from transformers import DataCollatorWithPadding
@@ -22,6 +22,9 @@ from mlsteps.stages.finetune import chat
 from mlsteps.stages.finetune import data as fd
 from mlsteps.stages.finetune import evaluation as fe
 from mlsteps.stages.finetune import sft as fs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -113,7 +116,7 @@ def prepare(
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
     explicit_val: bool,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     label2id: dict[str, int] | None,
 ) -> Prepared:
     """Tokenised training and validation data, with the task's collator and validation hooks."""
@@ -139,7 +142,7 @@ def _prepare_classification(
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
     explicit_val: bool,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     label2id: dict[str, int],
 ) -> Prepared:
     with field_scope("data"):
@@ -163,7 +166,7 @@ def _prepare_seq2seq(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> Prepared:
     with field_scope("data"):
         train_ds = fd.tokenize_seq2seq(train_rows, tokenizer, spec)
@@ -189,7 +192,7 @@ def _prepare_sft(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> Prepared:
     with field_scope("data"):
         train_ds = fs.tokenize_sft(train_rows, tokenizer, spec)
@@ -224,7 +227,7 @@ def _prepare_chat(
     spec: FinetuneSpec,
     train_rows: datasets.Dataset,
     val_sets: dict[str, datasets.Dataset],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> Prepared:
     col, n = spec.messages_column, spec.max_seq_len
     with field_scope("data"):

@@ -6,7 +6,7 @@ Prompt text and templates are ``data.sft_prompt``'s; chat rows reuse the packing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -22,6 +22,9 @@ from mlsteps.stages.finetune.data import (
     special_prefix_ids,
     split_trailing_spaces,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def sft_truncate(
@@ -40,7 +43,9 @@ def sft_truncate(
     return prompt, response[: max_len - len(prompt)]
 
 
-def tokenize_sft(ds: datasets.Dataset, tokenizer: Any, spec: FinetuneSpec) -> datasets.Dataset:
+def tokenize_sft(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, spec: FinetuneSpec
+) -> datasets.Dataset:
     """Prompt tokens get label -100; response tokens + EOS are the only scored labels.
 
     Prompt and response are tokenised separately, exactly as the prompt is tokenised again at

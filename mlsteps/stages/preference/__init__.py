@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from transformers import set_seed
@@ -41,6 +41,9 @@ from mlsteps.engine.training import TrainRequest, save_final, train
 from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.recipe.specs.preference import PreferenceSpec
 from mlsteps.stages.preference.data import load_rows_and_validation, to_trl_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["REWARD_CONVENTION", "run", "to_trl_rows"]
 
@@ -131,7 +134,7 @@ def _train_request(
     spec: PreferenceSpec,
     ctx: StageContext,
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     train_rows: datasets.Dataset,
     val_rows: datasets.Dataset | None,
     ref_model: Any,
@@ -177,7 +180,7 @@ def _check_model(source: str, spec: PreferenceSpec) -> Any:
     return info
 
 
-def _policy(model: Any, tokenizer: Any) -> Any:
+def _policy(model: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
     """A model loaded for inference, made trainable: float32, embeddings fit the tokenizer."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # a builtin chat template added tokens
@@ -186,7 +189,10 @@ def _policy(model: Any, tokenizer: Any) -> Any:
 
 
 def _tokenizer(
-    spec: PreferenceSpec, ctx: StageContext, tokenizer: Any, conversational: bool
+    spec: PreferenceSpec,
+    ctx: StageContext,
+    tokenizer: PreTrainedTokenizerBase,
+    conversational: bool,
 ) -> Any:
     """The model's tokenizer (or ``tokenizer:``) with a pad token and, for conversations, the
     chat template TRL applies."""
@@ -201,7 +207,7 @@ def _tokenizer(
     return tokenizer
 
 
-def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: Any) -> Any:
+def _reference(spec: PreferenceSpec, ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> Any:
     """The frozen reference model DPO/KTO compare against, when it is not the LoRA base itself
     (None: TRL uses the policy with its adapter disabled, or the method needs none)."""
     if spec.method not in ("dpo", "kto") or not (spec.tuning == "full" or spec.reference_source):
@@ -272,7 +278,7 @@ def _save(
     spec: PreferenceSpec,
     ctx: StageContext,
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     source: str,
     info: Any,
     state_dict: dict[str, Any] | None,

@@ -9,7 +9,7 @@ is by ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from transformers import set_seed
@@ -35,6 +35,9 @@ from mlsteps.engine.validation_sets import named_evaluation
 from mlsteps.errors import UserError, field_scope
 from mlsteps.recipe.specs.pretrain import PretrainSpec
 from mlsteps.stages.pretrain import lm_data, packing, streaming
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Masks of the validation set are drawn once from this seed offset, identical at every eval.
 _EVAL_MASK_SEED_OFFSET = 7919
@@ -111,7 +114,7 @@ def _load_tokenizer_and_model(spec: PretrainSpec, ctx: StageContext) -> tuple[An
 def _pack(
     spec: PretrainSpec,
     ds: datasets.Dataset | streaming.StreamedText,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     ctx: StageContext,
     *,
     train_split: bool,
@@ -211,7 +214,10 @@ def run(spec: PretrainSpec, ctx: StageContext) -> StageResult:
 
 
 def _collator_and_evaluation(
-    spec: PretrainSpec, ctx: StageContext, tokenizer: Any, val_sets: dict[str, Any]
+    spec: PretrainSpec,
+    ctx: StageContext,
+    tokenizer: PreTrainedTokenizerBase,
+    val_sets: dict[str, Any],
 ) -> tuple[Any, Any]:
     """The training collator (CLM shift, or MLM masking seeded by the recipe) and the exact
     token-weighted validation of every set (MLM: masked with its own fixed seed)."""
@@ -241,7 +247,9 @@ def _collator_and_evaluation(
     return collator, named_evaluation(evaluators)
 
 
-def _freeze_unseen(model: Any, tokenizer: Any, seen: Any, ctx: StageContext) -> None:
+def _freeze_unseen(
+    model: Any, tokenizer: PreTrainedTokenizerBase, seen: Any, ctx: StageContext
+) -> None:
     conf = distributed.settings() if distributed.is_distributed() else None
     if conf is not None and (conf.fsdp is not None or conf.deepspeed is not None):
         # Sharded engines flatten parameters: a hook on the original weight would not fire.
@@ -258,7 +266,7 @@ def _unigram_check(
     metrics: dict[str, Any],
     train_blocks: packing.PackedBlocks,
     val_blocks: packing.PackedBlocks,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     vocab_size: int,
     ctx: StageContext,
     set_name: str = "",

@@ -16,7 +16,7 @@ import math
 import unicodedata
 from collections.abc import Sequence
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -24,9 +24,17 @@ import torch
 
 from mlsteps.stages.pretrain.packing import PackedBlocks, pack_token_rows
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def tokenize_documents(
-    ds: datasets.Dataset, tokenizer: Any, text_column: str, *, end_id: int, cache_dir: Any = None
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    *,
+    end_id: int,
+    cache_dir: Any = None,
 ) -> datasets.Dataset:
     """``input_ids`` per document (no special tokens), each followed by ``end_id``.
 
@@ -147,7 +155,7 @@ class CausalCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def word_start_table(tokenizer: Any) -> np.ndarray:
+def word_start_table(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """Per vocabulary id: does this token begin a word? (for whole-word masking)
 
     A token begins a word when it carries the word-boundary marker of its family (GPT-2 "Ġ",
@@ -179,7 +187,9 @@ class MaskingCollator:
     Every sequence gets at least one masked token (an all-unmasked batch would have no loss).
     """
 
-    def __init__(self, tokenizer: Any, *, probability: float, whole_word: bool, seed: int):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, *, probability: float, whole_word: bool, seed: int
+    ):
         self.pad_id = int(tokenizer.pad_token_id)
         self.mask_id = int(tokenizer.mask_token_id)
         self.vocab_size = len(tokenizer)

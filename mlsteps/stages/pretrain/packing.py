@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from mlsteps import cache
 from mlsteps.engine.filepages import arrow_files as _arrow_files
 from mlsteps.engine.filepages import release_file_pages
 from mlsteps.errors import HERE, UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Documents per shard: large enough that encode_batch keeps every core busy, small enough that
 # a shard's Python lists stay a few MB.
@@ -277,7 +280,7 @@ def corpus_fingerprint(ds: Any, text_column: str) -> str:
     return h.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A digest of everything that decides a tokenizer's ids (its full serialised state)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = (
@@ -289,7 +292,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.blake2b((body + json.dumps(extra)).encode(), digest_size=20).hexdigest()
 
 
-def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
+def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
     """texts -> ids without special tokens. A fast tokenizer's backend is called directly
     (``encode_batch_fast``: every core, no offsets): the ``tokenizer(texts)`` wrapper builds a
     Python dict per document, which cost about a third of the throughput (bench/scale_data.py).
@@ -301,7 +304,9 @@ def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
     return lambda texts: [e.ids for e in fast(texts, add_special_tokens=False)]
 
 
-def _encode_shards(ds: Any, tokenizer: Any, text_column: str, end_id: int) -> Iterator[np.ndarray]:
+def _encode_shards(
+    ds: Any, tokenizer: PreTrainedTokenizerBase, text_column: str, end_id: int
+) -> Iterator[np.ndarray]:
     """Each shard of documents as one int32 stream: ids of each non-empty text, then ``end_id``."""
     encode = _batch_encoder(tokenizer)
     files, read = _arrow_files(ds), 0
@@ -321,7 +326,7 @@ def _encode_shards(ds: Any, tokenizer: Any, text_column: str, end_id: int) -> It
 
 def pack_corpus(
     ds: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     text_column: str,
     *,
     end_id: int,

@@ -13,7 +13,7 @@ prompt machinery they share with eval and predict is the top-level ``mlsteps.pro
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsteps.context import StageContext, StageResult, stage_entry
 from mlsteps.distributed import main_process_first
@@ -30,6 +30,9 @@ from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.stages.prompt.data import load_data
 from mlsteps.stages.prompt.hard import PREVIEW_FILE, finish_hard
 from mlsteps.stages.prompt.soft import train_soft
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PREVIEW_FILE", "run"]
 
@@ -132,7 +135,7 @@ def _set_demonstrations(
         prompter.demos = [pool[i] for i in select_demonstrations(len(pool), spec.shots, ctx.seed)]
 
 
-def _uses_chat(spec: PromptSpec, kind: str | None, tokenizer: Any) -> bool:
+def _uses_chat(spec: PromptSpec, kind: str | None, tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether hard prompts are rendered as chat turns: ``spec.chat``, by default when the
     causal LM's tokenizer has a chat template."""
     has_template = bool(getattr(tokenizer, "chat_template", None))

@@ -4,12 +4,16 @@ checked against the template and verbalizer before anything is written.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsteps.context import StageContext
 from mlsteps.errors import HERE, UserError, field_scope
 from mlsteps.prompt.prompter import SOFT_METHODS, Prompter
+from mlsteps.recipe.specs.data import DataSpec
 from mlsteps.recipe.specs.prompt import PromptSpec
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def _as_text(value: Any, column: str, index: int) -> str:
@@ -60,7 +64,7 @@ def load_data(
     val_ds: dict[str, Any] = {}
     if spec.validation is not None:
 
-        def load(name: str, data: Any) -> Any:
+        def load(name: str, data: DataSpec) -> datasets.Dataset:
             with field_scope(vs.where_of("validation", name)):
                 required = [spec.target_column] if soft else []
                 return load_rows(data, cache_dir=ctx.cache_dir, required=required)

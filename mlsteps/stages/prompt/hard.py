@@ -5,7 +5,7 @@ final/: the prompt file and tokenizer, no weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsteps.context import StageContext, StageResult
 from mlsteps.positions import config_max_positions
@@ -13,13 +13,16 @@ from mlsteps.prompt.prompter import Prompter, prompt_file
 from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.text_io import atomic_write_jsonl
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 PREVIEW_FILE = "prompts_preview.jsonl"
 # Rows whose prompts are measured (token length) for the prompt_tokens_* metrics.
 LENGTH_SAMPLE_ROWS = 200
 
 
 def prompt_length_metrics(
-    prompter: Prompter, tokenizer: Any, rows: list[dict[str, Any]]
+    prompter: Prompter, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
 ) -> dict[str, float]:
     """Token length of rendered prompts (mean/max over a sample of rows)."""
     from mlsteps.prompt.scoring import encode_prompt
@@ -53,7 +56,7 @@ def finish_hard(
     spec: PromptSpec,
     ctx: StageContext,
     prompter: Prompter,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, Any]],
     config: Any,
 ) -> StageResult:

@@ -13,6 +13,8 @@ from mlsteps.recipe.specs.prompt import PromptSpec
 from mlsteps.stages.prompt.hard import prompt_length_metrics, write_preview
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from mlsteps.engine.training import TrainRequest
 
 # Rank-classification accuracy during training is computed on at most this many validation rows.
@@ -23,7 +25,7 @@ def train_soft(
     spec: PromptSpec,
     ctx: StageContext,
     prompter: Prompter,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, Any]],
     val_sets: dict[str, list[dict[str, Any]]],
 ) -> StageResult:
@@ -92,7 +94,9 @@ def _soft_base(spec: PromptSpec, ctx: StageContext, prompter: Prompter) -> tuple
     return base, max_seq_len
 
 
-def _wrap_soft(spec: PromptSpec, ctx: StageContext, base: Any, tokenizer: Any) -> Any:
+def _wrap_soft(
+    spec: PromptSpec, ctx: StageContext, base: Any, tokenizer: PreTrainedTokenizerBase
+) -> Any:
     """The base wrapped by peft with a freshly initialised soft prompt (seeded: a resumed run
     rebuilds the one it left)."""
     import transformers
@@ -115,7 +119,7 @@ def _soft_request(
     ctx: StageContext,
     prompter: Prompter,
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, Any]],
     val_sets: dict[str, list[dict[str, Any]]],
     max_seq_len: int,
