@@ -14,7 +14,11 @@ Variant keys (JSON): ``lr`` (both starts), ``lr_pretrained`` (only the MLM start
 steps), ``freeze_embeddings`` (MLM start only: its token embeddings stay as pretrained),
 ``whole_model`` (load the MLM checkpoint's prediction head into the classifier's ``head`` too,
 as ``from_pretrained`` of the classification class does), ``clip`` (gradient norm 1.0),
-``cosine`` (cosine instead of linear decay), ``pretrained_only`` (skip the scratch runs).
+``cosine`` (cosine instead of linear decay), ``pretrained_only`` (skip the scratch runs),
+``reinit_layers`` (MLM start: the top k encoder layers and the final norm start fresh, as in
+Zhang et al. 2021, "Revisiting few-sample BERT fine-tuning"), ``keep`` (``"embeddings"``: only
+the token embeddings come from the MLM, every layer starts fresh; ``"layers"``: the opposite),
+``dropout`` (both starts: embedding, attention, MLP and classifier dropout).
 """
 
 from __future__ import annotations
@@ -61,10 +65,25 @@ def _model(mlm: str, pretrained: bool, v: dict[str, Any]) -> Any:
 
     if pretrained and v.get("whole_model"):
         return tf.ModernBertForSequenceClassification.from_pretrained(mlm, num_labels=2)
-    model = tf.ModernBertForSequenceClassification(tf.AutoConfig.from_pretrained(mlm, num_labels=2))
+    rate = float(v.get("dropout", 0.0))
+    config = tf.AutoConfig.from_pretrained(mlm, num_labels=2, embedding_dropout=rate,
+                                           attention_dropout=rate, mlp_dropout=rate,
+                                           classifier_dropout=rate)  # fmt: skip
+    model = tf.ModernBertForSequenceClassification(config)
     if pretrained:
-        backbone = tf.ModernBertForMaskedLM.from_pretrained(mlm).model
-        model.model.load_state_dict(backbone.state_dict())
+        fresh = {k: t.clone() for k, t in model.model.state_dict().items()}
+        state = tf.ModernBertForMaskedLM.from_pretrained(mlm).model.state_dict()
+        n, k = config.num_hidden_layers, int(v.get("reinit_layers", 0))
+        top = tuple(f"layers.{i}." for i in range(n - k, n)) + (("final_norm",) if k else ())
+        for key in state:
+            embedding = key.startswith("embeddings.")
+            if (
+                key.startswith(top)
+                or (v.get("keep") == "embeddings" and not embedding)
+                or (v.get("keep") == "layers" and embedding)
+            ):
+                state[key] = fresh[key]
+        model.model.load_state_dict(state)
         if v.get("freeze_embeddings"):
             model.model.embeddings.tok_embeddings.weight.requires_grad_(False)
     return model
