@@ -201,6 +201,14 @@ def finetune(
     return float((predicted == torch.tensor([label for _, label in test])).float().mean())
 
 
+def _gain(pretrained: list[float], scratch: list[float]) -> tuple[float, float]:
+    """Mean accuracy difference in points, and its standard error: the seed-to-seed spread of
+    each mean added in quadrature (the test set is the same for both starts)."""
+    gain = 100 * (float(np.mean(pretrained)) - float(np.mean(scratch)))
+    stderr = 100 * math.sqrt(sum(float(np.var(x, ddof=1)) / len(x) for x in (pretrained, scratch)))
+    return gain, stderr
+
+
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--lang", default="zh_reviews", choices=["sst2", "zh_reviews"])
@@ -218,6 +226,20 @@ def main() -> None:
     p.add_argument(
         "--test-rows", type=int, default=0, help="score on the first N test rows (0: all)"
     )
+    p.add_argument(
+        "--ft-lr-also",
+        type=float,
+        nargs="*",
+        default=[],
+        help="further fine-tuning rates of the pretrained start, scored against the same scratch "
+        "runs (one MLM, several rates: a rate check costs only the fine-tunes)",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the results file name, so that points of a curve do not overwrite each "
+        "other (default: none, the file name of earlier runs)",
+    )
     args = p.parse_args()
     common.setup_threads(args.threads or 1)
     if args.quick:
@@ -227,22 +249,29 @@ def main() -> None:
     seeds = range(1, args.seeds + 1)
     tok = _tokenizer([t for t, _ in train])
     model, result = pretrain(args, tok, [t for t, _ in train])
+    started = time.process_time()
     result["pretrained"] = [finetune(args, tok, model, s, train, test, args.ft_lr) for s in seeds]
     result["scratch"] = [
         finetune(args, tok, None, s, train, test, args.ft_lr_scratch) for s in seeds
     ]
-    gain = 100 * (float(np.mean(result["pretrained"])) - float(np.mean(result["scratch"])))
-    # Standard error of the difference of two independent means (seed-to-seed spread; the
-    # test set is the same for both starts).
-    stderr = 100 * math.sqrt(sum(float(np.var(result[k], ddof=1)) / len(result[k])
-                                 for k in ("pretrained", "scratch")))  # fmt: skip
+    gain, stderr = _gain(result["pretrained"], result["scratch"])
+    also = {}
+    for lr in args.ft_lr_also:
+        accs = [finetune(args, tok, model, s, train, test, lr) for s in seeds]
+        g, se = _gain(accs, result["scratch"])
+        also[str(lr)] = {"pretrained": accs, "gain_points": round(g, 1),
+                         "gain_stderr_points": round(se, 1)}  # fmt: skip
+        common.log(f"pretrained start at fine-tuning rate {lr}: gain {g:+.1f} ± {se:.1f}")
+    if also:
+        result["pretrained_at_ft_lr"] = also
+    result["finetune_cpu_s"] = round(time.process_time() - started)
     result.update(settings={k: v for k, v in vars(args).items() if k not in ("quick", "no_write")},
                   gain_points=round(gain, 1), gain_stderr_points=round(stderr, 1),
                   test_rows=len(test))  # fmt: skip
     text = json.dumps(result)
     print(text)
     common.write_results(
-        f"mlm_plateau_{args.lang}_{args.family}",
+        f"mlm_plateau_{args.lang}_{args.family}" + (f"_{args.tag}" if args.tag else ""),
         quick=args.quick,
         result=result,
         markdown=f"```\n{text}\n```\n",
