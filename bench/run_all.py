@@ -22,6 +22,7 @@ ORDER = [
     "startup",
     "pretrain",
     "generation",
+    "prompt_scoring",
     "finetune",
     "perplexity",
     "quickstart",

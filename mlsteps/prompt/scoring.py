@@ -15,7 +15,6 @@ Works with plain transformers models and with peft prompt-learning models (whose
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -271,6 +270,12 @@ def label_logprobs(
     """log p(answer_prefix + word | prompt) for every prompt (rows) and label (columns, in
     verbalizer order)."""
     labels = list(verbalizer)
+    if not is_seq2seq(model):
+        answers = [encode_answer(tokenizer, answer_prefix + verbalizer[k]) for k in labels]
+        if all(len(ids) == 1 for ids in answers):
+            return _next_token_logprobs(
+                model, tokenizer, prompts, [ids[0] for ids in answers], batch_size=batch_size
+            )
     pairs_p = [p for p in prompts for _ in labels]
     pairs_c = [answer_prefix + verbalizer[label] for _ in prompts for label in labels]
     scores = continuation_logprobs(
@@ -279,7 +284,7 @@ def label_logprobs(
     return [scores[i * len(labels) : (i + 1) * len(labels)] for i in range(len(prompts))]
 
 
-def _argmax_labels(labels: Sequence[str], rows: Sequence[Sequence[float]]) -> list[str]:
+def argmax_labels(labels: Sequence[str], rows: Sequence[Sequence[float]]) -> list[str]:
     # Ties go to the first label in verbalizer order (max returns the first maximum).
     return [labels[max(range(len(labels)), key=row.__getitem__)] for row in rows]
 
@@ -309,75 +314,42 @@ def rank_classify(
         batch_size=batch_size,
         length_normalize=length_normalize,
     )
-    return _argmax_labels(list(verbalizer), rows)
+    return argmax_labels(list(verbalizer), rows)
 
 
-def _log_normalize(row: Sequence[float]) -> list[float]:
-    """log of the distribution over labels (softmax of the row), in float64."""
-    peak = max(row)
-    log_z = peak + math.log(sum(math.exp(x - peak) for x in row))
-    return [x - log_z for x in row]
-
-
-def calibration_offsets(
-    model: Any, tokenizer: PreTrainedTokenizerBase, prompter: Any, *, batch_size: int = 16
-) -> list[float] | None:
-    """Per-label log offsets subtracted from every row's label scores (None: no calibration).
-
-    - ``contextual`` (Zhao et al. 2021): p_cf = the mean, over the content-free inputs
-      ("N/A", "", "[MASK]") put into the full prompt (demonstrations included), of the label
-      distribution renormalised over the verbalizer words; the decision is argmax p(y|x) / p_cf(y),
-      i.e. log p(y|x) - log p_cf(y). This removes the prompt's prior towards one label word
-      (majority-label and recency bias of the demonstrations, a word's frequency).
-    - ``domain_pmi`` (Holtzman et al. 2021): log p(y|x) - log p(y|premise), the premise being the
-      template's text after its last field (see ``Prompter.domain_premise``).
-    """
-    mode = getattr(prompter, "calibration", "none")
-    if mode in (None, "none"):
-        return None
-    verbalizer = prompter.verbalizer
-    prefix = prompter.answer_prefix
-    if mode == "contextual":
-        prompts = [prompter.render(row) for row in prompter.content_free_rows()]
-        rows = label_logprobs(
-            model, tokenizer, prompts, verbalizer, answer_prefix=prefix, batch_size=batch_size
-        )
-        probs = [[math.exp(x) for x in _log_normalize(row)] for row in rows]
-        mean = [sum(col) / len(probs) for col in zip(*probs, strict=True)]
-        return [math.log(max(p, 1e-300)) for p in mean]
-    if mode == "domain_pmi":
-        (row,) = label_logprobs(
-            model,
-            tokenizer,
-            [prompter.domain_premise()],
-            verbalizer,
-            answer_prefix=prefix,
-            batch_size=batch_size,
-        )
-        return list(row)
-    raise ValueError(f"unknown calibration {mode!r}")
-
-
-def classify_prompted(
+def _next_token_logprobs(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
-    prompter: Any,
     prompts: Sequence[str],
+    token_ids: Sequence[int],
     *,
-    batch_size: int = 16,
-) -> list[str]:
-    """Rank classification of rendered ``prompts`` with the prompter's verbalizer, calibrated as
-    ``prompter.calibration`` says (see :func:`calibration_offsets`)."""
-    verbalizer = prompter.verbalizer
-    rows = label_logprobs(
-        model,
-        tokenizer,
-        prompts,
-        verbalizer,
-        answer_prefix=prompter.answer_prefix,
-        batch_size=batch_size,
-    )
-    offsets = calibration_offsets(model, tokenizer, prompter, batch_size=batch_size)
-    if offsets is not None:
-        rows = [[x - o for x, o in zip(row, offsets, strict=True)] for row in rows]
-    return _argmax_labels(list(verbalizer), rows)
+    batch_size: int,
+) -> list[list[float]]:
+    """log p(token | prompt) for each prompt (rows) and one-token answer (columns) of a causal
+    model: one forward pass per prompt instead of one per (prompt, answer), since every answer
+    is scored at the same position, the prompt's last. Prompts are cut from their start as in
+    :func:`continuation_logprobs`; the numbers are the same up to float rounding (tested)."""
+    limit = max_positions(model)
+    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    encoded = [ids[-max(1, limit - 1) :] if limit else ids for ids in encoded]
+    collate = PromptCollator(pad_id_of(tokenizer))
+    device = next(model.parameters()).device
+    columns = torch.tensor(list(token_ids), device=device)
+    was_training = model.training
+    model.eval()
+    rows: list[list[float]] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                feats = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in chunk]
+                batch = {k: v.to(device) for k, v in collate(feats).items()}
+                # peft prompt/p-tuning prepend virtual positions: keep the last len(input) ones.
+                logits = model(**batch).logits[:, -batch["input_ids"].shape[1] :]
+                last = torch.tensor([len(ids) - 1 for ids in chunk], device=device)
+                picked = logits[torch.arange(len(chunk), device=device), last].float()
+                logp = torch.log_softmax(picked, dim=-1)[:, columns]
+                rows.extend(logp.cpu().tolist())
+    finally:
+        model.train(was_training)
+    return rows

@@ -38,10 +38,10 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import Trainer
 
 from mlsteps.errors import UserError
+from mlsteps.prompt.calibration import classify_prompted
 from mlsteps.prompt.scoring import (
     PromptCollator,
     build_example,
-    classify_prompted,
     encode_answer,
     encode_prompt,
     pad_id_of,

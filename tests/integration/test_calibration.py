@@ -19,8 +19,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from mlsteps.prompt.calibration import classify_prompted
 from mlsteps.prompt.prompter import CONTENT_FREE_INPUTS, Demonstration, Prompter
-from mlsteps.prompt.scoring import classify_prompted, rank_classify
+from mlsteps.prompt.scoring import rank_classify
 from mlsteps.recipe.specs.prompt import PromptSpec
 
 WORDS = ["good", "bad", "movie", "plot", "dull", "great", "film", "acting", "the", "was"]
@@ -175,3 +176,63 @@ def test_soft_prompt_scoring_fits_prompts_at_the_position_limit(tiny: tuple[Any,
     assert len(tokenizer(long_prompt)["input_ids"]) > 128
     got = classify_prompted(peft_model, tokenizer, _prompter("none"), [long_prompt, "good film"])
     assert len(got) == 2 and set(got) <= set(VERBALIZER)
+
+
+def _forward_calls(model: Any) -> tuple[list[int], Any]:
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["plain", "prompt_tuning"])
+def test_one_token_labels_take_one_pass_and_score_as_the_pairs(
+    tiny: tuple[Any, Any], soft: bool
+) -> None:
+    """Label words of one token each are scored with one forward pass per prompt, at the
+    prompt's last position; the numbers equal the (prompt, word) pair path's to float32 rounding,
+    for prompts of mixed lengths, one cut at the position limit, and a soft prompt's virtual
+    tokens in front."""
+    import copy
+
+    from mlsteps.prompt.scoring import continuation_logprobs, label_logprobs
+    from mlsteps.prompt.soft_prompt import wrap
+
+    model, tokenizer = tiny
+    if soft:
+        torch.manual_seed(0)
+        model = wrap(
+            copy.deepcopy(model), tokenizer, method="prompt_tuning", num_virtual_tokens=4,
+            init_text=None, gradient_checkpointing=False,
+        )  # fmt: skip
+    words = [" " + w for w in VERBALIZER.values()]
+    assert all(len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)
+    prompter = _prompter("none", [Demonstration("good film", "great")])
+    prompts = [prompter.render(r) for r in _rows(9)] + [" ".join(WORDS * 40)]
+    calls, handle = _forward_calls(model)
+    try:
+        got = label_logprobs(model, tokenizer, prompts, VERBALIZER, answer_prefix=" ", batch_size=4)
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # 10 prompts in batches of 4; the pair path would take 5 passes
+    pairs = continuation_logprobs(
+        model, tokenizer, [p for p in prompts for _ in words], words * len(prompts), batch_size=4
+    )
+    flat = [x for row in got for x in row]
+    assert len(flat) == len(pairs)
+    # float32 logits, log-softmax over 320 tokens: agreement to ~1e-6 relative, checked at 1e-4
+    # absolute on values of about -6 (different padding widths change the rounding only).
+    assert max(abs(a - b) for a, b in zip(flat, pairs, strict=True)) < 1e-4
+
+
+def test_multi_token_labels_keep_the_pair_path(tiny: tuple[Any, Any]) -> None:
+    from mlsteps.prompt.scoring import continuation_logprobs, label_logprobs
+
+    model, tokenizer = tiny
+    verbalizer = {"1": "great acting", "0": "dull"}  # the first word is two tokens
+    prompts = [_prompter("none").render(r) for r in _rows(5)]
+    got = label_logprobs(model, tokenizer, prompts, verbalizer, answer_prefix=" ")
+    pairs = continuation_logprobs(
+        model, tokenizer, [p for p in prompts for _ in verbalizer],
+        [" great acting", " dull"] * len(prompts),
+    )  # fmt: skip
+    assert [x for row in got for x in row] == pairs

@@ -140,7 +140,7 @@ def _predict_labels(
         with field_scope("data"):
             texts = require_text(rows, spec.input_column, "input_column")
         return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
-    from mlsteps.prompt.scoring import classify_prompted
+    from mlsteps.prompt.calibration import classify_prompted
 
     prompter = loaded.prompter
     prompts = _inputs(spec, rows, prompter)
