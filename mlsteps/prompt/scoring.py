@@ -272,9 +272,11 @@ def label_logprobs(
     labels = list(verbalizer)
     if not is_seq2seq(model):
         answers = [encode_answer(tokenizer, answer_prefix + verbalizer[k]) for k in labels]
-        if all(len(ids) == 1 for ids in answers):
+        shared = answers[0][:-1]
+        # Every answer is the same tokens (often just the prefix's space) then one of its own.
+        if all(ids and ids[:-1] == shared for ids in answers):
             return _next_token_logprobs(
-                model, tokenizer, prompts, [ids[0] for ids in answers], batch_size=batch_size
+                model, tokenizer, prompts, shared, [a[-1] for a in answers], batch_size=batch_size
             )
     pairs_p = [p for p in prompts for _ in labels]
     pairs_c = [answer_prefix + verbalizer[label] for _ in prompts for label in labels]
@@ -321,20 +323,25 @@ def _next_token_logprobs(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
+    shared: Sequence[int],
     token_ids: Sequence[int],
     *,
     batch_size: int,
 ) -> list[list[float]]:
-    """log p(token | prompt) for each prompt (rows) and one-token answer (columns) of a causal
-    model: one forward pass per prompt instead of one per (prompt, answer), since every answer
-    is scored at the same position, the prompt's last. Prompts are cut from their start as in
+    """log p(shared + token | prompt) for each prompt (rows) and answer (columns) of a causal
+    model, when the answers are the same ``shared`` tokens and then one token each: one forward
+    pass per prompt instead of one per (prompt, answer), since every answer's last token is
+    scored at the same position. Prompts are cut from their start as in
     :func:`continuation_logprobs`; the numbers are the same up to float rounding (tested)."""
     limit = max_positions(model)
+    keep = max(1, limit - len(shared) - 1) if limit else None
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
-    encoded = [ids[-max(1, limit - 1) :] if limit else ids for ids in encoded]
+    encoded = [(ids[-keep:] if keep else ids) + list(shared) for ids in encoded]
     collate = PromptCollator(pad_id_of(tokenizer))
     device = next(model.parameters()).device
     columns = torch.tensor(list(token_ids), device=device)
+    targets = torch.tensor(list(shared), dtype=torch.long, device=device)
+    span = torch.arange(len(shared) + 1, device=device)
     was_training = model.training
     model.eval()
     rows: list[list[float]] = []
@@ -346,10 +353,12 @@ def _next_token_logprobs(
                 batch = {k: v.to(device) for k, v in collate(feats).items()}
                 # peft prompt/p-tuning prepend virtual positions: keep the last len(input) ones.
                 logits = model(**batch).logits[:, -batch["input_ids"].shape[1] :]
-                last = torch.tensor([len(ids) - 1 for ids in chunk], device=device)
-                picked = logits[torch.arange(len(chunk), device=device), last].float()
-                logp = torch.log_softmax(picked, dim=-1)[:, columns]
-                rows.extend(logp.cpu().tolist())
+                # The positions that predict the shared tokens, then the answer's own token.
+                first = torch.tensor([len(ids) - len(shared) - 1 for ids in chunk], device=device)
+                where = (first[:, None] + span)[..., None].expand(-1, -1, logits.shape[-1])
+                logp = torch.log_softmax(logits.gather(1, where).float(), dim=-1)
+                prefix = logp[:, :-1].gather(-1, targets.expand(len(chunk), -1)[..., None])
+                rows.extend((prefix.sum((1, 2))[:, None] + logp[:, -1][:, columns]).cpu().tolist())
     finally:
         model.train(was_training)
     return rows

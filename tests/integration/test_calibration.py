@@ -236,3 +236,31 @@ def test_multi_token_labels_keep_the_pair_path(tiny: tuple[Any, Any]) -> None:
         [" great acting", " dull"] * len(prompts),
     )  # fmt: skip
     assert [x for row in got for x in row] == pairs
+
+
+@pytest.mark.parametrize("answer_prefix", ["\n", " - "], ids=["one_shared", "two_shared"])
+def test_answers_with_shared_tokens_take_one_pass(
+    tiny: tuple[Any, Any], answer_prefix: str
+) -> None:
+    """Answers that are the same tokens and then one token each (a prefix the BPE keeps apart,
+    as " 好" / " 差" in a Chinese byte-level BPE) are scored in one pass per prompt too, shared
+    tokens included in each answer's log-probability, equal to the pair path's."""
+    from mlsteps.prompt.scoring import continuation_logprobs, label_logprobs
+
+    model, tokenizer = tiny
+    words = [answer_prefix + w for w in VERBALIZER.values()]
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    assert len(ids[0]) > 1 and ids[0][:-1] == ids[1][:-1]  # really shared tokens
+    prompts = [_prompter("none").render(r) for r in _rows(9)] + [" ".join(WORDS * 40)]
+    calls, handle = _forward_calls(model)
+    try:
+        got = label_logprobs(model, tokenizer, prompts, VERBALIZER, answer_prefix=answer_prefix,
+                             batch_size=4)  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    pairs = continuation_logprobs(
+        model, tokenizer, [p for p in prompts for _ in words], words * len(prompts), batch_size=4
+    )
+    flat = [x for row in got for x in row]
+    assert max(abs(a - b) for a, b in zip(flat, pairs, strict=True)) < 1e-4
