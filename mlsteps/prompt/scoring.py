@@ -275,9 +275,12 @@ def label_logprobs(
         shared = answers[0][:-1]
         # Every answer is the same tokens (often just the prefix's space) then one of its own.
         if all(ids and ids[:-1] == shared for ids in answers):
-            return _next_token_logprobs(
+            rows = _next_token_logprobs(
                 model, tokenizer, prompts, shared, [a[-1] for a in answers], batch_size=batch_size
             )
+            if not length_normalize:
+                return rows
+            return [[x / (len(shared) + 1) for x in row] for row in rows]  # every answer's length
     pairs_p = [p for p in prompts for _ in labels]
     pairs_c = [answer_prefix + verbalizer[label] for _ in prompts for label in labels]
     scores = continuation_logprobs(

@@ -264,3 +264,11 @@ def test_answers_with_shared_tokens_take_one_pass(
     )
     flat = [x for row in got for x in row]
     assert max(abs(a - b) for a, b in zip(flat, pairs, strict=True)) < 1e-4
+    normalized = label_logprobs(model, tokenizer, prompts, VERBALIZER, answer_prefix=answer_prefix,
+                                length_normalize=True)  # fmt: skip
+    per_token = continuation_logprobs(
+        model, tokenizer, [p for p in prompts for _ in words], words * len(prompts),
+        length_normalize=True,
+    )  # fmt: skip
+    flat = [x for row in normalized for x in row]
+    assert max(abs(a - b) for a, b in zip(flat, per_token, strict=True)) < 1e-4
