@@ -55,6 +55,9 @@ class Loaded:
     kind: ModelKind
     prompter: Any | None = None
     source: str = ""
+    # The model files loaded as they are (no adapter, no soft prompt), else "": two loads with the
+    # same value have the same weights (the eval stage reuses label scores across them).
+    weights: str = ""
 
 
 def _load_prompter(directory: Path) -> Any | None:
@@ -252,8 +255,16 @@ def load_for_inference(
     model.eval()
     if info.prompter is not None and info.prompter.chat:
         info.prompter.use_chat_template(tokenizer)  # the template saved with the prompted model
+    weights = "" if info.adapter_source is not None else info.model_source
+    if weights and Path(weights).exists():
+        weights = str(Path(weights).resolve())
     return Loaded(
-        model=model, tokenizer=tokenizer, kind=info.kind, prompter=info.prompter, source=source
+        model=model,
+        tokenizer=tokenizer,
+        kind=info.kind,
+        prompter=info.prompter,
+        source=source,
+        weights=weights,
     )
 
 

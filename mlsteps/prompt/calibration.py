@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mlsteps.prompt.prompter import Prompter
 from mlsteps.prompt.scoring import argmax_labels, label_logprobs
 
 if TYPE_CHECKING:
+    from torch.nn import Module
     from transformers import PreTrainedTokenizerBase
 
 
@@ -33,7 +34,7 @@ def _verbalizer(prompter: Prompter) -> dict[str, str]:
 
 
 def calibration_offsets(
-    model: Any, tokenizer: PreTrainedTokenizerBase, prompter: Prompter, *, batch_size: int = 16
+    model: Module, tokenizer: PreTrainedTokenizerBase, prompter: Prompter, *, batch_size: int = 16
 ) -> list[float] | None:
     """Per-label log offsets subtracted from every row's label scores (None: no calibration).
 
@@ -71,8 +72,46 @@ def calibration_offsets(
     raise ValueError(f"unknown calibration {mode!r}")
 
 
+def prompted_label_scores(
+    model: Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompter: Prompter,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Uncalibrated log p(label word | prompt) for every prompt (rows) and verbalizer label
+    (columns). They depend on the weights, the tokenizer, the prompts and the verbalizer only, not
+    on the calibration, so the eval stage reuses them across calibrations of one model."""
+    return label_logprobs(
+        model,
+        tokenizer,
+        prompts,
+        _verbalizer(prompter),
+        answer_prefix=prompter.answer_prefix,
+        batch_size=batch_size,
+    )
+
+
+def calibrated_labels(
+    model: Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompter: Prompter,
+    rows: Sequence[Sequence[float]],
+    *,
+    batch_size: int = 16,
+) -> list[str]:
+    """The arg-max label of each row of :func:`prompted_label_scores`, after subtracting the
+    offsets of ``prompter.calibration`` (see :func:`calibration_offsets`)."""
+    verbalizer = _verbalizer(prompter)
+    offsets = calibration_offsets(model, tokenizer, prompter, batch_size=batch_size)
+    if offsets is not None:
+        rows = [[x - o for x, o in zip(row, offsets, strict=True)] for row in rows]
+    return argmax_labels(list(verbalizer), rows)
+
+
 def classify_prompted(
-    model: Any,
+    model: Module,
     tokenizer: PreTrainedTokenizerBase,
     prompter: Prompter,
     prompts: Sequence[str],
@@ -81,16 +120,5 @@ def classify_prompted(
 ) -> list[str]:
     """Rank classification of rendered ``prompts`` with the prompter's verbalizer, calibrated as
     ``prompter.calibration`` says (see :func:`calibration_offsets`)."""
-    verbalizer = _verbalizer(prompter)
-    rows = label_logprobs(
-        model,
-        tokenizer,
-        prompts,
-        verbalizer,
-        answer_prefix=prompter.answer_prefix,
-        batch_size=batch_size,
-    )
-    offsets = calibration_offsets(model, tokenizer, prompter, batch_size=batch_size)
-    if offsets is not None:
-        rows = [[x - o for x, o in zip(row, offsets, strict=True)] for row in rows]
-    return argmax_labels(list(verbalizer), rows)
+    rows = prompted_label_scores(model, tokenizer, prompter, prompts, batch_size=batch_size)
+    return calibrated_labels(model, tokenizer, prompter, rows, batch_size=batch_size)

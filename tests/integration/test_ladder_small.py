@@ -138,3 +138,49 @@ def test_unigram_perplexity_matches_brute_force() -> None:
     nll = -sum(math.log((counts[t] + 1) / total) for t in val_tokens) / len(val_tokens)
     got = unigram_perplexity(train, val, vocab, skip_ids=special)
     assert got == pytest.approx(math.exp(nll), rel=1e-12)
+
+
+def test_calibrations_of_one_model_share_its_label_scores(
+    tmp_path: Path, one_thread: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zero- or few-shot prompts of the same weights differ only in their calibration: the eval
+    stage scores the prompts once and reuses them, with the decisions of a model scored alone.
+    A soft prompt (weights of its own) with the very same prompts as the zero-shot model is not
+    reused."""
+    from mlsteps.prompt import calibration
+
+    recipe = _recipe()
+    stages = recipe["stages"]
+    test = stages.pop("test")
+    stages["few_raw"] = {**stages["few_shot"], "calibration": "none"}
+    zero = {k: v for k, v in stages["few_shot"].items() if k not in ("shots", "data")}
+    stages["zero"] = {**zero, "method": "zero_shot"}
+    stages["test"] = {**test, "models": ["few_shot", "few_raw", "zero", "soft"]}
+    stages["alone"] = {**test, "models": ["few_raw"]}
+    calls: list[tuple[str, int]] = []
+    real = calibration.label_logprobs
+
+    def counting(model: Any, tokenizer: Any, prompts: Any, *args: Any, **kw: Any) -> Any:
+        calls.append((prompts[0], len(prompts)))
+        return real(model, tokenizer, prompts, *args, **kw)
+
+    monkeypatch.setattr(calibration, "label_logprobs", counting)
+    run_dir = tmp_path / "run"
+    result = run_recipe(validate_recipe(recipe), run_dir, quiet=True)
+    assert result.exit_code == 0
+
+    n_rows = 60
+    scored = [first for first, n in calls if n == n_rows]
+    # test: few_shot scores, few_raw reuses them, zero and soft score their own; alone: few_raw.
+    assert len(scored) == 4
+    assert scored[1] == scored[2]  # zero and soft scored the same prompts, each with its weights
+    assert scored[3] == scored[0]  # the stage alone scored few_raw's (= few_shot's) prompts
+    records = [json.loads(line) for line in (run_dir / "test" / "predictions.jsonl").open()]
+    alone = [json.loads(line) for line in (run_dir / "alone" / "predictions.jsonl").open()]
+    shared = [r["predicted_label"] for r in records if r["model"] == "few_raw"]
+    assert shared == [r["predicted_label"] for r in alone]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["few_raw"] == metrics["alone"]["few_raw"]
+    # Calibration still decides per model: contextual and none differ on this biased tiny model.
+    calibrated = [r["predicted_label"] for r in records if r["model"] == "few_shot"]
+    assert calibrated != shared

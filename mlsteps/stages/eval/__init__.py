@@ -248,6 +248,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
 
     ladder: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
+    reuse: dict[str, list[list[float]]] = {}  # label scores shared by calibrations of one model
     for index, label in enumerate(spec.models):
         ladder[label] = {}
         if rows is not None:
@@ -258,7 +259,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> StageResult:
                 model_field=f"models.{index}",
                 loading=loading_kwargs(spec),
             )
-            scores, model_records = score_model(spec, ctx, loaded, rows, metrics, data)
+            scores, model_records = score_model(spec, ctx, loaded, rows, metrics, data, reuse)
             ladder[label] = scores
             records += [{"model": label, **rec} for rec in model_records]
             del loaded

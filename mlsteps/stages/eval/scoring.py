@@ -20,13 +20,15 @@ def score_model(
     rows: Any,
     metrics: list[str],
     data: dict[str, Any],
+    reuse: dict[str, list[list[float]]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics of one loaded model, and its prediction records (empty when it predicts nothing).
-    Each option family of the metric table has one scorer below, run in _SCORERS' order."""
+    Each option family of the metric table has one scorer below, run in _SCORERS' order.
+    ``reuse``: uncalibrated label scores of the stage's earlier models, by ``_reuse_key``."""
     out: dict[str, Any] = {}
     records: list[dict[str, Any]] = [{"index": i} for i in range(rows.num_rows)]
     predicted = False
-    job = _Job(spec, ctx, loaded, rows, data, records)
+    job = _Job(spec, ctx, loaded, rows, data, records, reuse)
     for family, scorer in _SCORERS:
         wanted = [m for m in metrics if table.BY_NAME[m].family == family]
         if wanted:
@@ -39,9 +41,10 @@ class _Job:
     """What every family scorer reads: one loaded model on the eval rows."""
 
     def __init__(self, spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any,
-                 data: dict[str, Any], records: list[dict[str, Any]]) -> None:  # fmt: skip
+                 data: dict[str, Any], records: list[dict[str, Any]],
+                 reuse: dict[str, list[list[float]]]) -> None:  # fmt: skip
         self.spec, self.ctx, self.loaded, self.rows = spec, ctx, loaded, rows
-        self.data, self.records = data, records
+        self.data, self.records, self.reuse = data, records, reuse
 
 
 def _score_perplexity(job: _Job, wanted: list[str]) -> dict[str, Any]:
@@ -106,7 +109,7 @@ def _score_generation(job: _Job, wanted: list[str]) -> dict[str, Any]:
 def _score_labels(job: _Job, wanted: list[str]) -> dict[str, Any]:
     from mlsteps.metrics.generated import LABEL_METRICS, score_labels
 
-    shown, predicted = _predict_labels(job.spec, job.ctx, job.loaded, job.rows)
+    shown, predicted = _predict_labels(job)
     gold = job.data["labels"]
     ordered = [m for m in LABEL_METRICS if m in wanted]
     with field_scope("metrics"):
@@ -129,29 +132,66 @@ _SCORERS = (
 )
 
 
-def _predict_labels(
-    spec: EvalSpec, ctx: StageContext, loaded: Any, rows: Any
-) -> tuple[list[str], list[str]]:
+def _predict_labels(job: _Job) -> tuple[list[str], list[str]]:
     """(model inputs, predicted labels): a classifier's arg-max, else rank classification."""
     from mlsteps.engine.inference import predict_labels
 
+    spec, loaded = job.spec, job.loaded
     batch = spec.generation.batch_size
     if loaded.kind == "classification":
         with field_scope("data"):
-            texts = require_text(rows, spec.input_column, "input_column")
+            texts = require_text(job.rows, spec.input_column, "input_column")
         return texts, map_sharded(lambda xs: predict_labels(loaded, xs, batch_size=batch), texts)
-    from mlsteps.prompt.calibration import classify_prompted
+    from mlsteps.prompt.calibration import calibrated_labels, prompted_label_scores
 
     prompter = loaded.prompter
-    prompts = _inputs(spec, rows, prompter)
+    prompts = _inputs(spec, job.rows, prompter)
+    key = _reuse_key(loaded, prompts)
+    scores = job.reuse.get(key) if key else None
+    if scores is None:
+        scores = map_sharded(
+            lambda xs: prompted_label_scores(
+                loaded.model, loaded.tokenizer, prompter, xs, batch_size=batch
+            ),
+            prompts,
+        )
+        if key:
+            job.reuse[key] = scores
+    else:
+        job.ctx.log("label scores reused: same weights, tokenizer, prompts and verbalizer")
     # Calibrated as the prompted model says (mlsteps_prompt.json "calibration").
-    predicted = map_sharded(
-        lambda xs: classify_prompted(
-            loaded.model, loaded.tokenizer, prompter, xs, batch_size=batch
-        ),
-        prompts,
+    predicted = calibrated_labels(
+        loaded.model, loaded.tokenizer, prompter, scores, batch_size=batch
     )
     return prompts, predicted
+
+
+def _reuse_key(loaded: Any, prompts: list[str]) -> str | None:
+    """What the uncalibrated label scores depend on: the weights (only a prompted model that
+    loads its base model as it is, without adapter or soft prompt), the tokenizer, the prompts,
+    the answer prefix and the verbalizer. None: nothing to share (weights of its own, or a
+    tokenizer without a serialisable backend)."""
+    import hashlib
+    import json
+
+    backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+    prompter = loaded.prompter
+    if not loaded.weights or backend is None or prompter is None or prompter.verbalizer is None:
+        return None
+    tok = loaded.tokenizer
+    parts = [
+        loaded.weights,
+        backend.to_str(),
+        repr(sorted(tok.special_tokens_map.items())),
+        f"{tok.padding_side} {tok.truncation_side} {tok.model_max_length}",
+        prompter.answer_prefix,
+        json.dumps(list(prompter.verbalizer.items()), ensure_ascii=False),
+        *prompts,
+    ]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
 
 
 def _response_perplexity(
