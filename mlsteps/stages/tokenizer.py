@@ -8,8 +8,8 @@ tokenizer serves (``target``); their ids come first, so they are the same for ev
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import (
     Tokenizer,
@@ -20,14 +20,13 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import PreTrainedTokenizerFast
 
 from mlsteps.context import StageContext, StageResult, stage_entry
-from mlsteps.engine.checkpoints import write_dir_atomically
-from mlsteps.engine.data import TEXT_COLUMN, load_text
-from mlsteps.engine.modeling import load_tokenizer
 from mlsteps.errors import UserError, field_scope
 from mlsteps.recipe.specs.tokenizer import SPECIAL_ROLES, TokenizerSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # Role -> token text, per naming style. BERT-style names for WordPiece, <x> elsewhere.
 _BRACKET = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -64,9 +63,12 @@ def _normalizer(spec: TokenizerSpec) -> Any:
     return normalizers.Sequence(steps)
 
 
-def build_untrained(spec: TokenizerSpec) -> tuple[Tokenizer, Any]:
-    """An untrained ``tokenizers.Tokenizer`` and its trainer for ``spec.algorithm``."""
-    specials = list(special_tokens(spec.target, spec.algorithm).values())
+def build_untrained(spec: TokenizerSpec, registered: Sequence[str] = ()) -> tuple[Tokenizer, Any]:
+    """An untrained ``tokenizers.Tokenizer`` and its trainer for ``spec.algorithm``.
+
+    ``registered``: tokens the trainer creates before anything else, after the special tokens
+    (it takes them as special tokens; see ``train_wordpiece``)."""
+    specials = [*special_tokens(spec.target, spec.algorithm).values(), *registered]
     unk = special_tokens(spec.target, spec.algorithm)["unk"]
     if spec.algorithm == "bpe":
         # Byte-level: every string is encodable (no unknown tokens), Chinese included.
@@ -96,6 +98,35 @@ def build_untrained(spec: TokenizerSpec) -> tuple[Tokenizer, Any]:
         )
     tok.normalizer = _normalizer(spec)
     return tok, trainer
+
+
+def train_wordpiece(
+    spec: TokenizerSpec, texts: Callable[[], Iterator[list[str]]], rows: int
+) -> Tokenizer:
+    """A WordPiece vocabulary that is the same on every run, numbered canonically.
+
+    tokenizers' trainer (0.23) creates the continuation tokens ("##x") lazily while iterating a
+    Rust hash map seeded per process, and those ids break ties between equally frequent merges
+    (huggingface/tokenizers#1794; the fix, PR #2066, is unmerged). So the same recipe picked
+    other merges at the vocabulary cut-off: SST-2, 4,000 tokens, gave 3 different vocabularies in
+    6 processes, and the MLM pretrained on them ended at perplexity 161 or 290. Hand-written
+    around the library for that reason; drop the first pass once #2066 is released.
+
+    The first training finds which continuation tokens exist (the set does not depend on the
+    order). The second registers them up front in text order, with the special tokens, so no id
+    depends on the hash order; they are ordinary vocabulary again afterwards."""
+    tok, trainer = build_untrained(spec)
+    tok.train_from_iterator(texts(), trainer, length=rows)
+    prefix = "##"  # models.WordPiece's continuing_subword_prefix, as build_untrained leaves it
+    continuing = sorted(
+        t for t in tok.get_vocab() if t.startswith(prefix) and len(t) == len(prefix) + 1
+    )
+    tok, trainer = build_untrained(spec, continuing)
+    tok.train_from_iterator(texts(), trainer, length=rows)
+    data = json.loads(tok.to_str())
+    registered = set(continuing)
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] not in registered]
+    return canonical_wordpiece_ids(Tokenizer.from_str(json.dumps(data)))
 
 
 def canonical_wordpiece_ids(tok: Tokenizer) -> Tokenizer:
@@ -157,6 +188,8 @@ def _texts(ds: Any, column: str) -> Iterator[list[str]]:
 
 
 def _wrap(tok: Tokenizer, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     roles = special_tokens(spec.target, spec.algorithm)
     processor = _post_processor(tok, spec.target, roles)
     if processor is not None:
@@ -203,6 +236,8 @@ def run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
 
 def _training_text(spec: TokenizerSpec, ctx: StageContext) -> Any:
     """One text column made of every listed column of every data source, in order."""
+    from mlsteps.engine.data import load_text
+
     ds = load_text(
         spec.data or [],
         spec.text_columns,
@@ -216,10 +251,15 @@ def _training_text(spec: TokenizerSpec, ctx: StageContext) -> Any:
 
 
 def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
+    from mlsteps.engine.checkpoints import write_dir_atomically
+    from mlsteps.engine.data import TEXT_COLUMN
+
     ds = _training_text(spec, ctx) if spec.data else None
     if spec.from_ is not None:
         source = ctx.resolve_source(spec.from_)  # an unreachable hub is the stage's error
         with field_scope("from"):
+            from mlsteps.engine.modeling import load_tokenizer
+
             wrapped = load_tokenizer(source)
         metrics: dict[str, Any] = {"vocab_size": len(wrapped), "source": spec.from_}
     else:
@@ -232,9 +272,12 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
                 hint=f"use at least {minimum}"
                 + (" (256 byte tokens + specials)" if spec.algorithm == "bpe" else ""),
             )
-        tok, trainer = build_untrained(spec)
         try:
-            tok.train_from_iterator(_texts(ds, TEXT_COLUMN), trainer, length=len(ds))
+            if spec.algorithm == "wordpiece":
+                tok = train_wordpiece(spec, lambda: _texts(ds, TEXT_COLUMN), len(ds))
+            else:
+                tok, trainer = build_untrained(spec)
+                tok.train_from_iterator(_texts(ds, TEXT_COLUMN), trainer, length=len(ds))
         except Exception as exc:  # the Rust trainers raise plain Exception
             if "not large enough" not in str(exc):
                 raise
@@ -246,8 +289,6 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
             ) from None
         if tok.get_vocab_size() <= len(_ROLES[spec.target]):
             raise UserError("the training text produced no vocabulary", field="data")
-        if spec.algorithm == "wordpiece":
-            tok = canonical_wordpiece_ids(tok)
         wrapped = _wrap(tok, spec)
         metrics = {"vocab_size": len(wrapped), "requested_vocab_size": spec.vocab_size,
                    "algorithm": spec.algorithm, "training_rows": len(ds)}  # fmt: skip
