@@ -24,16 +24,39 @@ VERBALIZER = {"positive": "good", "negative": "bad"}
 TEMPLATE = "{text} It was"
 
 
-@pytest.fixture
-def one_thread() -> Any:
+@pytest.fixture(scope="module")
+def ladder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, int]]]:
+    """The recipe run once, single-threaded; with every label scoring (first prompt, count)."""
+    from mlsteps.prompt import calibration
+
+    calls: list[tuple[str, int]] = []
+    real = calibration.label_logprobs
+
+    def counting(model: Any, tokenizer: Any, prompts: Any, *args: Any, **kw: Any) -> Any:
+        calls.append((prompts[0], len(prompts)))
+        return real(model, tokenizer, prompts, *args, **kw)
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    run_dir = tmp_path_factory.mktemp("ladder") / "run"
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(calibration, "label_logprobs", counting)
+            result = run_recipe(validate_recipe(_recipe()), run_dir, quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0
+    return run_dir, calls
 
 
 def _recipe() -> dict[str, Any]:
     quick = {"batch_size": 16, "save_every_steps": 1000, "log_every_steps": 5}
+    test = {
+        "kind": "eval",
+        "data": {**SENT, "split": "test", "max_samples": 60},
+        "input_column": "text",
+        "metrics": ["accuracy", "f1"],
+    }
     prompt = {
         "kind": "prompt",
         "from": "lm",
@@ -75,26 +98,29 @@ def _recipe() -> dict[str, Any]:
                 "validation": {**SENT, "split": "validation", "max_samples": 40},
                 "train": {**quick, "max_steps": 30, "lr": 3e-2},
             },
-            "test": {
-                "kind": "eval",
-                "models": ["few_shot", "soft"],
-                "data": {**SENT, "split": "test", "max_samples": 60},
-                "input_column": "text",
-                "metrics": ["accuracy", "f1"],
+            # The same weights, prompts and verbalizer as few_shot, another calibration; and a
+            # zero-shot model with the very prompts the soft prompt sees.
+            "few_raw": {
+                **prompt,
+                "method": "few_shot",
+                "shots": 2,
+                "data": {**SENT, "max_samples": 50},
+                "calibration": "none",
             },
+            "zero": {**prompt, "method": "zero_shot"},
+            "test": {**test, "models": ["few_shot", "few_raw", "zero", "soft"]},
+            "alone": {**test, "models": ["few_raw"]},
         },
     }
 
 
 def test_small_ladder_runs_with_calibration_and_majority_baseline(
-    tmp_path: Path, one_thread: Any
+    ladder_run: tuple[Path, list[tuple[str, int]]],
 ) -> None:
-    run_dir = tmp_path / "run"
-    result = run_recipe(validate_recipe(_recipe()), run_dir, quiet=True)
-    assert result.exit_code == 0
+    run_dir = ladder_run[0]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ladder = metrics["test"]
-    assert list(ladder) == ["few_shot", "soft", "majority_baseline"]
+    assert list(ladder) == ["few_shot", "few_raw", "zero", "soft", "majority_baseline"]
 
     records = [json.loads(line) for line in (run_dir / "test" / "predictions.jsonl").open()]
     gold = [r["label"] for r in records if r["model"] == "soft"]
@@ -141,34 +167,13 @@ def test_unigram_perplexity_matches_brute_force() -> None:
 
 
 def test_calibrations_of_one_model_share_its_label_scores(
-    tmp_path: Path, one_thread: Any, monkeypatch: pytest.MonkeyPatch
+    ladder_run: tuple[Path, list[tuple[str, int]]],
 ) -> None:
     """Zero- or few-shot prompts of the same weights differ only in their calibration: the eval
     stage scores the prompts once and reuses them, with the decisions of a model scored alone.
     A soft prompt (weights of its own) with the very same prompts as the zero-shot model is not
     reused."""
-    from mlsteps.prompt import calibration
-
-    recipe = _recipe()
-    stages = recipe["stages"]
-    test = stages.pop("test")
-    stages["few_raw"] = {**stages["few_shot"], "calibration": "none"}
-    zero = {k: v for k, v in stages["few_shot"].items() if k not in ("shots", "data")}
-    stages["zero"] = {**zero, "method": "zero_shot"}
-    stages["test"] = {**test, "models": ["few_shot", "few_raw", "zero", "soft"]}
-    stages["alone"] = {**test, "models": ["few_raw"]}
-    calls: list[tuple[str, int]] = []
-    real = calibration.label_logprobs
-
-    def counting(model: Any, tokenizer: Any, prompts: Any, *args: Any, **kw: Any) -> Any:
-        calls.append((prompts[0], len(prompts)))
-        return real(model, tokenizer, prompts, *args, **kw)
-
-    monkeypatch.setattr(calibration, "label_logprobs", counting)
-    run_dir = tmp_path / "run"
-    result = run_recipe(validate_recipe(recipe), run_dir, quiet=True)
-    assert result.exit_code == 0
-
+    run_dir, calls = ladder_run
     n_rows = 60
     scored = [first for first, n in calls if n == n_rows]
     # test: few_shot scores, few_raw reuses them, zero and soft score their own; alone: few_raw.
