@@ -18,7 +18,6 @@ reaches on the test rows (an oracle: the most that calibrating that margin could
 
 from __future__ import annotations
 
-import csv
 import random
 import sys
 from pathlib import Path
@@ -27,15 +26,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import ladder  # noqa: E402
-
-
-def _rows(lang: dict[str, Any], split: str) -> list[tuple[str, int]]:
-    path = common.DATA / lang["dir"] / f"{split}.tsv"
-    with open(path, encoding="utf-8", newline="") as f:
-        table = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    head = table[0]
-    text, label = head.index(lang["text"]), head.index("label")
-    return [(r[text], int(r[label])) for r in table[1:]]
 
 
 def _features(model: Any, tokenizer: Any, template: str, field: str, texts: list[str]) -> Any:
@@ -122,9 +112,9 @@ def main() -> None:
     def feats(texts: list[str]) -> Any:
         return _features(model, tokenizer, lang["template"], field, texts)
 
-    test = _rows(lang, "test")
+    test = common.labelled_rows(lang["dir"], "test", lang["text"])
     x_test, y_test = feats([t for t, _ in test]), torch.tensor([y for _, y in test])
-    train = _rows(lang, "train")
+    train = common.labelled_rows(lang["dir"], "train", lang["text"])
     accs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         # The ladder's rows for this seed come from datasets' shuffle; these are another random

@@ -8,6 +8,7 @@ here fails on a slow result: a benchmark reports, it does not judge.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -413,6 +414,13 @@ def _atomic_write(path: Path, text: str) -> None:
 def wikitext_lines(split: str = "valid") -> list[str]:
     path = DATA / "wikitext-2" / f"{split}.txt"
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def labelled_rows(dataset: str, split: str, column: str) -> list[tuple[str, int]]:
+    """(text, integer label) of every row of a shared TSV set, ``<dataset>/<split>.tsv``."""
+    with open(DATA / dataset / f"{split}.tsv", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [(row[column], int(row["label"])) for row in reader]
 
 
 def bench_tokenizer(vocab_size: int = 8000) -> Path:

@@ -115,6 +115,46 @@ def pretrain_recipe(lang: dict[str, Any], pre: Path, objective: str, steps: int)
     return {"name": f"ladder-{objective}", "seed": 0, "stages": {objective: stage}}
 
 
+def prompt_stage(lang: dict[str, Any], clm: str) -> dict[str, Any]:
+    """The fields every prompt stage of the ladder shares: verbalizer classification of ``clm``."""
+    return {
+        "kind": "prompt",
+        "from": clm,
+        "task": "classification",
+        "template": lang["template"],
+        "verbalizer": lang["verbalizer"],
+        "target_column": "label",
+    }
+
+
+def prompt_tuning_stage(
+    lang: dict[str, Any], prompt: dict[str, Any], data: dict[str, Any], soft: dict[str, Any] = SOFT
+) -> dict[str, Any]:
+    """Soft prompt tuning through the verbalizer on ``data``, validated on 100 dev rows."""
+    return {
+        **prompt,
+        "method": "prompt_tuning",
+        "data": data,
+        "validation": _data(lang, "dev", max_samples=100),
+        "num_virtual_tokens": 8,
+        "max_seq_len": lang["seq"] + 16,
+        "train": {**soft, "save_every_steps": 100000, "log_every_steps": 20},
+    }
+
+
+def eval_stage(lang: dict[str, Any], models: list[str]) -> dict[str, Any]:
+    """One eval stage scoring ``models`` on the whole test split (accuracy, macro-F1)."""
+    return {
+        "kind": "eval",
+        "models": models,
+        "data": {**lang["test"], "files": [str(common.DATA / lang["dir"] / "test.tsv")]},
+        "input_column": lang["text"],
+        "label_column": "label",
+        "metrics": ["accuracy", "f1"],
+        "generation": {"batch_size": 32},
+    }
+
+
 def seed_recipe(
     lang: dict[str, Any], pre: Path, seed: int, sizes: list[int], prompt_rows: int, shots: int
 ) -> dict[str, Any]:
@@ -143,14 +183,7 @@ def seed_recipe(
             "tokenizer": tok_wp,
         }
         models += [f"pretrained_n{n}", f"scratch_n{n}"]
-    prompt = {
-        "kind": "prompt",
-        "from": clm,
-        "task": "classification",
-        "template": lang["template"],
-        "verbalizer": lang["verbalizer"],
-        "target_column": "label",
-    }
+    prompt = prompt_stage(lang, clm)
     demos = _data(lang, "train", shuffle_seed=seed, max_samples=prompt_rows)
     for cal in CALIBRATIONS:
         stages[f"zero_shot_{cal}"] = {**prompt, "method": "zero_shot", "calibration": cal}
@@ -158,25 +191,9 @@ def seed_recipe(
             **prompt, "method": "few_shot", "calibration": cal, "data": demos, "shots": shots,
         }  # fmt: skip
         models += [f"zero_shot_{cal}", f"few_shot_{cal}"]
-    stages["prompt_tuning"] = {
-        **prompt,
-        "method": "prompt_tuning",
-        "data": demos,
-        "validation": _data(lang, "dev", max_samples=100),
-        "num_virtual_tokens": 8,
-        "max_seq_len": lang["seq"] + 16,
-        "train": {**SOFT, "save_every_steps": 100000, "log_every_steps": 20},
-    }
+    stages["prompt_tuning"] = prompt_tuning_stage(lang, prompt, demos)
     models.append("prompt_tuning")
-    stages["test"] = {
-        "kind": "eval",
-        "models": models,
-        "data": {**lang["test"], "files": [str(common.DATA / lang["dir"] / "test.tsv")]},
-        "input_column": lang["text"],
-        "label_column": "label",
-        "metrics": ["accuracy", "f1"],
-        "generation": {"batch_size": 32},
-    }
+    stages["test"] = eval_stage(lang, models)
     return {"name": f"ladder-s{seed}", "seed": seed, "stages": stages}
 
 

@@ -18,7 +18,6 @@ pooling for modernbert's classifier, [CLS] pooler for bert's.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
@@ -38,10 +37,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def _rows(lang: str, split: str) -> list[tuple[str, int]]:
-    column = "sentence" if lang == "sst2" else "text"
-    with open(common.DATA / lang / f"{split}.tsv", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [(row[column], int(row["label"])) for row in reader]
+    return common.labelled_rows(lang, split, "sentence" if lang == "sst2" else "text")
 
 
 def _tokenizer(texts: list[str]) -> Any:

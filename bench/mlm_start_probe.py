@@ -24,7 +24,6 @@ the token embeddings come from the MLM, every layer starts fresh; ``"layers"``: 
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import random
@@ -42,10 +41,7 @@ BATCH = 16
 
 
 def _rows(lang: str, split: str) -> list[tuple[str, int]]:
-    column = "sentence" if lang == "sst2" else "text"
-    with open(common.DATA / lang / f"{split}.tsv", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [(row[column], int(row["label"])) for row in reader]
+    return common.labelled_rows(lang, split, "sentence" if lang == "sst2" else "text")
 
 
 def _accuracy(model: Any, encode: Any, rows: list[tuple[str, int]]) -> float:

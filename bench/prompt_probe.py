@@ -48,14 +48,7 @@ def variants(name: str) -> dict[str, dict[str, Any]]:
 
 def seed_recipe(name: str, clm: str, seed: int, chosen: list[str], shots: int) -> dict[str, Any]:
     lang = ladder.LANGS[name]
-    prompt = {
-        "kind": "prompt",
-        "from": clm,
-        "task": "classification",
-        "template": lang["template"],
-        "verbalizer": lang["verbalizer"],
-        "target_column": "label",
-    }
+    prompt = ladder.prompt_stage(lang, clm)
     stages: dict[str, Any] = {
         "few_shot_contextual": {
             **prompt,
@@ -68,26 +61,10 @@ def seed_recipe(name: str, clm: str, seed: int, chosen: list[str], shots: int) -
     for variant in chosen:
         over = dict(variants(name)[variant])
         rows = over.pop("rows", 300)
-        train = over.pop("train", ladder.SOFT)
-        stages[f"pt_{variant}"] = {
-            **prompt,
-            "method": "prompt_tuning",
-            "data": ladder._data(lang, "train", shuffle_seed=seed, max_samples=rows),
-            "validation": ladder._data(lang, "dev", max_samples=100),
-            "num_virtual_tokens": 8,
-            "max_seq_len": lang["seq"] + 16,
-            **over,
-            "train": {**train, "save_every_steps": 100000, "log_every_steps": 20},
-        }
-    stages["test"] = {
-        "kind": "eval",
-        "models": list(stages),
-        "data": {"files": [str(common.DATA / lang["dir"] / "test.tsv")]},
-        "input_column": lang["text"],
-        "label_column": "label",
-        "metrics": ["accuracy", "f1"],
-        "generation": {"batch_size": 32},
-    }
+        data = ladder._data(lang, "train", shuffle_seed=seed, max_samples=rows)
+        soft = over.pop("train", ladder.SOFT)
+        stages[f"pt_{variant}"] = {**ladder.prompt_tuning_stage(lang, prompt, data, soft), **over}
+    stages["test"] = ladder.eval_stage(lang, list(stages))
     return {"name": f"probe-s{seed}", "seed": seed, "stages": stages}
 
 
