@@ -8,7 +8,7 @@ tokenizer serves (``target``); their ids come first, so they are the same for ev
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenizers import (
@@ -123,13 +123,10 @@ def train_wordpiece(
     )
     tok, trainer = build_untrained(spec, continuing)
     tok.train_from_iterator(texts(), trainer, length=rows)
-    data = json.loads(tok.to_str())
-    registered = set(continuing)
-    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] not in registered]
-    return canonical_wordpiece_ids(Tokenizer.from_str(json.dumps(data)))
+    return canonical_wordpiece_ids(tok, unregister=set(continuing))
 
 
-def canonical_wordpiece_ids(tok: Tokenizer) -> Tokenizer:
+def canonical_wordpiece_ids(tok: Tokenizer, unregister: Collection[str] = ()) -> Tokenizer:
     """The same WordPiece vocabulary numbered the same way on every run.
 
     tokenizers' WordPiece trainer numbers its alphabet and merges in the iteration order of a
@@ -138,8 +135,12 @@ def canonical_wordpiece_ids(tok: Tokenizer) -> Tokenizer:
     differently permuted embedding table and ended elsewhere (MLM perplexity 154 vs 269 on the
     same recipe and seed). WordPiece splits text by the vocabulary alone, never by id, so the ids
     are renumbered: special tokens first, in their trained order, then the rest sorted by text.
+
+    ``unregister``: tokens trained as special tokens that are ordinary vocabulary (the
+    continuation tokens ``train_wordpiece`` registers); they leave the added tokens first.
     """
     data = json.loads(tok.to_str())
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] not in unregister]
     vocab: dict[str, int] = data["model"]["vocab"]
     special = sorted(
         (a["content"] for a in data["added_tokens"] if a["special"]), key=lambda t: vocab[t]
@@ -257,9 +258,9 @@ def _run(spec: TokenizerSpec, ctx: StageContext) -> StageResult:
     ds = _training_text(spec, ctx) if spec.data else None
     if spec.from_ is not None:
         source = ctx.resolve_source(spec.from_)  # an unreachable hub is the stage's error
-        with field_scope("from"):
-            from mlsteps.engine.modeling import load_tokenizer
+        from mlsteps.engine.modeling import load_tokenizer
 
+        with field_scope("from"):
             wrapped = load_tokenizer(source)
         metrics: dict[str, Any] = {"vocab_size": len(wrapped), "source": spec.from_}
     else:
